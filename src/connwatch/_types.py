@@ -1,0 +1,120 @@
+"""Shared small types: addresses, directions, close reasons, observer protocols. Stdlib only."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Direction(enum.StrEnum):
+    CLIENT_TO_UPSTREAM = "client_to_upstream"
+    UPSTREAM_TO_CLIENT = "upstream_to_client"
+
+
+class Side(enum.StrEnum):
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+
+
+class CloseReason(enum.StrEnum):
+    """Every value the `reason` label and log field may take (SPEC section 5)."""
+
+    CLIENT_CLOSED = "client_closed"
+    UPSTREAM_CLOSED = "upstream_closed"
+    CLIENT_RESET = "client_reset"
+    UPSTREAM_RESET = "upstream_reset"
+    IDLE_TIMEOUT = "idle_timeout"
+    HALF_CLOSE_TIMEOUT = "half_close_timeout"
+    MAX_LIFETIME = "max_lifetime"
+    HEARTBEAT_FAILED = "heartbeat_failed"
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"
+    UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
+    NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
+    UPSTREAM_DOWN = "upstream_down"
+    MAX_CONNECTIONS = "max_connections"
+    SHUTDOWN = "shutdown"
+    ADMIN_CLOSED = "admin_closed"
+    PROTOCOL_ERROR = "protocol_error"
+    ERROR = "error"
+
+
+class Liveness(enum.StrEnum):
+    OK = "ok"
+    IDLE = "idle"
+    HALF_CLOSED = "half_closed"
+    STALLED = "stalled"
+    ZERO_WINDOW = "zero_window"
+    FAILING = "failing"
+
+
+class HealthState(enum.StrEnum):
+    UP = "UP"
+    DOWN = "DOWN"
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A configured endpoint: TCP `host:port` (host "" = all interfaces) or a Unix socket path.
+
+    `str()` gives back the configured spelling, which is also the `upstream` metric label.
+    """
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse `HOST:PORT`, `[IPv6]:PORT`, `:PORT` or `unix:/path`; ValueError says what is wrong."""
+        text = text.strip()
+        if text.startswith("unix:"):
+            path = text[5:]
+            if not path:
+                raise ValueError("unix: address needs a path, e.g. unix:/run/app.sock")
+            return cls(path=path)
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0 or text[end + 1 : end + 2] != ":":
+                raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+            host, port_text = text[1:end], text[end + 2 :]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep:
+                raise ValueError(f"{text!r}: expected HOST:PORT, [IPv6]:PORT, :PORT or unix:/path")
+            if ":" in host:
+                raise ValueError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:6379")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+        return cls(host=host, port=int(port_text))
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def format_peer(peer: object) -> str:
+    """Render a socket peername (tuple or path) as `host:port`, `[v6]:port` or `unix:path`."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), int(peer[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(peer, str | bytes) and peer:
+        return f"unix:{peer.decode() if isinstance(peer, bytes) else peer}"
+    return "unix:"
+
+
+class Clock(Protocol):
+    def __call__(self) -> float: ...
