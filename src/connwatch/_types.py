@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import ipaddress
 from dataclasses import dataclass
@@ -118,3 +119,9 @@ def format_peer(peer: object) -> str:
 
 class Clock(Protocol):
     def __call__(self) -> float: ...
+
+
+def rfc3339(timestamp: float) -> str:
+    """Wall-clock seconds as RFC 3339 UTC with milliseconds, e.g. 2026-11-24T23:58:18.123Z."""
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

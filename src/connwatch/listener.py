@@ -1,0 +1,225 @@
+"""One listener: bind, accept, and wire each connection to an upstream, the tracker and liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import random
+import socket
+import stat
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+
+from connwatch._types import Address, CloseReason, Direction
+from connwatch.connection import MonitoredConnection, ReadBuffer, State, Timeouts
+from connwatch.exceptions import ListenerError, NoHealthyUpstreamError, UpstreamConnectError
+from connwatch.sockopts import SocketLike, apply_keepalive, set_nodelay
+from connwatch.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from connwatch.config import KeepaliveConfig, ListenerConfig
+    from connwatch.tracker import Tracker
+
+log = structlog.get_logger("connwatch.listener")
+
+_MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
+_BACKLOG = 4096
+
+
+class LivenessWatch(Protocol):
+    """The liveness watchdog as the listener sees it (see watchdog.py)."""
+
+    def watch(self, conn: MonitoredConnection) -> None: ...
+
+    def unwatch(self, conn: MonitoredConnection) -> None: ...
+
+
+class Listener:
+    """Accepts clients on one address and proxies each to a target of its upstream pool."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        tracker: Tracker,
+        *,
+        liveness: LivenessWatch | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.tracker = tracker
+        self.liveness = liveness
+        self.reuse_port = reuse_port
+        self.pool = UpstreamPool(config.upstreams, config.balance)
+        self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
+        self.timeouts = _timeouts(config)
+        self.accepting = False
+        self._server: asyncio.Server | None = None
+        self._log = log.bind(listener=self.name)
+        tracker.totals(self.name)  # the listener's series exist from the start, at zero
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful after binding port 0)."""
+        assert self._server is not None
+        for sock in self._server.sockets:
+            name = sock.getsockname()
+            if isinstance(name, tuple):
+                return int(name[1])
+        return 0
+
+    @property
+    def bound(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        address = self.config.listen
+        try:
+            if address.path is not None:
+                _remove_stale_socket(address.path)
+                self._server = await loop.create_unix_server(
+                    self._new_connection, address.path, backlog=_BACKLOG
+                )
+            else:
+                sock = bind_tcp(address, reuse_port=self.reuse_port)
+                _keepalive(sock, self.config.keepalive.client)
+                set_nodelay(sock)  # inherited by every accepted socket on Linux
+                self._server = await loop.create_server(
+                    self._new_connection, sock=sock, backlog=_BACKLOG
+                )
+        except OSError as exc:
+            raise ListenerError(
+                f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
+            ) from exc
+        self.accepting = True
+        self._log.info(
+            "listener_started",
+            listen=str(address),
+            port=self.port if not address.path else None,
+            upstreams=[t.label for t in self.pool.targets],
+        )
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; open connections carry on."""
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+            if self.config.listen.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.listen.path)
+
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """Apply a reloaded config to new connections (a new address makes a new listener)."""
+        old_targets = {t.label: t for t in self.pool.targets}
+        self.config = config
+        self.pool = UpstreamPool(config.upstreams, config.balance)
+        self.pool.targets = [old_targets.get(t.label, t) for t in self.pool.targets]
+        self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
+        self.timeouts = _timeouts(config)
+        if self._server is not None:
+            for sock in self._server.sockets:
+                _keepalive(sock, config.keepalive.client)
+
+    # -- ConnectionObserver ---------------------------------------------------------------------
+    def _new_connection(self) -> asyncio.BufferedProtocol:
+        conn = MonitoredConnection(
+            self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
+        )
+        return conn.client_protocol
+
+    def connection_accepted(self, conn: MonitoredConnection) -> None:
+        self.tracker.accepted(conn)
+        if self.tracker.active(self.name) > self.config.max_connections or not self.accepting:
+            reason = CloseReason.MAX_CONNECTIONS if self.accepting else CloseReason.SHUTDOWN
+            conn.close(reason, abort=True)
+            return
+        conn.own_task(asyncio.get_running_loop().create_task(self._connect(conn)))
+
+    def connection_opened(self, conn: MonitoredConnection) -> None:
+        self.tracker.connection_opened(conn)
+        if self.liveness is not None:
+            self.liveness.watch(conn)
+
+    def connection_closed(self, conn: MonitoredConnection) -> None:
+        if self.liveness is not None:
+            self.liveness.unwatch(conn)
+        self.tracker.connection_closed(conn)
+
+    def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
+        self.tracker.flow_paused(conn, direction)
+
+    # -- upstream connect -----------------------------------------------------------------------
+    async def _connect(self, conn: MonitoredConnection) -> None:
+        config = self.config
+        try:
+            transport, target = await self.pool.connect(
+                conn.upstream_protocol,
+                timeout=config.connect_timeout,
+                attempts=config.connect_attempts,
+            )
+        except NoHealthyUpstreamError:
+            conn.close(CloseReason.NO_HEALTHY_UPSTREAM)
+            return
+        except UpstreamConnectError as exc:
+            self._log.warning("upstream_connect_failed", conn_id=conn.id, error=str(exc))
+            conn.close(CloseReason.UPSTREAM_CONNECT_FAILED)
+            return
+        if conn.state is not State.CONNECTING:  # the client left while we were connecting
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _keepalive(sock, config.keepalive.upstream)
+        if self.timeouts.max_lifetime:
+            jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
+            conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
+        conn.upstream_connected(target)
+
+
+def _timeouts(config: ListenerConfig) -> Timeouts:
+    return Timeouts(config.idle_timeout, config.half_close_timeout, config.max_lifetime)
+
+
+def _keepalive(sock: SocketLike, cfg: KeepaliveConfig) -> None:
+    apply_keepalive(
+        sock,
+        enabled=cfg.enabled,
+        idle=cfg.idle,
+        interval=cfg.interval,
+        count=cfg.count,
+        user_timeout=cfg.user_timeout,
+    )
+
+
+def bind_tcp(address: Address, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; host "" means every interface (IPv6 dual-stack where possible)."""
+    host = address.host
+    family = socket.AF_INET6 if (":" in host or (not host and socket.has_ipv6)) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and not host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), address.port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"address {address} is already in use") from exc
+        raise
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)

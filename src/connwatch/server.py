@@ -1,0 +1,383 @@
+"""The daemon: assembles listeners, tracker, liveness, health checks and admin; signals; reload;
+one ordered, deadline-bound shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from connwatch._types import CloseReason, HealthState, Liveness, rfc3339
+from connwatch.admin import AdminApp
+from connwatch.config import ListenerConfig, Settings, load_settings
+from connwatch.connection import MonitoredConnection, State
+from connwatch.exceptions import ConfigError
+from connwatch.listener import Listener
+from connwatch.log import configure_logging
+from connwatch.metrics import build_registry
+from connwatch.snapshots import DaemonStats, LivenessStats, TargetStats
+from connwatch.tracker import Tracker, connection_record
+
+log = structlog.get_logger("connwatch.server")
+
+_FINAL_CLOSE_WAIT = 5.0  # seconds to let closed connections finish after the drain deadline
+
+
+class Liveness_(Protocol):
+    """The liveness watchdog as the daemon uses it (watchdog.py)."""
+
+    def watch(self, conn: MonitoredConnection) -> None: ...
+
+    def unwatch(self, conn: MonitoredConnection) -> None: ...
+
+    def describe(self, conn: MonitoredConnection) -> dict[str, Any]: ...
+
+    def statistics(self) -> dict[str, LivenessStats]: ...
+
+    def configure(self, listener: str, config: ListenerConfig) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class HealthMonitor_(Protocol):
+    """Active health checks (health.py) as the daemon uses them."""
+
+    def start(self, listener: Listener) -> None: ...
+
+    def stop(self, listener_name: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Daemon:
+    """One connwatch process. `run()` serves until a signal (or `request_stop()`) ends it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: str | os.PathLike[str] | None = None,
+        base_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.base_config = base_config
+        self.tracker = Tracker(log_events=settings.log.connection_events)
+        self.listeners: dict[str, Listener] = {}
+        self.retired: list[Listener] = []  # removed by a reload; their connections still run
+        self.liveness: Liveness_ | None = _make_liveness()
+        self.health: HealthMonitor_ | None = _make_health(self)
+        self.protocol_errors: Counter[str] = Counter()
+        self.reloads: Counter[str] = Counter()
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._signals = 0
+        self._force = asyncio.Event()  # a second stop signal: skip the drain
+        self.registry: CollectorRegistry = build_registry(self.statistics)
+        token = settings.admin.token
+        self.admin = AdminApp(self, token.get_secret_value() if token else None)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind every listener and the admin endpoint; raises ListenerError / OSError."""
+        try:
+            for listener in await self._bind_all(list(self.settings.listeners)):
+                self._install(listener)
+            await self.admin.start(self.settings.admin.listen)
+        except BaseException:
+            await self._close_everything()
+            raise
+        log.info(
+            "daemon_started",
+            admin=str(self.settings.admin.listen),
+            admin_port=self.admin.port,
+            pid=os.getpid(),
+        )
+
+    async def run(self) -> None:
+        """Start, serve until asked to stop, then drain and stop."""
+        await self.start()
+        self._install_signals()
+        try:
+            await self._stop_requested.wait()
+            await self.shutdown()
+        finally:
+            self._remove_signals()
+            self.stopped.set()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    # -- signals --------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+            loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+
+    def _on_stop_signal(self, name: str) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("shutdown_requested", signal=name)
+            self.request_stop()
+        else:  # a second signal: stop draining and close everything now
+            log.warning("shutdown_forced", signal=name)
+            self._close_all(CloseReason.SHUTDOWN, abort=True)
+            self._force.set()
+
+    def _on_reload_signal(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    # -- reload ---------------------------------------------------------------------------------
+    async def reload(self) -> bool:
+        """Re-read the config file; apply it to new connections, or keep the old one if invalid."""
+        try:
+            if self.config_path is None and self.base_config is None:
+                raise ConfigError(["no configuration file to reload (started without -c)"])
+            new = load_settings(self.config_path, base=self.base_config)
+            await self._apply(new)
+        except (ConfigError, OSError) as exc:
+            self.reloads["failure"] += 1
+            issues = exc.issues if isinstance(exc, ConfigError) else [str(exc)]
+            log.error("config_reload_failed", errors=issues)
+            return False
+        self.reloads["success"] += 1
+        log.info("config_reloaded", listeners=sorted(self.listeners))
+        return True
+
+    async def _apply(self, new: Settings) -> None:
+        old = {cfg.name: cfg for cfg in self.settings.listeners}
+        wanted = {cfg.name: cfg for cfg in new.listeners}
+        # Bind new addresses first: a bind failure then leaves the running config whole.
+        rebinds = [c for n, c in wanted.items() if n not in old or old[n].listen != c.listen]
+        started = await self._bind_all(rebinds)
+        for name in old.keys() - wanted.keys():
+            self._retire(name)
+        for listener in started:
+            if listener.name in self.listeners:
+                self._retire(listener.name)
+            self._install(listener)
+        for name, cfg in wanted.items():
+            if name in old and old[name].listen == cfg.listen and old[name] != cfg:
+                listener = self.listeners[name]
+                listener.reconfigure(cfg)
+                if self.health is not None:
+                    self.health.stop(name)
+                self._install(listener)
+        configure_logging(new.log.level, new.log.format)
+        self.tracker.log_events = new.log.connection_events
+        self.settings = new
+
+    async def _bind_all(self, configs: list[ListenerConfig]) -> list[Listener]:
+        started: list[Listener] = []
+        try:
+            for cfg in configs:
+                listener = Listener(cfg, self.tracker, liveness=self.liveness)
+                await listener.start()
+                started.append(listener)
+        except BaseException:
+            for listener in started:
+                listener.stop_accepting()
+            raise
+        return started
+
+    def _install(self, listener: Listener) -> None:
+        self.listeners[listener.name] = listener
+        if self.liveness is not None:
+            self.liveness.configure(listener.name, listener.config)
+        if self.health is not None:
+            self.health.start(listener)
+
+    def _retire(self, name: str) -> None:
+        listener = self.listeners.pop(name)
+        listener.stop_accepting()
+        if self.health is not None:
+            self.health.stop(name)
+        self.retired.append(listener)
+
+    # -- shutdown -------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Stop accepting, drain up to drain_timeout, close the rest (reason shutdown), stop."""
+        cfg = self.settings.shutdown
+        self.draining = True
+        log.info(
+            "shutdown_started",
+            open_connections=len(self.tracker),
+            drain_timeout_s=cfg.drain_timeout,
+        )
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        deadline = time.monotonic() + cfg.drain_timeout
+        quiet = (
+            asyncio.get_running_loop().create_task(self._quiet_closer())
+            if cfg.quiet_close
+            else None
+        )
+        drained = await self._wait_empty(deadline)
+        if quiet is not None:
+            quiet.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await quiet
+        if not drained:
+            await self._close_remaining()
+        await self._close_everything()
+        log.info("shutdown_complete", remaining_connections=len(self.tracker))
+
+    async def _wait_empty(self, deadline: float) -> bool:
+        waiter = asyncio.ensure_future(self.tracker.wait_empty())
+        force = asyncio.ensure_future(self._force.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, force},
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+            force.cancel()
+        return waiter in done
+
+    async def _quiet_closer(self) -> None:
+        """While draining, close each connection at its first quiet gap."""
+        period = self.settings.shutdown.quiet_period
+        while True:
+            now = time.monotonic()
+            for conn in self.tracker.connections():
+                if conn.state in (State.OPEN, State.HALF_CLOSED) and conn.is_quiet(period, now):
+                    conn.close(CloseReason.SHUTDOWN)
+            await asyncio.sleep(max(period / 4, 0.02))
+
+    async def _close_remaining(self) -> None:
+        rate = self.settings.shutdown.close_rate
+        if rate <= 0:
+            self._close_all(CloseReason.SHUTDOWN)
+        else:
+            for conn in list(self.tracker.connections()):
+                conn.close(CloseReason.SHUTDOWN)
+                await asyncio.sleep(1.0 / rate)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_FINAL_CLOSE_WAIT):
+                await self.tracker.wait_empty()
+        self._close_all(CloseReason.SHUTDOWN, abort=True)
+
+    def _close_all(self, reason: CloseReason, *, abort: bool = False) -> None:
+        for conn in list(self.tracker.connections()):
+            conn.close(reason, abort=abort)
+
+    async def _close_everything(self) -> None:
+        for listener in [*self.listeners.values(), *self.retired]:
+            listener.stop_accepting()
+        if self.health is not None:
+            await self.health.close()
+        if self.liveness is not None:
+            self.liveness.close()
+        await self.admin.stop()
+
+    # -- what admin and metrics read ------------------------------------------------------------
+    def statistics(self) -> DaemonStats:
+        targets: dict[tuple[str, str], TargetStats] = {}
+        for listener in self.listeners.values():
+            for target in listener.pool.targets:
+                targets[(listener.name, target.label)] = target.statistics(listener.name)
+        return DaemonStats(
+            listeners=self.tracker.statistics(),
+            targets=targets,
+            liveness=self.liveness.statistics() if self.liveness is not None else {},
+            protocol_errors=dict(self.protocol_errors),
+            reloads=dict(self.reloads),
+        )
+
+    async def connection_records(
+        self, listener: str | None, min_idle: float | None, limit: int | None
+    ) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        out: list[dict[str, Any]] = []
+        for conn in self.tracker.connections(listener):
+            if limit is not None and len(out) >= limit:
+                break
+            if conn.state is State.CONNECTING:
+                continue
+            if min_idle is not None and conn.idle(now) < min_idle:
+                continue
+            record = connection_record(conn, now)
+            record.update(self._describe(conn, now))
+            out.append(record)
+        return out
+
+    def _describe(self, conn: MonitoredConnection, now: float) -> dict[str, Any]:
+        if self.liveness is not None:
+            return self.liveness.describe(conn)
+        liveness = Liveness.HALF_CLOSED if conn.half_closed else Liveness.OK
+        return {
+            "liveness": str(liveness),
+            "heartbeat": {"state": "ok", "failures": 0, "interval_s": None},
+            "tcp": None,
+        }
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        listeners: dict[str, Any] = {}
+        ready = not self.draining
+        for name, listener in self.listeners.items():
+            checks_on = listener.config.health_check.enabled
+            upstreams = {
+                t.label: {
+                    "status": str(t.state),
+                    "last_check": rfc3339(t.last_check) if t.last_check is not None else None,
+                    "latency_ms": t.latency_ms,
+                    "consecutive_failures": t.consecutive_failures,
+                }
+                for t in listener.pool.targets
+            }
+            up = (
+                listener.bound
+                and listener.accepting
+                and (not checks_on or any(t.state is HealthState.UP for t in listener.pool.targets))
+            )
+            ready = ready and up
+            listeners[name] = {"status": "UP" if up else "DOWN", "upstreams": upstreams}
+        return ready, {"status": "UP" if ready else "DOWN", "listeners": listeners}
+
+    async def close_connection(self, conn_id: str) -> bool:
+        conn = self.tracker.get(conn_id)
+        if conn is None:
+            return False
+        conn.close(CloseReason.ADMIN_CLOSED)
+        return True
+
+    def count_protocol_error(self, kind: str) -> None:
+        self.protocol_errors[kind] += 1
+
+
+def _make_liveness() -> Liveness_ | None:
+    return None  # the heartbeat watchdog plugs in here (watchdog.py)
+
+
+def _make_health(daemon: Daemon) -> HealthMonitor_ | None:
+    return None  # active health checks plug in here (health.py)
+
+
+def load_for_run(config_path: str | None, base: dict[str, Any] | None) -> Settings:
+    """Settings for `connwatch run`: -c FILE, else $CONNWATCH_CONFIG, else --listen/--upstream."""
+    if config_path is None and base is None:
+        config_path = os.environ.get("CONNWATCH_CONFIG")
+    if config_path is None and base is None:
+        raise ConfigError(
+            ["no configuration: give -c FILE, set CONNWATCH_CONFIG, or use --listen and --upstream"]
+        )
+    return load_settings(Path(config_path) if config_path else None, base=base)

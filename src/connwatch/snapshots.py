@@ -1,0 +1,146 @@
+"""Frozen records of live state. The data plane produces them; metrics and admin read them.
+
+They are plain data (ints, floats, strings, histograms) so that the snapshots of several worker
+processes can be shipped to one admin endpoint and merged without double counting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from connwatch._types import HealthState
+from connwatch.stats import HistogramSnapshot
+
+
+def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def _merge_hist(
+    a: Mapping[str, HistogramSnapshot], b: Mapping[str, HistogramSnapshot]
+) -> dict[str, HistogramSnapshot]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out[k].merged(v) if k in out else v
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStats:
+    """Connection counts of one listener; bytes include what open connections moved so far."""
+
+    name: str
+    active: int
+    accepted: int
+    closed: dict[str, int]  # reason -> count
+    bytes: dict[str, int]  # direction -> bytes
+    flow_paused: dict[str, int]  # direction -> count
+    duration: HistogramSnapshot
+    upstream_active: dict[str, int] = field(default_factory=dict)  # target label -> open
+
+    def merged(self, other: ListenerStats) -> ListenerStats:
+        return ListenerStats(
+            self.name,
+            self.active + other.active,
+            self.accepted + other.accepted,
+            _add(self.closed, other.closed),
+            _add(self.bytes, other.bytes),
+            _add(self.flow_paused, other.flow_paused),
+            self.duration.merged(other.duration),
+            _add(self.upstream_active, other.upstream_active),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TargetStats:
+    """One upstream target of one listener: connects and active health checks."""
+
+    listener: str
+    label: str
+    state: HealthState
+    connect_failures: int
+    connect_duration: HistogramSnapshot
+    checks: dict[str, int] = field(default_factory=dict)  # result -> count
+    check_duration: HistogramSnapshot | None = None
+    last_check: float | None = None  # wall-clock seconds
+    latency_ms: float | None = None
+    consecutive_failures: int = 0
+
+    def merged(self, other: TargetStats) -> TargetStats:
+        # Health checks run in one process only; connects happen in every worker.
+        base = self if self.last_check is not None or other.last_check is None else other
+        return TargetStats(
+            self.listener,
+            self.label,
+            base.state,
+            self.connect_failures + other.connect_failures,
+            self.connect_duration.merged(other.connect_duration),
+            base.checks,
+            base.check_duration,
+            base.last_check,
+            base.latency_ms,
+            base.consecutive_failures,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessStats:
+    """Heartbeat results and TCP figures of one listener's connections."""
+
+    listener: str
+    heartbeats: dict[str, int]  # result (ok, failed) -> count
+    rtt: dict[str, HistogramSnapshot]  # side -> histogram of RTT seconds
+    retransmits: dict[str, int]  # side -> segments retransmitted
+    states: dict[str, int]  # liveness state -> open connections now
+
+    def merged(self, other: LivenessStats) -> LivenessStats:
+        return LivenessStats(
+            self.listener,
+            _add(self.heartbeats, other.heartbeats),
+            _merge_hist(self.rtt, other.rtt),
+            _add(self.retransmits, other.retransmits),
+            _add(self.states, other.states),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStats:
+    """Everything /metrics shows, from one process or merged over workers."""
+
+    listeners: dict[str, ListenerStats] = field(default_factory=dict)
+    targets: dict[tuple[str, str], TargetStats] = field(default_factory=dict)
+    liveness: dict[str, LivenessStats] = field(default_factory=dict)
+    protocol_errors: dict[str, int] = field(default_factory=dict)  # kind -> count
+    reloads: dict[str, int] = field(default_factory=dict)  # result -> count
+
+    def merged(self, other: DaemonStats) -> DaemonStats:
+        return DaemonStats(
+            _merge_by_key(self.listeners, other.listeners),
+            _merge_by_key(self.targets, other.targets),
+            _merge_by_key(self.liveness, other.liveness),
+            _add(self.protocol_errors, other.protocol_errors),
+            _add(self.reloads, other.reloads),
+        )
+
+    @staticmethod
+    def merge_all(parts: Iterable[DaemonStats]) -> DaemonStats:
+        total = DaemonStats()
+        for part in parts:
+            total = total.merged(part)
+        return total
+
+
+K = TypeVar("K")
+M = TypeVar("M", ListenerStats, TargetStats, LivenessStats)
+
+
+def _merge_by_key(a: Mapping[K, M], b: Mapping[K, M]) -> dict[K, M]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out[k].merged(v) if k in out else v
+    return out

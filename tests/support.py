@@ -1,0 +1,294 @@
+"""Test helpers: real upstream servers on loopback, the daemon in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOOPBACK = "127.0.0.1"
+
+
+# -- upstream servers -----------------------------------------------------------------------------
+class EchoUpstream:
+    """Echoes every byte; answers EOF with EOF. Counts connections it has seen."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.accepted = 0
+        self.open = 0
+        self.received = 0
+
+    async def __aenter__(self) -> EchoUpstream:
+        self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open += 1
+        try:
+            while data := await reader.read(65536):
+                self.received += len(data)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (only for addresses a test must know before binding)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def listener_config(name: str, upstreams: list[str], **overrides: Any) -> dict[str, Any]:
+    """A listener on an ephemeral loopback port, health checks off unless asked for."""
+    cfg: dict[str, Any] = {
+        "name": name,
+        "listen": f"{LOOPBACK}:0",
+        "upstreams": upstreams,
+        "health_check": {"enabled": False},
+        "heartbeat": {"enabled": False},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def daemon_config(*listeners: dict[str, Any], **top: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "admin": {"listen": f"{LOOPBACK}:0"},
+        "log": {"level": "debug"},
+        "shutdown": {"drain_timeout": "5s"},
+        "listeners": list(listeners),
+    }
+    cfg.update(top)
+    return cfg
+
+
+# -- the daemon in this process -------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def running_daemon(config: dict[str, Any]) -> AsyncIterator[Any]:
+    """Start a Daemon in the running loop (no signal handlers); shut it down afterwards."""
+    from connwatch.config import load_settings
+    from connwatch.log import configure_logging
+    from connwatch.server import Daemon
+
+    settings = load_settings(None, base=config, env={})
+    configure_logging("warning", "json")
+    daemon = Daemon(settings, base_config=config)
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.shutdown()
+
+
+# -- the daemon as a subprocess -------------------------------------------------------------------
+class DaemonProcess:
+    """`python -m connwatch run -c FILE` with its JSON log lines collected as they arrive."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None):
+        self.config_path = tmp_path / "connwatch.yaml"
+        self.write_config(config)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.stderr = b""
+        self._new_line = asyncio.Condition()
+        self._reader: asyncio.Task[None] | None = None
+        self.admin_port = 0
+        self.ports: dict[str, int] = {}
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    async def start(self, *args: str) -> DaemonProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "connwatch",
+            "run",
+            "-c",
+            str(self.config_path),
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+        )
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        started = await self.wait_for("daemon_started", timeout=15)
+        self.admin_port = int(started["admin_port"])
+        for line in self.lines:
+            if line.get("event") == "listener_started" and line.get("port"):
+                self.ports[line["listener"]] = int(line["port"])
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        while raw := await self.proc.stdout.readline():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = {"event": "_unparsed", "text": raw.decode(errors="replace")}
+            async with self._new_line:
+                self.lines.append(record)
+                self._new_line.notify_all()
+        async with self._new_line:
+            self._new_line.notify_all()
+
+    def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        return [
+            line
+            for line in self.lines
+            if line.get("event") == event and all(line.get(k) == v for k, v in match.items())
+        ]
+
+    async def wait_for(
+        self, event: str, timeout: float = 10, count: int = 1, **match: Any
+    ) -> dict[str, Any]:
+        """Wait until `count` log lines with this event (and fields) have appeared."""
+        async with asyncio.timeout(timeout), self._new_line:
+            while len(found := self.find(event, **match)) < count:
+                if self._reader is not None and self._reader.done():
+                    raise AssertionError(f"daemon exited before {event!r}: {await self._stderr()}")
+                await self._new_line.wait()
+            return found[count - 1]
+
+    async def _stderr(self) -> str:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                self.stderr += await self.proc.stderr.read()
+        return self.stderr.decode(errors="replace")
+
+    def port(self, listener: str) -> int:
+        return self.ports[listener]
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def stop(self) -> int | None:
+        if self.proc is None or self.proc.returncode is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await self.wait_exit(30)
+        except TimeoutError:
+            self.proc.kill()
+            return await self.proc.wait()
+
+    async def __aenter__(self) -> DaemonProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- admin ------------------------------------------------------------------------------------
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        return await http_request("GET", self.admin_port, path, headers)
+
+    async def metrics(self) -> dict[str, float]:
+        status, body = await self.get("/metrics")
+        assert status == 200
+        return parse_metrics(body.decode())
+
+    async def connections(self, query: str = "") -> list[dict[str, Any]]:
+        status, body = await self.get("/connections" + query)
+        assert status == 200, body
+        result: list[dict[str, Any]] = json.loads(body)
+        return result
+
+
+async def http_request(
+    method: str, port: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """A blocking urllib request run in a thread (the admin endpoint is plain HTTP/1.1)."""
+
+    def call() -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            f"http://{LOOPBACK}:{port}{path}", method=method, headers=headers or {}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as err:
+            return int(err.code), err.read()
+
+    return await asyncio.to_thread(call)
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Exposition text as {'name{labels}': value}, labels as written by prometheus_client."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10, interval: float = 0.02) -> Any:
+    """Poll `check` until it returns a truthy value (for state only visible by polling)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: last value {result!r}")
+        await asyncio.sleep(interval)
