@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import http.server
 import json
+import os
 import re
 import shlex
 import shutil
@@ -221,7 +222,8 @@ def test_container_config_listens_admin_on_all_interfaces() -> None:
 def test_container_config_loads() -> None:
     load_settings = load_settings_or_skip()
     settings = load_settings(DEPLOY / "docker" / "connwatch.yaml", env={})
-    assert settings is not None
+    assert str(settings.admin.listen) == f"0.0.0.0:{ADMIN_PORT}"
+    assert [str(listener.listen) for listener in settings.listeners] == ["0.0.0.0:7000"]
 
 
 # ---------------------------------------------------------------------------------- Kubernetes
@@ -336,7 +338,38 @@ def test_configmap_connwatch_yaml_loads(tmp_path: Path) -> None:
     path = tmp_path / "connwatch.yaml"
     path.write_text(k8s_object("ConfigMap")["data"]["connwatch.yaml"])
     settings = load_settings(path, env={})
-    assert settings is not None
+    assert str(settings.admin.listen) == f"0.0.0.0:{ADMIN_PORT}"
+    spec = k8s_object("Deployment")["spec"]["template"]["spec"]
+    drain = float(settings.shutdown.drain_timeout)
+    assert (
+        spec["terminationGracePeriodSeconds"]
+        > prestop_sleep_s(pod_containers()["connwatch"]) + drain
+    )
+
+
+@pytest.mark.parametrize("source", ["docker", "kubernetes"])
+def test_check_config_accepts_shipped_configs(source: str, tmp_path: Path) -> None:
+    """What an operator runs before deploying: `connwatch check-config -c FILE` exits 0."""
+    try:
+        import connwatch.cli  # noqa: F401
+    except ImportError:
+        pytest.skip("connwatch.cli cannot be imported yet")
+    path = DEPLOY / "docker" / "connwatch.yaml"
+    if source == "kubernetes":
+        path = tmp_path / "connwatch.yaml"
+        path.write_text(k8s_object("ConfigMap")["data"]["connwatch.yaml"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNWATCH_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "connwatch", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["admin"]["listen"] == f"0.0.0.0:{ADMIN_PORT}"
 
 
 def test_service_targets_named_container_ports() -> None:
