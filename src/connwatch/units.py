@@ -1,7 +1,7 @@
 """Durations and sizes as written in the config: parse to seconds / bytes and format back.
 
-Pure and stdlib only. Every parse error is a ValueError whose message says what is allowed,
-so the config layer can show it to the operator as is.
+Pure and stdlib only. Every parse error is a `UnitError` (a ValueError) whose `reason` says
+what is wrong and what is allowed, so the config layer can show it to the operator as is.
 
 Durations: `250ms`, `5s`, `2m`, `1h`, `1.5s`, or a bare number of seconds (`30`, `0.5`).
 Sizes: a whole number of bytes (`4096`, `4096B`), binary units `KiB MiB GiB TiB` (powers of
@@ -21,6 +21,7 @@ __all__ = [
     "MAX_DURATION",
     "MAX_SIZE",
     "SIZE_HELP",
+    "UnitError",
     "format_duration",
     "format_size",
     "parse_duration",
@@ -42,7 +43,7 @@ _SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*([a-zA-Z]*)")
 #: Biggest size accepted (a signed 64-bit integer); beyond it no socket option or buffer fits.
 MAX_SIZE = 2**63 - 1
 
-# Formatting preference when several units give a whole number: biggest first.
+# Units tried when formatting, biggest first.
 _FORMAT_ORDER = ("h", "m", "s", "ms")
 
 _SIZE_UNITS: dict[str, int] = {
@@ -67,6 +68,15 @@ _SIZE_SPELLING = {
     "gb": "GB",
     "tb": "TB",
 }
+
+
+class UnitError(ValueError):
+    """A duration or size that cannot be read: `reason` says why and what is allowed."""
+
+    def __init__(self, given: object, reason: str) -> None:
+        self.given = given
+        self.reason = reason
+        super().__init__(f"{_show(given)}: {reason}")
 
 
 def _show(value: object) -> str:
@@ -97,94 +107,95 @@ def _unscale(seconds: float, unit: str) -> float:
 
 def _check_seconds(seconds: float, given: object) -> float:
     if math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"{_show(given)} is not a finite duration; expected {DURATION_HELP}")
+        raise UnitError(given, f"not a finite duration; expected {DURATION_HELP}")
     if seconds < 0:
-        raise ValueError(f"{_show(given)}: a duration cannot be negative; expected {DURATION_HELP}")
+        raise UnitError(given, f"a duration cannot be negative; expected {DURATION_HELP}")
     if seconds > MAX_DURATION:
-        raise ValueError(f"{_show(given)} is too long: at most {MAX_DURATION:.0f}s is accepted")
+        raise UnitError(given, f"too long: at most {MAX_DURATION:.0f}s is accepted")
     return float(seconds)
 
 
 def parse_duration(value: str | int | float) -> float:
     """Seconds from `250ms`, `5s`, `2m`, `1h`, `1.5s` or a bare number of seconds."""
     if isinstance(value, bool):  # bool is an int subclass; `true` is no duration
-        raise ValueError(f"{_show(value)} is not a duration; expected {DURATION_HELP}")
+        raise UnitError(value, f"not a duration; expected {DURATION_HELP}")
     if isinstance(value, int | float):
         return _check_seconds(float(value), value)
     if not isinstance(value, str):
-        raise ValueError(f"{_show(value)} is not a duration; expected {DURATION_HELP}")
+        raise UnitError(value, f"not a duration; expected {DURATION_HELP}")
     text = value.strip()
     if text.startswith("-"):
-        raise ValueError(f"{_show(value)}: a duration cannot be negative; expected {DURATION_HELP}")
+        raise UnitError(value, f"a duration cannot be negative; expected {DURATION_HELP}")
     match = _DURATION_RE.fullmatch(text)
     if match is None:
-        raise ValueError(f"{_show(value)} is not a duration; expected {DURATION_HELP}")
+        raise UnitError(value, f"not a duration; expected {DURATION_HELP}")
     return _check_seconds(_scale(float(match.group(1)), match.group(2) or "s"), value)
 
 
-def _number_text(number: float) -> str:
-    """Shortest text for a float that reads back exactly, without a trailing `.0`."""
-    if number.is_integer() and abs(number) < 1e16:
-        return str(int(number))
-    return repr(number)
-
-
 def format_duration(seconds: float) -> str:
-    """The shortest exact spelling: 0.25 -> "250ms", 1.5 -> "1.5s", 120 -> "2m", 0 -> "0s".
+    """The shortest exact spelling: 0.25 -> "250ms", 30 -> "30s", 120 -> "2m", 0 -> "0s".
 
-    Among the spellings that parse back to exactly the same float, the shortest wins; on a tie a
-    whole number beats a decimal (`250ms` over `0.25s`), then the bigger unit.
+    A whole number in the biggest unit that gives one wins (1.5 -> "1500ms", 0.5 -> "500ms",
+    as the SPEC writes them); otherwise the shortest decimal that reads back to exactly the same
+    float (0.0015 -> "1.5ms").
     """
     seconds = float(seconds)
     if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
         raise ValueError(f"cannot format {seconds!r} as a duration")
     if seconds == 0:
         return "0s"
+    for unit in _FORMAT_ORDER:
+        count = _unscale(seconds, unit)
+        if count.is_integer() and abs(count) < 1e16:
+            text = f"{int(count)}{unit}"
+            if parse_duration(text) == seconds:
+                return text
     # repr(seconds) + "s" always reads back exactly, so there is at least one candidate.
     candidates = [repr(seconds) + "s"]
     for unit in _FORMAT_ORDER:
-        text = _number_text(_unscale(seconds, unit)) + unit
+        text = repr(_unscale(seconds, unit)) + unit
         if parse_duration(text) == seconds:
             candidates.append(text)
-    return min(candidates, key=lambda text: (len(text), "." in text or "e" in text))
+    return min(candidates, key=len)
 
 
 def parse_size(value: str | int) -> int:
     """Bytes from `4096`, `256KiB`, `1MiB`, `64KB` (= 64000), `1.5MiB`; must be whole bytes."""
     if isinstance(value, bool):
-        raise ValueError(f"{_show(value)} is not a size; expected {SIZE_HELP}")
+        raise UnitError(value, f"not a size; expected {SIZE_HELP}")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{_show(value)}: a size cannot be negative; expected {SIZE_HELP}")
+            raise UnitError(value, f"a size cannot be negative; expected {SIZE_HELP}")
         return _check_size(value, value)
     if not isinstance(value, str):
-        raise ValueError(f"{_show(value)} is not a size; expected {SIZE_HELP}")
+        raise UnitError(value, f"not a size; expected {SIZE_HELP}")
     text = value.strip()
     if text.startswith("-"):
-        raise ValueError(f"{_show(value)}: a size cannot be negative; expected {SIZE_HELP}")
+        raise UnitError(value, f"a size cannot be negative; expected {SIZE_HELP}")
     match = _SIZE_RE.fullmatch(text)
     if match is None:
-        raise ValueError(f"{_show(value)} is not a size; expected {SIZE_HELP}")
+        raise UnitError(value, f"not a size; expected {SIZE_HELP}")
     number, unit = match.group(1), match.group(2).lower() or "b"
     if unit in ("k", "m", "g", "t"):
-        raise ValueError(
-            f"{_show(value)}: one-letter units are ambiguous; write {number}{unit.upper()}iB "
-            f"(powers of 1024) or {number}{unit.upper()}B (powers of 1000)"
+        raise UnitError(
+            value,
+            f"one-letter units are ambiguous; write {number}{unit.upper()}iB "
+            f"(powers of 1024) or {number}{unit.upper()}B (powers of 1000)",
         )
     if unit not in _SIZE_UNITS:
-        raise ValueError(f"{_show(value)}: unknown unit {match.group(2)!r}; expected {SIZE_HELP}")
+        raise UnitError(value, f"unknown unit {match.group(2)!r}; expected {SIZE_HELP}")
     try:
         amount = Fraction(number) * _SIZE_UNITS[unit]
     except (ValueError, ZeroDivisionError, OverflowError):
-        raise ValueError(f"{_show(value)} is not a size; expected {SIZE_HELP}") from None
+        raise UnitError(value, f"not a size; expected {SIZE_HELP}") from None
     if amount.denominator != 1:
-        raise ValueError(f"{_show(value)} is not a whole number of bytes")
+        raise UnitError(value, "not a whole number of bytes")
     return _check_size(int(amount), value)
 
 
 def _check_size(n: int, given: object) -> int:
     if n > MAX_SIZE:
-        raise ValueError(f"{_show(given)} is too large: at most {MAX_SIZE} bytes is accepted")
+        raise UnitError(given, f"too large: at most {MAX_SIZE} bytes is accepted")
     return n
 
 
