@@ -1,0 +1,1 @@
+"""Side-by-side benchmark harness: connwatch against HAProxy, nginx, Envoy, socat and pproxy."""
