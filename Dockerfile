@@ -51,7 +51,7 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
 # shutdown.drain_timeout, then close the rest). connwatch installs its own signal handlers, so
 # it behaves correctly as PID 1 and needs no tini; add `docker run --init` if you exec extra
 # processes into the container and want them reaped. Give the runtime a stop timeout longer
-# than drain_timeout (`docker run --stop-timeout 40`, compose `stop_grace_period: 40s`,
+# than drain_timeout + 5s (`docker run --stop-timeout 40`, compose `stop_grace_period: 40s`,
 # Kubernetes `terminationGracePeriodSeconds`), or the drain is cut short by SIGKILL.
 STOPSIGNAL SIGTERM
 

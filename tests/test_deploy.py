@@ -31,6 +31,8 @@ PROM = DEPLOY / "prometheus"
 CONFIG_PATH = "/etc/connwatch/connwatch.yaml"
 ADMIN_PORT = 9464
 SPEC_DEFAULT_DRAIN_S = 30.0
+# After the drain deadline connwatch gives the connections it closes up to 5s to finish.
+CLOSE_AFTER_DRAIN_S = 5.0
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -311,7 +313,7 @@ def test_grace_period_outlasts_the_drain() -> None:
     drain = parse_duration(config.get("shutdown", {}).get("drain_timeout", SPEC_DEFAULT_DRAIN_S))
     spec = k8s_object("Deployment")["spec"]["template"]["spec"]
     containers = pod_containers()
-    connwatch_stops_at = prestop_sleep_s(containers["connwatch"]) + drain
+    connwatch_stops_at = prestop_sleep_s(containers["connwatch"]) + drain + CLOSE_AFTER_DRAIN_S
     assert spec["terminationGracePeriodSeconds"] > connwatch_stops_at
     # The app behind connwatch must outlive the drain, or draining clients lose their upstream.
     for name, container in containers.items():
@@ -341,10 +343,8 @@ def test_configmap_connwatch_yaml_loads(tmp_path: Path) -> None:
     assert str(settings.admin.listen) == f"0.0.0.0:{ADMIN_PORT}"
     spec = k8s_object("Deployment")["spec"]["template"]["spec"]
     drain = float(settings.shutdown.drain_timeout)
-    assert (
-        spec["terminationGracePeriodSeconds"]
-        > prestop_sleep_s(pod_containers()["connwatch"]) + drain
-    )
+    connwatch_stops_at = prestop_sleep_s(pod_containers()["connwatch"]) + drain
+    assert spec["terminationGracePeriodSeconds"] > connwatch_stops_at + CLOSE_AFTER_DRAIN_S
 
 
 @pytest.mark.parametrize("source", ["docker", "kubernetes"])
@@ -473,7 +473,7 @@ def test_systemd_unit_is_hardened_and_drains() -> None:
     assert command[1:] == ["run", "-c", CONFIG_PATH]
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["KillSignal"] == "SIGTERM"
-    assert parse_duration(service["TimeoutStopSec"]) > SPEC_DEFAULT_DRAIN_S
+    assert parse_duration(service["TimeoutStopSec"]) > SPEC_DEFAULT_DRAIN_S + CLOSE_AFTER_DRAIN_S
     assert int(service["LimitNOFILE"]) >= 65536
     assert service["RestartPreventExitStatus"] == "2"  # config errors do not heal by restarting
     for key in ("DynamicUser", "NoNewPrivileges", "ProtectHome", "PrivateTmp"):
