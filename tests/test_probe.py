@@ -1,0 +1,160 @@
+"""`connwatch probe`: exit codes and output for each check type, option validation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Iterator
+
+import pytest
+from tests.test_health import LOOPBACK, http_handler, reply_handler, serving, silent
+
+from connwatch.exceptions import ConfigError
+from connwatch.frames import FRAME_SIZE, Frame, decode, pong_for
+from connwatch.heartbeat import start_responder
+from connwatch.probe import add_probe_parser, cmd_probe, probe_config
+
+RESULT = re.compile(r"^(healthy|unhealthy) (\d+\.\d{3})ms (.+)$")
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="connwatch")
+    add_probe_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["probe", *argv])
+
+
+async def probe(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run cmd_probe in a thread (it runs its own event loop) while our servers serve here."""
+    code = await asyncio.to_thread(cmd_probe, parse(*argv))
+    out = capsys.readouterr().out.strip()
+    match = RESULT.match(out)
+    assert match is not None, out
+    assert (match.group(1) == "healthy") is (code == 0)
+    return code, match.group(3)
+
+
+@pytest.fixture
+def refused() -> Iterator[str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))  # bound, not listening: connections are refused
+        yield f"{LOOPBACK}:{sock.getsockname()[1]}"
+
+
+async def test_tcp(capsys: pytest.CaptureFixture[str], refused: str) -> None:
+    async with serving(silent) as address:
+        assert await probe(capsys, str(address)) == (0, "connected")
+        assert await probe(capsys, refused, "--port", str(address.port)) == (0, "connected")
+    assert await probe(capsys, refused, "--type", "tcp") == (1, "Connection refused")
+
+
+async def test_http(capsys: pytest.CaptureFixture[str]) -> None:
+    async with serving(http_handler(503)) as address:
+        code, detail = await probe(capsys, str(address), "--type", "http", "--path", "/ready")
+        assert (code, detail) == (1, "HTTP 503 Whatever; expected 200-399")
+        args = ("--type", "http", "--expected-status", "200-299,503", "--host", "x.example")
+        assert await probe(capsys, str(address), *args) == (0, "HTTP 503 Whatever")
+
+
+async def test_send_expect(capsys: pytest.CaptureFixture[str]) -> None:
+    async with serving(reply_handler(b"+PONG\r\n")) as address:
+        args = (str(address), "--type", "send-expect", "--send", "PING\\r\\n")
+        assert (await probe(capsys, *args, "--expect", "+PONG"))[0] == 0
+        assert (await probe(capsys, *args, "--expect", "re:^\\+P.NG"))[0] == 0
+        code, detail = await probe(capsys, *args, "--expect=-ERR")  # = : it starts with "-"
+        assert code == 1
+        assert "expected '-ERR'" in detail
+
+
+async def test_heartbeat(capsys: pytest.CaptureFixture[str]) -> None:
+    server = await start_responder(LOOPBACK, 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        code, detail = await probe(capsys, f"{LOOPBACK}:{port}", "--type", "heartbeat")
+        assert code == 0
+        assert detail.startswith("PONG in ")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    async def wrong_timestamp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frame = decode(await reader.readexactly(FRAME_SIZE))
+        writer.write(pong_for(Frame(frame.type, frame.timestamp_ms + 1)))
+        await writer.drain()
+
+    async with serving(wrong_timestamp) as address:
+        code, detail = await probe(capsys, str(address), "--type", "heartbeat")
+    assert code == 1
+    assert detail.startswith("bad heartbeat frame")
+
+
+async def test_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    async with serving(silent) as address:
+        args = (str(address), "--type", "http", "--timeout", "150ms")
+        code, detail = await probe(capsys, *args)
+    assert code == 1
+    assert detail == "timed out after 0.15s while waiting for the status line"
+
+
+def test_config_built_from_options() -> None:
+    address, cfg = probe_config(
+        parse("[::1]:8443", "--type", "http", "--scheme", "https", "--port", "9000")
+    )
+    assert str(address) == "[::1]:8443"
+    assert (cfg.type, cfg.port, cfg.http.scheme, cfg.timeout) == ("http", 9000, "https", 2.0)
+    _, cfg = probe_config(parse("unix:/run/x.sock", "--type", "send-expect", "--send", "\\x00"))
+    assert cfg.type == "send_expect"
+    assert cfg.send_expect.send_bytes == b"\x00"
+
+
+def test_bad_options_name_the_option() -> None:
+    args = parse(
+        "nohost", "--timeout", "soon", "--expected-status", "700", "--send", "\\q", "--port", "0"
+    )
+    with pytest.raises(ConfigError) as caught:
+        probe_config(args)
+    issues = caught.value.issues
+    assert any(i.startswith("ADDR = 'nohost': expected HOST:PORT") for i in issues), issues
+    assert any(i.startswith("--timeout = 'soon': ") for i in issues), issues
+    assert any(i.startswith("--expected-status = '700': codes run") for i in issues), issues
+    assert any(i.startswith("--send = '\\q': unknown escape") for i in issues), issues
+    assert any(i.startswith("--port = 0: must be at least 1") for i in issues), issues
+
+
+def test_unknown_type_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse("127.0.0.1:1", "--type", "udp")
+    assert caught.value.code == 2
+
+
+def _cli_has_probe() -> bool:
+    from connwatch import cli
+
+    return "probe" in cli.COMMANDS
+
+
+@pytest.mark.skipif(not _cli_has_probe(), reason="cli.py does not wire `probe` yet")
+async def test_command_line(refused: str) -> None:
+    async def run(*argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "connwatch", "probe", *argv,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async with serving(http_handler(200)) as address:
+        code, out, _ = await run(str(address), "--type", "http")
+        assert code == 0
+        assert RESULT.match(out.strip()), out
+    code, out, _ = await run(refused)
+    assert code == 1
+    assert out.startswith("unhealthy ")
+    code, _, err = await run(refused, "--timeout", "never")
+    assert code == 2
+    assert "--timeout = 'never'" in err
