@@ -95,12 +95,14 @@ def reason_for_error(side: Side, exc: BaseException | None) -> CloseReason | Non
 class _Leg(asyncio.BufferedProtocol):
     """One side's protocol. Reads land in the shared buffer and go straight to the other leg."""
 
-    __slots__ = ("bytes_in", "conn", "eof", "lost", "other", "side", "transport")
+    __slots__ = ("bytes_in", "conn", "eof", "lost", "other", "side", "sink", "transport")
 
     def __init__(self, conn: MonitoredConnection, side: Side) -> None:
         self.conn = conn
         self.side = side
         self.transport: asyncio.Transport | None = None
+        # Where this leg's bytes go; None until forwarding starts (until then they are held).
+        self.sink: asyncio.Transport | None = None
         self.other: _Leg | None = None
         self.bytes_in = 0  # bytes read from this side and handed to the other
         self.eof = False
@@ -118,13 +120,12 @@ class _Leg(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
         buf = conn.buffer
-        other = self.other
         conn.last_activity = time.monotonic()
         self.bytes_in += nbytes
-        if other is None or other.transport is None:  # upstream not connected yet
+        sink = self.sink
+        if sink is None:  # the upstream is not connected yet (uvloop may read once after pause)
             conn.hold(bytes(buf.view[:nbytes]))
             return
-        sink = other.transport
         sink.write(buf.view[:nbytes])
         if sink.get_write_buffer_size():
             buf.renew()
@@ -142,7 +143,9 @@ class _Leg(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         other = self.other
-        if other is not None and other.transport is not None and not other.eof:
+        # Only once forwarding has started on the other leg: before that it stays paused.
+        if other is not None and other.sink is not None and not other.eof:
+            assert other.transport is not None
             other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -314,6 +317,7 @@ class MonitoredConnection:
         held = preface + self.take_held()
         if held:
             up.write(held)
+        self.client_leg.sink = up
         if self.client_leg.eof:  # the client said everything before we got here
             up.write_eof() if up.can_write_eof() else None
             self._note_end(self.client_leg)
@@ -330,6 +334,8 @@ class MonitoredConnection:
             self.client = format_peer(t.get_extra_info("peername"))
             t.pause_reading()
             self.observer.connection_accepted(self)
+        else:
+            leg.sink = self.client_leg.transport
 
     # -- events from the legs -------------------------------------------------------------------
     def leg_eof(self, leg: _Leg) -> bool:
