@@ -9,12 +9,12 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from tests.test_health import LOOPBACK, http_handler, reply_handler, serving, silent
 
 from connwatch.exceptions import ConfigError
 from connwatch.frames import FRAME_SIZE, Frame, decode, pong_for
 from connwatch.heartbeat import start_responder
 from connwatch.probe import add_probe_parser, cmd_probe, probe_config
+from tests.test_health import LOOPBACK, http_handler, reply_handler, serving, silent
 
 RESULT = re.compile(r"^(healthy|unhealthy) (\d+\.\d{3})ms (.+)$")
 
@@ -130,13 +130,6 @@ def test_unknown_type_is_a_usage_error() -> None:
     assert caught.value.code == 2
 
 
-def _cli_has_probe() -> bool:
-    from connwatch import cli
-
-    return "probe" in cli.COMMANDS
-
-
-@pytest.mark.skipif(not _cli_has_probe(), reason="cli.py does not wire `probe` yet")
 async def test_command_line(refused: str) -> None:
     async def run(*argv: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
