@@ -55,27 +55,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Side-by-side benchmark of connwatch against HAProxy, nginx, Envoy, socat "
         "and pproxy on loopback. See bench/README.md.",
     )
-    p.add_argument("scenarios", nargs="*", metavar="scenario",
-                   help=f"any of {', '.join(SCENARIOS)} (default: all)")
-    p.add_argument("--proxies", default=",".join(DEFAULT_PEERS),
-                   help=f"comma list of {', '.join(PEERS)} and connwatch[VARIANT] "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="scenario",
+        help=f"any of {', '.join(SCENARIOS)} (default: all)",
+    )
+    p.add_argument(
+        "--proxies",
+        default=",".join(DEFAULT_PEERS),
+        help=f"comma list of {', '.join(PEERS)} and connwatch[VARIANT] (default: %(default)s)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     p.add_argument("--json", type=Path, help="write all samples and summaries here")
     p.add_argument("--connwatch-workers", type=int, default=1)
-    p.add_argument("--connwatch-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override in connwatch's YAML by dotted path, e.g. "
-                   "listeners.0.buffer_size=64KiB (repeatable)")
-    p.add_argument("--connwatch-variant", action="append", default=[],
-                   metavar="NAME:KEY=VALUE[;KEY=VALUE]",
-                   help="add peer connwatch[NAME] with these overrides (repeatable)")
+    p.add_argument(
+        "--connwatch-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override in connwatch's YAML by dotted path, e.g. "
+        "listeners.0.buffer_size=64KiB (repeatable)",
+    )
+    p.add_argument(
+        "--connwatch-variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+        help="add peer connwatch[NAME] with these overrides (repeatable)",
+    )
     p.add_argument("--idle-conns", type=int, default=8000)
-    p.add_argument("--window", type=float, default=20.0,
-                   help="heartbeat: CPU measuring window in seconds")
+    p.add_argument(
+        "--window", type=float, default=20.0, help="heartbeat: CPU measuring window in seconds"
+    )
     p.add_argument("--scrape-repeats", type=int, default=7)
-    p.add_argument("--churn-max", type=int, default=25000,
-                   help="churn: most connections per run")
+    p.add_argument("--churn-max", type=int, default=25000, help="churn: most connections per run")
     p.add_argument("--keep", action="store_true", help="keep the temp dir with configs/logs")
     args = p.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
@@ -88,8 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_targets(args: argparse.Namespace) -> list[Target]:
     base = dict(item.split("=", 1) for item in args.connwatch_set)
-    opts = ConnwatchOptions(args.connwatch_workers,
-                            {k.strip(): parse_value(v.strip()) for k, v in base.items()})
+    opts = ConnwatchOptions(
+        args.connwatch_workers, {k.strip(): parse_value(v.strip()) for k, v in base.items()}
+    )
     variants = dict(CONNWATCH_VARIANTS)
     variants.update(parse_variant(v) for v in args.connwatch_variant)
     names = [n.strip() for n in args.proxies.split(",") if n.strip()]
@@ -107,8 +123,12 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
                 raise SystemExit(f"unknown variant {name!r} (define it with --connwatch-variant)")
             target = target.with_overrides(name, f"{peer.label} [{variant}]", variants[variant])
         if peer.connwatch and args.connwatch_workers > 1:
-            target = Target(target.name, f"{target.label}, {args.connwatch_workers} workers",
-                            target.peer, target.opts)
+            target = Target(
+                target.name,
+                f"{target.label}, {args.connwatch_workers} workers",
+                target.peer,
+                target.opts,
+            )
         targets.append(target)
     return targets
 
@@ -126,8 +146,11 @@ def versions() -> dict[str, str]:
     """One line per tool, for the JSON's meta; a missing tool says so."""
     found: dict[str, str] = {}
     probes: dict[str, list[str]] = {
-        "haproxy": ["haproxy", "-v"], "nginx": ["nginx", "-v"], "socat": ["socat", "-V"],
-        "pproxy": ["pproxy", "--version"], "iperf3": ["iperf3", "--version"],
+        "haproxy": ["haproxy", "-v"],
+        "nginx": ["nginx", "-v"],
+        "socat": ["socat", "-V"],
+        "pproxy": ["pproxy", "--version"],
+        "iperf3": ["iperf3", "--version"],
         "redis-server": ["redis-server", "--version"],
         "redis-benchmark": ["redis-benchmark", "--version"],
     }
@@ -167,8 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     targets = build_targets(args)
     workdir = Path(tempfile.mkdtemp(prefix="connwatch-bench-"))
-    ctx = Context(workdir, targets, args.rounds, args.duration, args.idle_conns, args.window,
-                  args.scrape_repeats, args.churn_max)
+    ctx = Context(
+        workdir,
+        targets,
+        args.rounds,
+        args.duration,
+        args.idle_conns,
+        args.window,
+        args.scrape_repeats,
+        args.churn_max,
+    )
     doc: dict[str, Any] = {"meta": meta(args), "scenarios": {}}
     refs = ["direct", "haproxy"]
     try:

@@ -117,9 +117,7 @@ def _envoy(binary: str, d: Path, listen: int, upstream: int, _o: ConnwatchOption
         "name": "upstream",
         "connect_timeout": "3s",
         "type": "STATIC",
-        "circuit_breakers": {
-            "thresholds": [{"max_connections": big, "max_pending_requests": big}]
-        },
+        "circuit_breakers": {"thresholds": [{"max_connections": big, "max_pending_requests": big}]},
         "load_assignment": {
             "cluster_name": "upstream",
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _sock(upstream)}}]}],
@@ -205,8 +203,10 @@ PEERS: dict[str, Peer] = {
             "HAProxy (splice forced)",
             _which("haproxy"),
             # Pipes cost two descriptors each: keep them few to stay under 20,000 files.
-            _haproxy(extra_global="    maxpipes 512\n",
-                     extra_backend="    option splice-request\n    option splice-response\n"),
+            _haproxy(
+                extra_global="    maxpipes 512\n",
+                extra_backend="    option splice-request\n    option splice-response\n",
+            ),
         ),
         Peer(
             "haproxy-buf256k",
@@ -218,8 +218,14 @@ PEERS: dict[str, Peer] = {
         Peer("envoy", "Envoy", find_envoy, _envoy, startup_timeout=20.0),
         Peer("socat", "socat", _which("socat"), _socat, holds_idle=False),
         Peer("pproxy", "pproxy", find_pproxy, _pproxy),
-        Peer("connwatch", "connwatch", find_connwatch, _connwatch, connwatch=True,
-             startup_timeout=20.0),
+        Peer(
+            "connwatch",
+            "connwatch",
+            find_connwatch,
+            _connwatch,
+            connwatch=True,
+            startup_timeout=20.0,
+        ),
     )
 }
 

@@ -87,6 +87,8 @@ def start_target(ctx: Context, target: Target, upstream: int, where: Path) -> Ru
         if not why:
             time.sleep(0.2)  # a port we saw listening could be someone else's: still alive?
             if child.alive():
+                # The PID is what a profiler attaches to (py-spy record --pid, see README).
+                ctx.log(f"  {target.name}: pid {child.pid} on 127.0.0.1:{port}, files in {where}")
                 return Running(target, child, port, launch.admin_port)
             why = f"exited with code {child.popen.returncode}: {child.tail()}"
         stop(child)
@@ -135,8 +137,15 @@ def hold_idle(port: int, count: int, where: Path, timeout: float = 120.0) -> Ite
     clients: list[Child] = []
     try:
         for i, n in enumerate(h for h in halves if h > 0):
-            argv = [*python_script("idle_client.py"), "--port", str(port), "--count", str(n),
-                    "--hold", str(timeout + 600)]
+            argv = [
+                *python_script("idle_client.py"),
+                "--port",
+                str(port),
+                "--count",
+                str(n),
+                "--hold",
+                str(timeout + 600),
+            ]
             clients.append(spawn(f"idle-client-{i}", argv, where, stdin=subprocess.PIPE))
         yield sum(_await_report(c, timeout)["open"] for c in clients)
     finally:
@@ -204,5 +213,8 @@ def record(
         ctx.log(f"  {name}: partial: {why}")
     if sample:
         results.add(name, sample)
-        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(sample.items()))
+        keys = sorted(sample)
+        if len(keys) > 8:  # rr has dozens: show the throughput and CPU ones
+            keys = [k for k in keys if k.endswith("PING_INLINE.rps") or "cpu" in k]
+        shown = ", ".join(f"{k}={sample[k]:.3g}" for k in keys)
         ctx.log(f"  {name}: {shown}")

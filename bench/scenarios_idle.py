@@ -62,6 +62,7 @@ def _warm(running: Running, where: Path) -> None:
 
 # --- idle -------------------------------------------------------------------------------
 
+
 def run_idle(ctx: Context) -> Results:
     results = Results("idle")
     n = ctx.idle_conns
@@ -76,15 +77,21 @@ def run_idle(ctx: Context) -> Results:
         try:
             running = start_target(ctx, target, redis_port, where)
             try:
-                return _idle_sample(running, redis_port, n, where), []
+                sample = _idle_sample(running, redis_port, n, where)
             finally:
                 stop(running.child)
         finally:
             stop(redis)
+        workers = target.opts.workers if target.peer.connwatch else 1
+        if sample["processes"] < workers:  # the tree would miss memory held elsewhere
+            return sample, [f"workers: {workers} configured, {sample['processes']:.0f} process(es)"]
+        return sample, []
 
     _rounds(ctx, results, targets, measure)
-    results.notes.append(f"{n} connections, each did one PING then idled; "
-                         "(RSS after - RSS before) / N over the whole process tree")
+    results.notes.append(
+        f"{n} connections, each did one PING then idled; "
+        "(RSS after - RSS before) / N over the whole process tree"
+    )
     return results
 
 
@@ -125,19 +132,27 @@ def _rounds(
 
 
 IDLE_TABLES = [
-    Table("idle proxied connections, fresh process each sample", [
-        Column("kib_per_conn", "RSS KiB/conn"),
-        Column("rss_before_mib", "RSS before MiB", 1),
-        Column("rss_after_mib", "RSS after MiB", 1),
-        Column("processes", "processes", 0),
-    ], "kib_per_conn", refs=("haproxy",)),
+    Table(
+        "idle proxied connections, fresh process each sample",
+        [
+            Column("kib_per_conn", "RSS KiB/conn"),
+            Column("rss_before_mib", "RSS before MiB", 1),
+            Column("rss_after_mib", "RSS after MiB", 1),
+            Column("processes", "processes", 0),
+        ],
+        "kib_per_conn",
+        refs=("haproxy",),
+    ),
 ]
 
 
 # --- heartbeat (connwatch only) -----------------------------------------------------------
 
-HEARTBEAT_ON = {"listeners.0.heartbeat.enabled": True, "listeners.0.heartbeat.interval": "1s",
-                "listeners.0.heartbeat.max_interval": "1s"}
+HEARTBEAT_ON = {
+    "listeners.0.heartbeat.enabled": True,
+    "listeners.0.heartbeat.interval": "1s",
+    "listeners.0.heartbeat.max_interval": "1s",
+}
 HEARTBEAT_OFF = {"listeners.0.heartbeat.enabled": False}
 
 
@@ -147,8 +162,7 @@ def heartbeat_targets(ctx: Context) -> list[tuple[Target, Target]]:
     for t in ctx.targets:
         if t.peer.connwatch:
             on = t.with_overrides(f"{t.name}:hb1s", f"{t.label} (heartbeat 1s)", HEARTBEAT_ON)
-            off = t.with_overrides(f"{t.name}:hb_off", f"{t.label} (heartbeat off)",
-                                   HEARTBEAT_OFF)
+            off = t.with_overrides(f"{t.name}:hb_off", f"{t.label} (heartbeat off)", HEARTBEAT_OFF)
             pairs.append((on, off))
     return pairs
 
@@ -179,8 +193,10 @@ def run_heartbeat(ctx: Context) -> Results:
         return sample, problems
 
     _rounds(ctx, results, targets, measure)
-    results.notes.append(f"{ctx.idle_conns} idle connections; CPU % of one core over "
-                         f"{ctx.window:g}s after {warmup:g}s warm-up")
+    results.notes.append(
+        f"{ctx.idle_conns} idle connections; CPU % of one core over "
+        f"{ctx.window:g}s after {warmup:g}s warm-up"
+    )
     return results
 
 
@@ -192,24 +208,37 @@ def _heartbeats(running: Running) -> float | None:
         status, body, _ = http_get(running.admin_port, "/metrics")
     except OSError:
         return None
-    return prom_sum(body.decode(errors="replace"), "connwatch_heartbeats_total") \
-        if status == 200 else None
+    return (
+        prom_sum(body.decode(errors="replace"), "connwatch_heartbeats_total")
+        if status == 200
+        else None
+    )
 
 
 def heartbeat_tables(ctx: Context) -> list[Table]:
     tables = []
     for on, off in heartbeat_targets(ctx):
-        tables.append(Table(f"{on.peer.name}: heartbeat cost", [
-            Column("cpu_pct", "CPU % of one core"),
-            Column("beats_per_s", "heartbeats/s", 0),
-        ], "cpu_pct", refs=(off.name,)))
+        tables.append(
+            Table(
+                f"{on.peer.name}: heartbeat cost",
+                [
+                    Column("cpu_pct", "CPU % of one core"),
+                    Column("beats_per_s", "heartbeats/s", 0),
+                ],
+                "cpu_pct",
+                refs=(off.name,),
+            )
+        )
     return tables or [Table("heartbeat cost", [Column("cpu_pct", "CPU % of one core")])]
 
 
 # --- scrape (connwatch only) ---------------------------------------------------------------
 
-SCRAPES = [("metrics", "/metrics"), ("conns100", "/connections?limit=100"),
-           ("conns_all", "/connections")]
+SCRAPES = [
+    ("metrics", "/metrics"),
+    ("conns100", "/connections?limit=100"),
+    ("conns_all", "/connections"),
+]
 
 
 def run_scrape(ctx: Context) -> Results:
@@ -223,8 +252,10 @@ def run_scrape(ctx: Context) -> Results:
             return _scrape_sample(running, ctx.scrape_repeats, ctx.idle_conns)
 
     _rounds(ctx, results, targets, measure)
-    results.notes.append(f"{ctx.idle_conns} open connections; median of "
-                         f"{ctx.scrape_repeats} sequential GETs per endpoint")
+    results.notes.append(
+        f"{ctx.idle_conns} open connections; median of "
+        f"{ctx.scrape_repeats} sequential GETs per endpoint"
+    )
     return results
 
 
@@ -262,11 +293,15 @@ def _entries(body: bytes) -> int:
 
 
 SCRAPE_TABLES = [
-    Table("admin endpoint latency with idle connections open", [
-        Column("metrics_ms", "/metrics ms"),
-        Column("conns100_ms", "/connections?limit=100 ms"),
-        Column("conns_all_ms", "/connections ms"),
-        Column("conns_all_entries", "entries", 0),
-        Column("conns_all_kib", "/connections KiB", 0),
-    ], None),
+    Table(
+        "admin endpoint latency with idle connections open",
+        [
+            Column("metrics_ms", "/metrics ms"),
+            Column("conns100_ms", "/connections?limit=100 ms"),
+            Column("conns_all_ms", "/connections ms"),
+            Column("conns_all_entries", "entries", 0),
+            Column("conns_all_kib", "/connections KiB", 0),
+        ],
+        None,
+    ),
 ]

@@ -75,6 +75,7 @@ def _cpu(pid: int | None) -> float:
 
 # --- bulk -------------------------------------------------------------------------------
 
+
 def run_bulk(ctx: Context) -> Results:
     results = Results("bulk")
     iperf3 = shutil.which("iperf3")
@@ -87,8 +88,20 @@ def run_bulk(ctx: Context) -> Results:
         out: Sample = {}
         problems: list[str] = []
         for streams in (1, 8):
-            argv = [iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                    "-P", str(streams), "-J", "--connect-timeout", "3000"]
+            argv = [
+                iperf3,
+                "-c",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-t",
+                str(seconds),
+                "-P",
+                str(streams),
+                "-J",
+                "--connect-timeout",
+                "3000",
+            ]
             cpu0 = _cpu(pid)
             try:
                 res = parse_iperf3_json(run_tool(argv, timeout=seconds + 30))
@@ -107,10 +120,12 @@ def run_bulk(ctx: Context) -> Results:
 
 
 BULK_TABLES = [
-    Table("1 stream", [Column("gbps_1", "GB/s"), Column("cpu_s_per_gb_1", "CPU s/GB")],
-          "gbps_1"),
-    Table("8 streams (-P 8)", [Column("gbps_8", "GB/s"), Column("cpu_s_per_gb_8", "CPU s/GB")],
-          "gbps_8"),
+    Table("1 stream", [Column("gbps_1", "GB/s"), Column("cpu_s_per_gb_1", "CPU s/GB")], "gbps_1"),
+    Table(
+        "8 streams (-P 8)",
+        [Column("gbps_8", "GB/s"), Column("cpu_s_per_gb_8", "CPU s/GB")],
+        "gbps_8",
+    ),
 ]
 
 
@@ -145,8 +160,22 @@ def run_rr(ctx: Context) -> Results:
         problems: list[str] = []
         for variant, clients, pipeline in RR_VARIANTS:
             n = rr_requests(ctx.duration, pipeline)
-            argv = [tool, "-h", "127.0.0.1", "-p", str(port), "-c", str(clients), "-n", str(n),
-                    "-P", str(pipeline), "-t", ",".join(t.lower() for t in RR_TESTS), "--csv"]
+            argv = [
+                tool,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-c",
+                str(clients),
+                "-n",
+                str(n),
+                "-P",
+                str(pipeline),
+                "-t",
+                ",".join(t.lower() for t in RR_TESTS),
+                "--csv",
+            ]
             cpu0 = _cpu(pid)
             try:
                 rows = parse_redis_benchmark(run_tool(argv, timeout=60 + 30 * ctx.duration))
@@ -164,8 +193,9 @@ def run_rr(ctx: Context) -> Results:
                 out[f"{variant}.cpu_us_per_req"] = cpu / (n * len(rows)) * 1e6
         return out, problems
 
-    results.notes.append("redis-benchmark -t ping_inline,set,get --csv; CPU µs per request "
-                         "is over all three tests")
+    results.notes.append(
+        "redis-benchmark -t ping_inline,set,get --csv; CPU µs per request is over all three tests"
+    )
     run_rounds(ctx, results, start_redis, sample)
     return results
 
@@ -190,36 +220,53 @@ RR_TABLES = [
 
 # --- churn ------------------------------------------------------------------------------
 
+
 def run_churn(ctx: Context) -> Results:
     results = Results("churn")
 
     def sample(port: int, pid: int | None) -> tuple[Sample, list[str]]:
-        argv = [*python_script("churn_client.py"), "--port", str(port), "--concurrency", "50",
-                "--max-conns", str(ctx.churn_max), "--duration", str(ctx.duration)]
+        argv = [
+            *python_script("churn_client.py"),
+            "--port",
+            str(port),
+            "--concurrency",
+            "50",
+            "--max-conns",
+            str(ctx.churn_max),
+            "--duration",
+            str(ctx.duration),
+        ]
         cpu0 = _cpu(pid)
         doc = parse_json_line(run_tool(argv, timeout=ctx.duration + 60))
         cpu = _cpu(pid) - cpu0
         if not doc["conns"]:
-            raise SampleError(f"no connection completed: {doc['errors']} errors "
-                              f"{doc['error_kinds']}")
+            raise SampleError(
+                f"no connection completed: {doc['errors']} errors {doc['error_kinds']}"
+            )
         out: Sample = {k: float(doc[k]) for k in ("conn_per_s", "p50_ms", "p99_ms", "errors")}
         if pid is not None:
             out["cpu_us_per_conn"] = cpu / doc["conns"] * 1e6
         problems = [f"{doc['errors']} errors: {doc['error_kinds']}"] if doc["errors"] else []
         return out, problems
 
-    results.notes.append(f"50 clients, connect + PING + close, at most {ctx.churn_max} "
-                         f"connections or {ctx.duration:g}s")
+    results.notes.append(
+        f"50 clients, connect + PING + close, at most {ctx.churn_max} "
+        f"connections or {ctx.duration:g}s"
+    )
     run_rounds(ctx, results, start_redis, sample)
     return results
 
 
 CHURN_TABLES = [
-    Table("connect + PING + close, 50 clients", [
-        Column("conn_per_s", "conn/s", 0),
-        Column("p50_ms", "p50 ms"),
-        Column("p99_ms", "p99 ms"),
-        Column("cpu_us_per_conn", "proxy CPU µs/conn", 0),
-        Column("errors", "errors", 0),
-    ], "conn_per_s"),
+    Table(
+        "connect + PING + close, 50 clients",
+        [
+            Column("conn_per_s", "conn/s", 0),
+            Column("p50_ms", "p50 ms"),
+            Column("p99_ms", "p99 ms"),
+            Column("cpu_us_per_conn", "proxy CPU µs/conn", 0),
+            Column("errors", "errors", 0),
+        ],
+        "conn_per_s",
+    ),
 ]

@@ -34,9 +34,27 @@ def start_redis(workdir: Path, attempts: int = 3) -> tuple[Child, int]:
     last = ""
     for _ in range(attempts):
         port = free_port()
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--maxclients", "10000", "--protected-mode", "no",
-                "--daemonize", "no", "--tcp-backlog", "4096", "--dir", str(workdir)]
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxclients",
+            "10000",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--tcp-backlog",
+            "4096",
+            "--dir",
+            str(workdir),
+        ]
         try:
             return start_listening("redis", argv, port, workdir, 10.0), port
         except StartError as exc:  # most likely the free port was taken meanwhile

@@ -34,10 +34,23 @@ IPERF3_P8 = {
     "intervals": [],
     "end": {
         "streams": [],
-        "sum_sent": {"start": 0, "end": 2.0, "seconds": 2.0, "bytes": 4_200_000_000,
-                     "bits_per_second": 16.8e9, "retransmits": 0, "sender": True},
-        "sum_received": {"start": 0, "end": 2.0, "seconds": 2.0, "bytes": 4_000_000_000,
-                         "bits_per_second": 16e9, "sender": True},
+        "sum_sent": {
+            "start": 0,
+            "end": 2.0,
+            "seconds": 2.0,
+            "bytes": 4_200_000_000,
+            "bits_per_second": 16.8e9,
+            "retransmits": 0,
+            "sender": True,
+        },
+        "sum_received": {
+            "start": 0,
+            "end": 2.0,
+            "seconds": 2.0,
+            "bytes": 4_000_000_000,
+            "bits_per_second": 16e9,
+            "sender": True,
+        },
         "cpu_utilization_percent": {"host_total": 90.0},
     },
 }
@@ -51,8 +64,12 @@ def test_iperf3_reads_receiver_bytes_and_rate() -> None:
 
 
 def test_iperf3_error_and_garbage_are_parse_errors() -> None:
-    refused = {"start": {"connected": []}, "intervals": [], "end": {},
-               "error": "unable to connect to server: Connection refused"}
+    refused = {
+        "start": {"connected": []},
+        "intervals": [],
+        "end": {},
+        "error": "unable to connect to server: Connection refused",
+    }
     with pytest.raises(parsers.ParseError, match="Connection refused"):
         parsers.parse_iperf3_json(json.dumps(refused))
     with pytest.raises(parsers.ParseError):
@@ -89,9 +106,11 @@ def test_redis_benchmark_csv_old_format_and_noise() -> None:
 
 
 def test_redis_benchmark_quiet_skips_progress() -> None:
-    text = ("PING_INLINE: rps=0.0 (overall: 0.0) avg_msec=-nan (overall: -nan)\r"
-            "PING_INLINE: 91324.20 requests per second, p50=0.287 msec\n"
-            "SET: 88000.00 requests per second\n")
+    text = (
+        "PING_INLINE: rps=0.0 (overall: 0.0) avg_msec=-nan (overall: -nan)\r"
+        "PING_INLINE: 91324.20 requests per second, p50=0.287 msec\n"
+        "SET: 88000.00 requests per second\n"
+    )
     rows = parsers.parse_redis_benchmark_quiet(text)
     assert rows["PING_INLINE"].rps == pytest.approx(91324.20)
     assert rows["PING_INLINE"].p50_ms == pytest.approx(0.287)
