@@ -14,6 +14,7 @@ import structlog
 
 from connwatch import __version__
 from connwatch.exceptions import ConfigError, ListenerError
+from connwatch.probe import add_probe_parser, cmd_probe
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config and print the effective one")
     check.add_argument("-c", "--config", help="YAML config file (default: $CONNWATCH_CONFIG)")
+
+    add_probe_parser(sub)
     return parser
 
 
@@ -115,4 +118,5 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "check-config": cmd_check_config,
+    "probe": cmd_probe,
 }

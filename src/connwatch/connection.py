@@ -192,6 +192,7 @@ class MonitoredConnection:
         "observer",
         "opened_at",
         "opened_wall",
+        "preamble",
         "state",
         "target",
         "timeouts",
@@ -229,6 +230,8 @@ class MonitoredConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self.watch: object | None = None  # the liveness watchdog's per-connection record
+        # While set, client bytes are held and offered to it (e.g. a PROXY header parser).
+        self.preamble: Callable[[MonitoredConnection], None] | None = None
 
     # -- public read-only view ------------------------------------------------------------------
     @property
@@ -281,6 +284,9 @@ class MonitoredConnection:
     def client_protocol(self) -> asyncio.BufferedProtocol:
         return self.client_leg
 
+    def client_transport(self) -> asyncio.Transport | None:
+        return self.client_leg.transport
+
     def upstream_protocol(self) -> asyncio.BufferedProtocol:
         return self.upstream_leg
 
@@ -298,11 +304,21 @@ class MonitoredConnection:
         if self._pending is None:
             self._pending = []
         self._pending.append(data)
+        if self.preamble is not None:
+            self.preamble(self)
 
     def take_held(self) -> bytes:
         held = b"".join(self._pending) if self._pending else b""
         self._pending = None
         return held
+
+    def peek_held(self) -> bytes:
+        if self._pending and len(self._pending) > 1:
+            self._pending = [b"".join(self._pending)]
+        return self._pending[0] if self._pending else b""
+
+    def replace_held(self, data: bytes) -> None:
+        self._pending = [data] if data else None
 
     def upstream_connected(self, target: Target, preface: bytes = b"") -> None:
         """The upstream leg is up: send any preface (PROXY header) and held bytes, start reading."""

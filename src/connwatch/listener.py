@@ -10,13 +10,21 @@ import random
 import socket
 import stat
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from connwatch._types import Address, CloseReason, Direction
+from connwatch import proxy_protocol
+from connwatch._types import Address, CloseReason, Direction, format_peer
 from connwatch.connection import MonitoredConnection, ReadBuffer, State, Timeouts
-from connwatch.exceptions import ListenerError, NoHealthyUpstreamError, UpstreamConnectError
+from connwatch.exceptions import (
+    IncompleteError,
+    ListenerError,
+    NoHealthyUpstreamError,
+    UpstreamConnectError,
+)
+from connwatch.proxy_protocol import ProxyHeader, ProxyProtocolError
 from connwatch.sockopts import SocketLike, apply_keepalive, set_nodelay
 from connwatch.upstream import UpstreamPool
 
@@ -28,6 +36,7 @@ log = structlog.get_logger("connwatch.listener")
 
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
 _BACKLOG = 4096
+PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
 
 
 class LivenessWatch(Protocol):
@@ -58,6 +67,7 @@ class Listener:
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
         self.accepting = False
+        self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
         self._server: asyncio.Server | None = None
         self._log = log.bind(listener=self.name)
         tracker.totals(self.name)  # the listener's series exist from the start, at zero
@@ -154,9 +164,73 @@ class Listener:
     def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
         self.tracker.flow_paused(conn, direction)
 
+    # -- PROXY protocol header from the client ---------------------------------------------------
+    async def _read_proxy_header(self, conn: MonitoredConnection) -> ProxyHeader | None:
+        """Wait for the client's PROXY header (within connect_timeout); None closes the client."""
+        loop = asyncio.get_running_loop()
+        parsed: asyncio.Future[ProxyHeader] = loop.create_future()
+
+        def offer(c: MonitoredConnection) -> None:
+            try:
+                header, used = proxy_protocol.parse(c.peek_held())
+            except IncompleteError:
+                return
+            except ProxyProtocolError as exc:
+                if not parsed.done():
+                    parsed.set_exception(exc)
+                return
+            c.replace_held(c.peek_held()[used:])
+            c.preamble = None
+            transport = c.client_transport()
+            if transport is not None:
+                transport.pause_reading()
+            if not parsed.done():
+                parsed.set_result(header)
+
+        conn.preamble = offer
+        transport = conn.client_transport()
+        assert transport is not None
+        transport.resume_reading()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                header = await parsed
+        except (TimeoutError, ProxyProtocolError) as exc:
+            conn.preamble = None
+            self.protocol_errors[PROXY_PROTOCOL] += 1
+            self._log.warning(
+                "protocol_error",
+                conn_id=conn.id,
+                kind=PROXY_PROTOCOL,
+                client=conn.client,
+                error=str(exc) or "no PROXY header in time",
+            )
+            conn.close(CloseReason.PROTOCOL_ERROR, abort=True)
+            return None
+        if header.source is not None:
+            conn.client = format_peer(header.source)
+        return header
+
+    def _proxy_preface(self, conn: MonitoredConnection, header: ProxyHeader | None) -> bytes:
+        version = self.config.proxy_protocol.send
+        if version == "none":
+            return b""
+        if header is not None:  # pass on what the client's own proxy told us
+            return proxy_protocol.header_for(version, header.source, header.destination)
+        transport = conn.client_transport()
+        peer = transport.get_extra_info("peername") if transport else None
+        local = transport.get_extra_info("sockname") if transport else None
+        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+            return proxy_protocol.header_for(version, None, None)  # Unix socket: UNKNOWN/LOCAL
+        return proxy_protocol.header_for(version, peer[:2], local[:2])
+
     # -- upstream connect -----------------------------------------------------------------------
     async def _connect(self, conn: MonitoredConnection) -> None:
         config = self.config
+        header = None
+        if config.proxy_protocol.accept:
+            header = await self._read_proxy_header(conn)
+            if header is None:
+                return
         try:
             transport, target = await self.pool.connect(
                 conn.upstream_protocol,
@@ -179,7 +253,7 @@ class Listener:
         if self.timeouts.max_lifetime:
             jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
             conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
-        conn.upstream_connected(target)
+        conn.upstream_connected(target, self._proxy_preface(conn, header))
 
 
 def _timeouts(config: ListenerConfig) -> Timeouts:

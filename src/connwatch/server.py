@@ -19,12 +19,19 @@ from connwatch._types import CloseReason, HealthState, Liveness, rfc3339
 from connwatch.admin import AdminApp
 from connwatch.config import ListenerConfig, Settings, load_settings
 from connwatch.connection import MonitoredConnection, State
-from connwatch.exceptions import ConfigError
+from connwatch.exceptions import ConfigError, ListenerError
+from connwatch.frames import FrameError
+from connwatch.health import HealthMonitor
+from connwatch.heartbeat import start_responder
 from connwatch.listener import Listener
 from connwatch.log import configure_logging
 from connwatch.metrics import build_registry
 from connwatch.snapshots import DaemonStats, LivenessStats, TargetStats
 from connwatch.tracker import Tracker, connection_record
+from connwatch.upstream import Target
+from connwatch.watchdog import Watchdog
+
+HEARTBEAT_FRAME = "heartbeat_frame"  # the `kind` of connwatch_protocol_errors_total
 
 log = structlog.get_logger("connwatch.server")
 
@@ -47,16 +54,6 @@ class Liveness_(Protocol):
     def close(self) -> None: ...
 
 
-class HealthMonitor_(Protocol):
-    """Active health checks (health.py) as the daemon uses them."""
-
-    def start(self, listener: Listener) -> None: ...
-
-    def stop(self, listener_name: str) -> None: ...
-
-    async def close(self) -> None: ...
-
-
 class Daemon:
     """One connwatch process. `run()` serves until a signal (or `request_stop()`) ends it."""
 
@@ -74,7 +71,10 @@ class Daemon:
         self.listeners: dict[str, Listener] = {}
         self.retired: list[Listener] = []  # removed by a reload; their connections still run
         self.liveness: Liveness_ | None = _make_liveness()
-        self.health: HealthMonitor_ | None = _make_health(self)
+        self.health = HealthMonitor(
+            on_protocol_error=self.count_protocol_error, on_state_change=self._target_changed
+        )
+        self._responder: asyncio.Server | None = None
         self.protocol_errors: Counter[str] = Counter()
         self.reloads: Counter[str] = Counter()
         self.draining = False
@@ -93,6 +93,7 @@ class Daemon:
             for listener in await self._bind_all(list(self.settings.listeners)):
                 self._install(listener)
             await self.admin.start(self.settings.admin.listen)
+            await self._start_responder()
         except BaseException:
             await self._close_everything()
             raise
@@ -177,8 +178,6 @@ class Daemon:
             if name in old and old[name].listen == cfg.listen and old[name] != cfg:
                 listener = self.listeners[name]
                 listener.reconfigure(cfg)
-                if self.health is not None:
-                    self.health.stop(name)
                 self._install(listener)
         configure_logging(new.log.level, new.log.format)
         self.tracker.log_events = new.log.connection_events
@@ -201,14 +200,12 @@ class Daemon:
         self.listeners[listener.name] = listener
         if self.liveness is not None:
             self.liveness.configure(listener.name, listener.config)
-        if self.health is not None:
-            self.health.start(listener)
+        self.health.start(listener.name, listener.config.health_check, listener.pool.targets)
 
     def _retire(self, name: str) -> None:
         listener = self.listeners.pop(name)
         listener.stop_accepting()
-        if self.health is not None:
-            self.health.stop(name)
+        self.health.stop(name)
         self.retired.append(listener)
 
     # -- shutdown -------------------------------------------------------------------------------
@@ -283,10 +280,11 @@ class Daemon:
     async def _close_everything(self) -> None:
         for listener in [*self.listeners.values(), *self.retired]:
             listener.stop_accepting()
-        if self.health is not None:
-            await self.health.close()
+        await self.health.close()
         if self.liveness is not None:
             self.liveness.close()
+        if self._responder is not None:
+            self._responder.close()
         await self.admin.stop()
 
     # -- what admin and metrics read ------------------------------------------------------------
@@ -299,7 +297,7 @@ class Daemon:
             listeners=self.tracker.statistics(),
             targets=targets,
             liveness=self.liveness.statistics() if self.liveness is not None else {},
-            protocol_errors=dict(self.protocol_errors),
+            protocol_errors=self._protocol_errors(),
             reloads=dict(self.reloads),
         )
 
@@ -363,13 +361,48 @@ class Daemon:
     def count_protocol_error(self, kind: str) -> None:
         self.protocol_errors[kind] += 1
 
+    def _protocol_errors(self) -> dict[str, int]:
+        total = Counter(self.protocol_errors)
+        for listener in [*self.listeners.values(), *self.retired]:
+            total.update(listener.protocol_errors)
+        return dict(total)
+
+    # -- upstream health and the heartbeat responder --------------------------------------------
+    def _target_changed(
+        self, listener: str, target: Target, old: HealthState, new: HealthState
+    ) -> None:
+        owner = self.listeners.get(listener)
+        if new is not HealthState.DOWN or owner is None:
+            return
+        if owner.config.on_upstream_down != "close":
+            return
+        for conn in self.tracker.connections(listener):
+            if conn.target is target:
+                conn.close(CloseReason.UPSTREAM_DOWN)
+
+    async def _start_responder(self) -> None:
+        address = self.settings.admin.heartbeat_listen
+        if address is None:
+            return
+        if address.path is not None:
+            raise ListenerError("admin.heartbeat_listen must be a TCP address")
+
+        def bad_frame(error: FrameError, peer: str) -> None:
+            self.count_protocol_error(HEARTBEAT_FRAME)
+            log.warning("protocol_error", kind=HEARTBEAT_FRAME, client=peer, error=str(error))
+
+        try:
+            self._responder = await start_responder(
+                address.host or "0.0.0.0", address.port, on_protocol_error=bad_frame
+            )
+        except OSError as exc:
+            raise ListenerError(f"admin.heartbeat_listen {address}: {exc.strerror or exc}") from exc
+        port = self._responder.sockets[0].getsockname()[1]
+        log.info("heartbeat_responder_started", listen=str(address), port=port)
+
 
 def _make_liveness() -> Liveness_ | None:
-    return None  # the heartbeat watchdog plugs in here (watchdog.py)
-
-
-def _make_health(daemon: Daemon) -> HealthMonitor_ | None:
-    return None  # active health checks plug in here (health.py)
+    return Watchdog()
 
 
 def load_for_run(config_path: str | None, base: dict[str, Any] | None) -> Settings:
