@@ -61,7 +61,9 @@ class KeepaliveReadback:
 
 _TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
 # macOS names the idle option TCP_KEEPALIVE; Linux and the BSDs call it TCP_KEEPIDLE.
-_KEEPIDLE: Final[int | None] = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
+_KEEPIDLE: Final[int | None] = getattr(
+    socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None)
+)
 _KEEPINTVL: Final[int | None] = getattr(socket, "TCP_KEEPINTVL", None)
 _KEEPCNT: Final[int | None] = getattr(socket, "TCP_KEEPCNT", None)
 _USER_TIMEOUT: Final[int | None] = getattr(socket, "TCP_USER_TIMEOUT", None)
