@@ -1,5 +1,5 @@
-"""Active health checks: each check type against real loopback servers, the rise/fall state
-machine and adaptive interval with a fake clock, and the monitor end to end."""
+"""Active health checks: each check type (checks.py) against real loopback servers, the rise/fall
+state machine and adaptive interval with a fake clock, and the monitor (health.py) end to end."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from typing import Any
 import pytest
 import structlog
 from structlog.testing import capture_logs
-from tests.support import eventually
 
 from connwatch._types import Address, HealthState
+from connwatch.checks import CheckResult, run_check
 from connwatch.config import HealthCheckConfig
 from connwatch.frames import FRAME_SIZE, decode, pong_for
-from connwatch.health import CheckResult, HealthMonitor, TargetHealth, Transition, run_check
+from connwatch.health import HealthMonitor, TargetHealth, Transition
 from connwatch.heartbeat import PongResponder, start_responder
 from connwatch.upstream import Target
+from tests.support import eventually
 
 LOOPBACK = "127.0.0.1"
 pytestmark = pytest.mark.both_loops  # sockets, TLS and timeouts behave alike on both loops
@@ -640,3 +641,12 @@ async def test_protocol_errors_reach_the_monitor_callback() -> None:
     assert errors
     assert set(errors) == {"heartbeat_frame"}
     assert len(errors) == target.checks["failure"]
+
+
+def test_health_re_exports_the_check_layer() -> None:
+    import connwatch.checks
+    import connwatch.health
+
+    assert connwatch.health.run_check is connwatch.checks.run_check
+    assert connwatch.health.CheckResult is connwatch.checks.CheckResult
+    assert connwatch.health.MAX_REPLY == connwatch.checks.MAX_REPLY

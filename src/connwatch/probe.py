@@ -111,7 +111,7 @@ def _option_issue(issue: str, source: str | None) -> str:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Run one check; print `healthy|unhealthy <latency> <detail>`; 0 healthy, 1 not."""
-    from connwatch.health import run_check
+    from connwatch.checks import run_check
 
     address, cfg = probe_config(args)
     result = asyncio.run(run_check(address, cfg))
