@@ -1,0 +1,539 @@
+"""The per-connection liveness watchdog: heartbeats judged from the kernel's TCP_INFO.
+
+At each beat the watchdog reads TCP_INFO of both legs of a connection and classifies it (SPEC
+section 5), in this order of precedence:
+
+- `stalled`: bytes in flight (unacked > 0) with no ACK progress for `stall_timeout`, or a zero
+  window whose probes have gone unanswered that long. A failed beat.
+- `failing`: a socket no longer in a data-carrying state (e.g. CLOSE after the kernel dropped it
+  while the loop was not polling it because reading was paused). A failed beat.
+- `zero_window`: the peer advertises a zero receive window (snd_wnd == 0) while we hold data
+  for it, and it still answers window probes. Alive: slow, not dead.
+- `half_closed`: one direction has ended.
+- `idle`: no byte either way for longer than one `max_interval`.
+- `ok`: everything else.
+
+After `failure_threshold` consecutive failed beats both legs are aborted (reason
+`heartbeat_failed`) and one `heartbeat_failed` line logs the figures that failed it. Intervals
+adapt (SPEC section 8): x1.5 per passing beat up to `max_interval`, back to `interval` on a failed
+beat or a change of liveness state. While bytes sit unacknowledged, the next beat is pulled
+forward to the moment the stall would reach `stall_timeout`, so once a stall is under way a long
+adaptive interval does not add itself to the detection time.
+
+One scheduler serves every connection of the process: a heap of due times behind one loop timer.
+Beats due within `_COALESCE` of each other run in one wake-up, so 8,000 connections at a 1 s
+interval cost ~100 timer callbacks a second, not 8,000. The hot path reads `read_tcp_core()` (a
+plain tuple); the full `TcpInfo` is read only for a failure's log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from connwatch._types import Clock, CloseReason, Liveness, Side
+from connwatch.config import HeartbeatConfig
+from connwatch.connection import State
+from connwatch.snapshots import LivenessStats
+from connwatch.stats import LATENCY_BUCKETS, Histogram
+from connwatch.tcp_info import CORE_FIELDS, read_tcp_core, read_tcp_info
+
+if TYPE_CHECKING:
+    from connwatch.config import ListenerConfig
+    from connwatch.connection import MonitoredConnection
+
+__all__ = ["Watchdog"]
+
+log = structlog.get_logger("connwatch.watchdog")
+
+_COALESCE: Final = 0.01  # seconds: beats due this close together run in one timer callback
+_GROWTH: Final = 1.5  # SPEC section 8
+_EARLY_MIN: Final = 0.005  # seconds: the soonest a stall re-check is scheduled
+_MIN_DEAD_PROBES: Final = 2  # unanswered zero-window probes before the silence can count
+# Linux TCP states (include/net/tcp_states.h) in which a leg can still carry data one way or the
+# other: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING. CLOSE means the kernel
+# dropped the connection (timeout, reset) and TIME_WAIT that both sides are done: neither belongs
+# under an open proxied connection.
+_CARRYING: Final = frozenset({1, 4, 5, 8, 9, 11})
+_OPEN_STATES: Final = (State.OPEN, State.HALF_CLOSED)
+_SIDES: Final = (Side.CLIENT, Side.UPSTREAM)
+
+# Positions in read_tcp_core()'s tuple; -1 there means "this kernel does not report it".
+_STATE: Final = CORE_FIELDS.index("state")
+_PROBES: Final = CORE_FIELDS.index("probes")
+_UNACKED: Final = CORE_FIELDS.index("unacked")
+_RTT_US: Final = CORE_FIELDS.index("rtt_us")
+_LAST_SENT_MS: Final = CORE_FIELDS.index("last_data_sent_ms")
+_LAST_ACK_MS: Final = CORE_FIELDS.index("last_ack_recv_ms")
+_TOTAL_RETRANS: Final = CORE_FIELDS.index("total_retrans")
+_NOTSENT: Final = CORE_FIELDS.index("notsent_bytes")
+_SND_WND: Final = CORE_FIELDS.index("snd_wnd")
+_ACKED: Final = CORE_FIELDS.index("bytes_acked")
+
+Core = tuple[int, ...]
+
+
+class _Leg:
+    """What the watchdog remembers about one socket between beats."""
+
+    __slots__ = ("acked", "in_flight", "progress_at", "retrans")
+
+    def __init__(self, now: float) -> None:
+        self.retrans = 0  # total_retrans already added to the listener's counter
+        self.acked = -1  # bytes_acked at the last beat
+        self.in_flight = False  # unacked > 0 at the last beat
+        self.progress_at = now  # when ACKs last made progress (or nothing was in flight)
+
+
+class _Totals:
+    """One listener's config and counters: plain ints, snapshotted at scrape time."""
+
+    __slots__ = ("config", "failed", "members", "ok", "retransmits", "rtt", "states")
+
+    def __init__(self, config: HeartbeatConfig | None) -> None:
+        self.config = config
+        self.ok = 0
+        self.failed = 0
+        self.rtt = {side: Histogram(LATENCY_BUCKETS) for side in _SIDES}
+        self.retransmits = dict.fromkeys(_SIDES, 0)
+        self.states: Counter[Liveness] = Counter()
+        self.members: set[_Record] = set()
+
+    def snapshot(self, name: str, now: float) -> LivenessStats:
+        states = self.states
+        if self.config is None or not self.config.enabled:
+            # No beats to judge by: count what the byte counters show now (no system calls).
+            states = Counter(_judge_by_bytes(r.conn, r.config, now) for r in self.members)
+        return LivenessStats(
+            listener=name,
+            heartbeats={"ok": self.ok, "failed": self.failed},
+            rtt={str(side): h.snapshot() for side, h in self.rtt.items()},
+            retransmits={str(side): n for side, n in self.retransmits.items()},
+            states={str(state): states.get(state, 0) for state in Liveness},
+        )
+
+
+class _Record:
+    """The watchdog's state for one connection (kept in `conn.watch`)."""
+
+    __slots__ = (
+        "client",
+        "config",
+        "configured",
+        "conn",
+        "due",
+        "failures",
+        "interval",
+        "liveness",
+        "scheduled",
+        "totals",
+        "upstream",
+    )
+
+    def __init__(self, conn: MonitoredConnection, totals: _Totals, now: float) -> None:
+        self.conn = conn
+        self.totals = totals
+        self.configured = totals.config is not None
+        self.config = totals.config or HeartbeatConfig()
+        self.interval = self.config.interval
+        self.failures = 0
+        self.liveness = Liveness.OK
+        self.due = 0.0
+        self.scheduled = False
+        self.client = _Leg(now)
+        self.upstream = _Leg(now)
+
+
+class _Verdict:
+    """The outcome of judging one beat."""
+
+    __slots__ = ("cause", "failed_sides", "liveness", "recheck_at")
+
+    def __init__(self) -> None:
+        self.liveness = Liveness.OK
+        self.cause: str | None = None  # why the beat failed: "stalled" or "socket_state"
+        self.failed_sides: list[Side] = []
+        self.recheck_at = float("inf")  # when an ongoing stall would reach stall_timeout
+
+
+class _Scheduler:
+    """A heap of (due, seq, record) behind one loop timer; stale entries are skipped lazily."""
+
+    def __init__(self, clock: Clock, fire: Callable[[list[_Record], float], None]) -> None:
+        self._clock = clock
+        self._fire = fire
+        self._heap: list[tuple[float, int, _Record]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = float("inf")
+
+    def schedule(self, rec: _Record, due: float) -> None:
+        rec.due = due
+        rec.scheduled = True
+        heapq.heappush(self._heap, (due, next(self._seq), rec))
+        if due < self._timer_due - _COALESCE:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, due - self._clock()), self._run)
+        self._timer_due = due
+
+    def _run(self) -> None:
+        self._timer = None
+        self._timer_due = float("inf")
+        now = self._clock()
+        limit = now + _COALESCE
+        heap = self._heap
+        ready: list[_Record] = []
+        while heap and heap[0][0] <= limit:
+            due, _, rec = heapq.heappop(heap)
+            if rec.scheduled and rec.due == due:
+                rec.scheduled = False
+                ready.append(rec)
+        try:
+            self._fire(ready, now)
+        finally:
+            if heap and self._timer is None:
+                self._arm(heap[0][0])
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_due = float("inf")
+        for _, _, rec in self._heap:
+            rec.scheduled = False
+        self._heap.clear()
+
+
+class Watchdog:
+    """Heartbeats for every watched connection of one process (the daemon's `Liveness_`).
+
+    `clock` is the monotonic clock liveness is judged by; connections stamp `last_activity` with
+    `time.monotonic`, so a test clock must run on it (plus an offset it moves forward).
+    """
+
+    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._totals: dict[str, _Totals] = {}
+        self._scheduler = _Scheduler(clock, self._beats)
+        self._closed = False
+
+    # -- the daemon's interface -----------------------------------------------------------------
+    def configure(self, listener: str, config: ListenerConfig) -> None:
+        """Set a listener's heartbeat config for connections watched from now on (open ones keep
+        theirs, as a reload never changes an open connection)."""
+        totals = self._totals.get(listener)
+        if totals is None:
+            totals = self._totals[listener] = _Totals(config.heartbeat)
+        totals.config = config.heartbeat
+        for rec in totals.members:
+            if not rec.configured:  # accepted before the listener's config reached us
+                rec.configured = True
+                rec.config = config.heartbeat
+                rec.interval = config.heartbeat.interval
+                self._start(rec)
+
+    def watch(self, conn: MonitoredConnection) -> None:
+        if self._closed or conn.watch is not None:
+            return
+        totals = self._totals.get(conn.listener)
+        if totals is None:  # the listener accepted before configure() reached us
+            totals = self._totals[conn.listener] = _Totals(None)
+        rec = _Record(conn, totals, self._clock())
+        conn.watch = rec
+        totals.members.add(rec)
+        totals.states[rec.liveness] += 1
+        if rec.configured:
+            self._start(rec)
+
+    def unwatch(self, conn: MonitoredConnection) -> None:
+        rec = conn.watch
+        if not isinstance(rec, _Record):
+            return
+        conn.watch = None
+        rec.scheduled = False
+        rec.totals.members.discard(rec)
+        rec.totals.states[rec.liveness] -= 1
+
+    def describe(self, conn: MonitoredConnection) -> dict[str, Any]:
+        """The `/connections` fields `liveness`, `heartbeat` and `tcp`, TCP figures read now."""
+        client = _read(conn.client_socket)
+        upstream = _read(conn.upstream_socket)
+        rec = conn.watch
+        tcp = None
+        if client is not None or upstream is not None:
+            tcp = {"client": _tcp_figures(client), "upstream": _tcp_figures(upstream)}
+        interval: float | None = None
+        if isinstance(rec, _Record) and rec.configured and rec.config.enabled:
+            liveness, failures, interval = rec.liveness, rec.failures, rec.interval
+        else:  # no beats: judge from what the kernel and the byte counts show right now
+            config = rec.config if isinstance(rec, _Record) else HeartbeatConfig()
+            liveness = _judge(conn, config, self._clock(), client, upstream, None).liveness
+            failures = 0
+        return {
+            "liveness": str(liveness),
+            "heartbeat": {
+                "state": "failing" if failures else "ok",
+                "failures": failures,
+                "interval_s": None if interval is None else round(interval, 3),
+            },
+            "tcp": tcp,
+        }
+
+    def statistics(self) -> dict[str, LivenessStats]:
+        now = self._clock()
+        return {name: totals.snapshot(name, now) for name, totals in self._totals.items()}
+
+    def close(self) -> None:
+        """Stop every beat; the connections stay open (their owners close them)."""
+        self._closed = True
+        self._scheduler.close()
+
+    # -- beats ----------------------------------------------------------------------------------
+    def beat(self, conn: MonitoredConnection) -> Liveness | None:
+        """Run one beat of `conn` now (the scheduler's work; tests call it directly).
+
+        Returns the liveness judged; None when the connection is not watched, not configured
+        yet or not open.
+        """
+        rec = conn.watch
+        if not isinstance(rec, _Record) or not rec.configured or conn.state not in _OPEN_STATES:
+            return None
+        rec.scheduled = False
+        return self._beat(rec, self._clock())
+
+    def _start(self, rec: _Record) -> None:
+        if rec.config.enabled and not self._closed:
+            self._scheduler.schedule(rec, self._clock() + rec.interval)
+
+    def _beats(self, ready: list[_Record], now: float) -> None:
+        for rec in ready:
+            conn = rec.conn
+            if conn.watch is rec and conn.state in _OPEN_STATES:
+                self._beat(rec, now)
+
+    def _beat(self, rec: _Record, now: float) -> Liveness:
+        conn = rec.conn
+        config = rec.config
+        totals = rec.totals
+        client = _read(conn.client_socket)
+        upstream = _read(conn.upstream_socket)
+        if client is not None:
+            _count_tcp(totals, Side.CLIENT, rec.client, client)
+        if upstream is not None:
+            _count_tcp(totals, Side.UPSTREAM, rec.upstream, upstream)
+        verdict = _judge(conn, config, now, client, upstream, rec)
+        failed = verdict.cause is not None
+        if verdict.liveness is not rec.liveness:
+            totals.states[rec.liveness] -= 1
+            totals.states[verdict.liveness] += 1
+            log.debug(
+                "liveness_changed",
+                conn_id=conn.id,
+                listener=conn.listener,
+                old=str(rec.liveness),
+                new=str(verdict.liveness),
+            )
+            rec.liveness = verdict.liveness
+            rec.interval = config.interval
+        elif failed:
+            rec.interval = config.interval
+        else:
+            rec.interval = min(rec.interval * _GROWTH, config.max_interval)
+        if failed:
+            totals.failed += 1
+            rec.failures += 1
+            if rec.failures >= config.failure_threshold:
+                self._fail(rec, verdict, now)
+                return verdict.liveness
+        else:
+            totals.ok += 1
+            rec.failures = 0
+        if not self._closed:
+            due = min(now + rec.interval, max(verdict.recheck_at, now + _EARLY_MIN))
+            self._scheduler.schedule(rec, due)
+        return verdict.liveness
+
+    def _fail(self, rec: _Record, verdict: _Verdict, now: float) -> None:
+        conn = rec.conn
+        log.warning(
+            "heartbeat_failed",
+            conn_id=conn.id,
+            listener=conn.listener,
+            client=conn.client,
+            upstream=conn.upstream,
+            cause=verdict.cause,
+            sides=[str(side) for side in verdict.failed_sides],
+            failures=rec.failures,
+            failure_threshold=rec.config.failure_threshold,
+            liveness=str(verdict.liveness),
+            client_tcp=_failure_figures(conn.client_socket, rec.client, now),
+            upstream_tcp=_failure_figures(conn.upstream_socket, rec.upstream, now),
+        )
+        # The peer is dead: a graceful close would only wait for a flush that cannot happen.
+        conn.close(CloseReason.HEARTBEAT_FAILED, abort=True)
+
+
+# -- reading and judging ------------------------------------------------------------------------
+def _read(sock: Any) -> Core | None:
+    return None if sock is None else read_tcp_core(sock)
+
+
+def _count_tcp(totals: _Totals, side: Side, leg: _Leg, core: Core) -> None:
+    """RTT into the histogram and retransmit growth into the counter (SPEC section 8)."""
+    totals.rtt[side].observe(core[_RTT_US] / 1e6)
+    total = core[_TOTAL_RETRANS]
+    if total > leg.retrans:
+        totals.retransmits[side] += total - leg.retrans
+        leg.retrans = total
+
+
+def _judge(
+    conn: MonitoredConnection,
+    config: HeartbeatConfig,
+    now: float,
+    client: Core | None,
+    upstream: Core | None,
+    rec: _Record | None,
+) -> _Verdict:
+    """Classify a connection; with `rec`, ACK progress is tracked across beats."""
+    verdict = _Verdict()
+    zero_window = False
+    for side, core in ((Side.CLIENT, client), (Side.UPSTREAM, upstream)):
+        if core is None:
+            continue
+        leg = None if rec is None else (rec.client if side is Side.CLIENT else rec.upstream)
+        state = _judge_leg(core, leg, now, config, _held_for(conn, side), verdict)
+        if state is None:
+            continue
+        if state is Liveness.ZERO_WINDOW:
+            zero_window = True
+            continue
+        verdict.failed_sides.append(side)
+        if verdict.cause is None or state is Liveness.STALLED:  # a stall names the verdict
+            verdict.cause = "stalled" if state is Liveness.STALLED else "socket_state"
+            verdict.liveness = state
+    if verdict.cause is not None:
+        return verdict
+    if zero_window:
+        verdict.liveness = Liveness.ZERO_WINDOW
+    elif conn.half_closed:
+        verdict.liveness = Liveness.HALF_CLOSED
+    elif conn.idle(now) > config.max_interval:
+        verdict.liveness = Liveness.IDLE
+    return verdict
+
+
+def _judge_leg(
+    core: Core,
+    leg: _Leg | None,
+    now: float,
+    config: HeartbeatConfig,
+    held: int,
+    verdict: _Verdict,
+) -> Liveness | None:
+    """One socket: STALLED or FAILING (a failed beat), ZERO_WINDOW, or None (fine)."""
+    if core[_STATE] not in _CARRYING:
+        return Liveness.FAILING
+    stall_ms = config.stall_timeout * 1000
+    unacked = core[_UNACKED]
+    held += max(core[_NOTSENT], 0)
+    if held and _window_closed(core):
+        # Window probes carry no new data (unacked stays 0) and `probes` counts those not
+        # answered since the last ACK: a live reader answers them, however long it stays full.
+        dead = core[_PROBES] >= _MIN_DEAD_PROBES and core[_LAST_ACK_MS] >= stall_ms
+        return Liveness.STALLED if dead else Liveness.ZERO_WINDOW
+    if leg is None:  # no history: only the kernel's "time since the last ACK" to go on
+        return Liveness.STALLED if unacked and core[_LAST_ACK_MS] >= stall_ms else None
+    stalled_for = _track_progress(leg, core, now)
+    if not unacked:
+        return None
+    # Both must hold: no new byte acknowledged, and no ACK of any kind (a duplicate ACK still
+    # proves the peer alive) for stall_timeout.
+    if stalled_for >= config.stall_timeout and core[_LAST_ACK_MS] >= stall_ms:
+        return Liveness.STALLED
+    verdict.recheck_at = min(verdict.recheck_at, leg.progress_at + config.stall_timeout)
+    return None
+
+
+def _track_progress(leg: _Leg, core: Core, now: float) -> float:
+    """Update when ACKs last made progress on this socket; returns seconds since then."""
+    acked = core[_ACKED]
+    unacked = core[_UNACKED]
+    if not unacked:
+        leg.progress_at = now
+    elif acked < 0 or acked != leg.acked:
+        # Progress since the last beat: the newest ACK (last_ack_recv ago) is the best estimate.
+        leg.progress_at = now - core[_LAST_ACK_MS] / 1000
+    elif not leg.in_flight:
+        # Nothing was in flight at the last beat, so the stall began after it and no earlier
+        # than the newest send. Underestimating only delays a verdict, never fails one early.
+        leg.progress_at = max(leg.progress_at, now - core[_LAST_SENT_MS] / 1000)
+    leg.acked = acked
+    leg.in_flight = unacked > 0
+    return now - leg.progress_at
+
+
+def _window_closed(core: Core) -> bool:
+    snd_wnd = core[_SND_WND]
+    if snd_wnd >= 0:
+        return snd_wnd == 0
+    # Before Linux 5.4 there is no snd_wnd: window probing shows as probes with nothing in
+    # flight (keep-alive probes look the same, but they only run when nothing is held).
+    return core[_PROBES] > 0 and not core[_UNACKED]
+
+
+def _held_for(conn: MonitoredConnection, side: Side) -> int:
+    """Bytes connwatch holds in user space for this side's peer (not yet in the kernel)."""
+    return (conn.client_leg if side is Side.CLIENT else conn.upstream_leg).write_buffer
+
+
+def _judge_by_bytes(conn: MonitoredConnection, config: HeartbeatConfig, now: float) -> Liveness:
+    if conn.half_closed:
+        return Liveness.HALF_CLOSED
+    return Liveness.IDLE if conn.idle(now) > config.max_interval else Liveness.OK
+
+
+def _tcp_figures(core: Core | None) -> dict[str, Any] | None:
+    if core is None:
+        return None
+    return {
+        "rtt_ms": round(core[_RTT_US] / 1000, 3),
+        "retransmits": core[_TOTAL_RETRANS],
+        "unacked": core[_UNACKED],
+    }
+
+
+def _failure_figures(sock: Any, leg: _Leg, now: float) -> dict[str, Any] | None:
+    """The kernel's view of one leg for the heartbeat_failed line (full TCP_INFO, read now)."""
+    info = None if sock is None else read_tcp_info(sock)
+    if info is None:
+        return None
+    return {
+        "state": info.state_name,
+        "unacked": info.unacked,
+        "retransmits": info.retransmits,
+        "total_retrans": info.total_retrans,
+        "probes": info.probes,
+        "backoff": info.backoff,
+        "rto_ms": round(info.rto_us / 1000, 3),
+        "rtt_ms": round(info.rtt_us / 1000, 3),
+        "last_ack_recv_ms": info.last_ack_recv_ms,
+        "last_data_sent_ms": info.last_data_sent_ms,
+        "last_data_recv_ms": info.last_data_recv_ms,
+        "bytes_acked": info.bytes_acked,
+        "notsent_bytes": info.notsent_bytes,
+        "snd_wnd": info.snd_wnd,
+        "no_ack_progress_s": round(now - leg.progress_at, 3) if info.unacked else 0.0,
+    }

@@ -1,0 +1,424 @@
+"""The liveness watchdog on real loopback connections: classification, adaptive interval, closing
+dead legs, and what /connections and /metrics show.
+
+Most tests drive beats by hand (`Watchdog.beat`) on a listener whose own schedule is too slow to
+interfere, with a clock the test moves forward; the scheduler and the daemon wiring are tested
+with real time at short intervals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connwatch._types import CloseReason, Liveness
+from connwatch.config import ListenerConfig, load_settings
+from connwatch.connection import MonitoredConnection, State
+from connwatch.listener import Listener
+from connwatch.tcp_info import read_tcp_info
+from connwatch.tracker import Tracker
+from connwatch.watchdog import Watchdog
+from tests.support import (
+    LOOPBACK,
+    daemon_config,
+    eventually,
+    http_request,
+    listener_config,
+    parse_metrics,
+    running_daemon,
+)
+
+pytestmark = pytest.mark.both_loops
+
+CHUNK = 16 * 1024
+TCP_CLOSE = 7  # include/net/tcp_states.h
+SLOW = {"enabled": True, "interval": "1s", "max_interval": "4s", "stall_timeout": "5s"}
+
+
+class FakeClock:
+    """time.monotonic() plus an offset the test moves forward (the connections' own timestamps
+    stay on the real clock, so moving forward makes them look older)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class Upstream:
+    """Echoes the first chunk, then (if asked) streams until told to stop; never closes first."""
+
+    def __init__(self, *, stream: bool = False, unix_path: Path | None = None) -> None:
+        self.stream = stream
+        self.unix_path = unix_path
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.paused = asyncio.Event()  # a write had to wait: the daemon stopped reading us
+        self.closing = asyncio.Event()
+        self.handlers = 0
+
+    async def __aenter__(self) -> Upstream:
+        if self.unix_path is not None:
+            self.server = await asyncio.start_unix_server(self._handle, str(self.unix_path))
+        else:
+            self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.closing.set()
+        for writer in self.writers:
+            writer.transport.abort()
+        await eventually(lambda: self.handlers == 0, timeout=5)
+
+    @property
+    def address(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        assert self.server is not None
+        return f"{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handlers += 1
+        self.writers.append(writer)
+        try:
+            writer.write(await reader.read(CHUNK))
+            await writer.drain()
+            for _ in range(10_000) if self.stream else ():  # bounded
+                writer.write(b"u" * CHUNK)
+                if writer.transport.get_write_buffer_size() > 0:
+                    self.paused.set()
+                await writer.drain()
+            while await reader.read(CHUNK):
+                pass
+            await self.closing.wait()  # hold our side open after the client's EOF
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            self.handlers -= 1
+
+    def reset_all(self) -> None:
+        """Close every upstream leg with a RST (SO_LINGER 0)."""
+        for writer in self.writers:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+
+def _listener_config(upstream: str, heartbeat: dict[str, Any], **extra: Any) -> ListenerConfig:
+    cfg = daemon_config(listener_config("wd", [upstream], heartbeat=heartbeat, **extra))
+    return load_settings(None, base=cfg, env={}).listeners[0]
+
+
+@contextlib.asynccontextmanager
+async def watched(
+    upstream: str, heartbeat: dict[str, Any], clock: FakeClock | None = None, **extra: Any
+) -> AsyncIterator[tuple[Watchdog, Listener, Tracker]]:
+    """A real listener proxying to `upstream`, watched by a Watchdog on `clock`."""
+    watchdog = Watchdog(clock=clock or FakeClock())
+    tracker = Tracker(log_events=False)
+    config = _listener_config(upstream, heartbeat, **extra)
+    listener = Listener(config, tracker, liveness=watchdog)
+    await listener.start()
+    watchdog.configure(listener.name, config)
+    try:
+        yield watchdog, listener, tracker
+    finally:
+        listener.stop_accepting()
+        for conn in list(tracker.connections()):
+            conn.close(CloseReason.SHUTDOWN, abort=True)
+        watchdog.close()
+
+
+@contextlib.asynccontextmanager
+async def client(
+    listener: Listener, tracker: Tracker, *, rcvbuf: int | None = None
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, MonitoredConnection]]:
+    """A greeted client connection and the daemon's MonitoredConnection for it."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, listener.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+    try:
+        writer.write(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        me = f"{LOOPBACK}:{writer.get_extra_info('sockname')[1]}"
+        [conn] = [c for c in tracker.connections() if c.client == me]
+        yield reader, writer, conn
+    finally:
+        writer.transport.abort()
+
+
+class Proxied:
+    """One watched, greeted connection through a real listener."""
+
+    def __init__(
+        self, wd: Watchdog, up: Upstream, writer: asyncio.StreamWriter, conn: MonitoredConnection
+    ) -> None:
+        self.wd = wd
+        self.up = up
+        self.writer = writer
+        self.conn = conn
+
+
+@contextlib.asynccontextmanager
+async def proxied(
+    heartbeat: dict[str, Any],
+    clock: FakeClock | None = None,
+    *,
+    stream: bool = False,
+    rcvbuf: int | None = None,
+) -> AsyncIterator[Proxied]:
+    async with (
+        Upstream(stream=stream) as up,
+        watched(up.address, heartbeat, clock) as (wd, listener, tracker),
+        client(listener, tracker, rcvbuf=rcvbuf) as (_, writer, conn),
+    ):
+        yield Proxied(wd, up, writer, conn)
+
+
+def interval_of(watchdog: Watchdog, conn: MonitoredConnection) -> float:
+    return float(watchdog.describe(conn)["heartbeat"]["interval_s"])
+
+
+# -- classification -------------------------------------------------------------------------------
+async def test_fresh_connection_is_ok_with_tcp_figures_from_both_legs() -> None:
+    async with proxied(SLOW) as p:
+        assert p.wd.beat(p.conn) is Liveness.OK
+        described = p.wd.describe(p.conn)
+        assert described["liveness"] == "ok"
+        assert described["heartbeat"] == {"state": "ok", "failures": 0, "interval_s": 1.5}
+        for side in ("client", "upstream"):
+            figures = described["tcp"][side]
+            assert figures["unacked"] == 0
+            assert figures["retransmits"] == 0
+            assert 0 < figures["rtt_ms"] < 100  # loopback
+        stats = p.wd.statistics()["wd"]
+        assert stats.heartbeats == {"ok": 1, "failed": 0}
+        assert stats.states["ok"] == 1
+        assert all(stats.rtt[side].count == 1 for side in ("client", "upstream"))
+
+
+async def test_quiet_for_longer_than_max_interval_is_idle() -> None:
+    clock = FakeClock()
+    async with proxied(SLOW, clock) as p:
+        assert p.wd.beat(p.conn) is Liveness.OK
+        clock.advance(4.01)  # max_interval is 4s
+        assert p.wd.beat(p.conn) is Liveness.IDLE
+        stats = p.wd.statistics()["wd"]
+        assert (stats.states["ok"], stats.states["idle"]) == (0, 1)
+
+
+async def test_one_direction_ended_is_half_closed() -> None:
+    async with proxied(SLOW) as p:
+        p.writer.write_eof()
+        await eventually(lambda: p.conn.half_closed)
+        assert p.wd.beat(p.conn) is Liveness.HALF_CLOSED
+        assert p.wd.describe(p.conn)["liveness"] == "half_closed"
+
+
+async def test_a_client_that_stops_reading_is_zero_window_not_dead() -> None:
+    clock = FakeClock()
+    async with proxied(SLOW, clock, stream=True, rcvbuf=4096) as p:
+        await asyncio.wait_for(p.up.paused.wait(), 10)
+        await eventually(lambda: p.wd.beat(p.conn) is Liveness.ZERO_WINDOW, timeout=10)
+        # Far past stall_timeout: the client still answers window probes, so it is alive.
+        for _ in range(5):
+            clock.advance(6)
+            assert p.wd.beat(p.conn) is Liveness.ZERO_WINDOW
+        described = p.wd.describe(p.conn)
+        assert described["heartbeat"]["failures"] == 0
+        assert described["tcp"]["client"]["unacked"] == 0
+        assert p.conn.state is State.OPEN
+        assert p.wd.statistics()["wd"].states["zero_window"] == 1
+
+
+async def test_a_leg_reset_while_reading_is_paused_fails_beats_then_closes_both() -> None:
+    """With reading paused the loop does not poll the upstream socket, so a RST from the upstream
+    goes unnoticed by the transport; the kernel shows the socket CLOSE, and beats fail on it."""
+    async with proxied({**SLOW, "failure_threshold": 2}, stream=True, rcvbuf=4096) as p:
+        await asyncio.wait_for(p.up.paused.wait(), 10)
+        await eventually(lambda: p.wd.beat(p.conn) is Liveness.ZERO_WINDOW, timeout=10)
+        p.up.reset_all()
+        # The RST lands at once on loopback; the transport, not polling, never hears of it.
+        await eventually(lambda: read_tcp_info(p.conn.upstream_socket).state == TCP_CLOSE)
+        assert p.wd.beat(p.conn) is Liveness.FAILING
+        assert p.wd.describe(p.conn)["heartbeat"] == {
+            "state": "failing",
+            "failures": 1,
+            "interval_s": 1.0,
+        }
+        assert p.conn.state is State.OPEN
+        p.wd.beat(p.conn)  # the second failed beat reaches failure_threshold
+        await eventually(lambda: p.conn.state is State.CLOSED)
+        assert p.conn.reason is CloseReason.HEARTBEAT_FAILED
+        stats = p.wd.statistics()["wd"]
+        assert stats.heartbeats["failed"] == 2
+        assert sum(stats.states.values()) == 0  # unwatched on close
+
+
+# -- adaptive interval -----------------------------------------------------------------------------
+async def test_interval_grows_by_half_per_passing_beat_and_resets_on_a_state_change() -> None:
+    clock = FakeClock()
+    async with proxied(SLOW, clock) as p:
+        assert interval_of(p.wd, p.conn) == 1.0
+        seen = []
+        for _ in range(5):
+            p.wd.beat(p.conn)
+            seen.append(interval_of(p.wd, p.conn))
+        assert seen == [1.5, 2.25, 3.375, 4.0, 4.0]
+        clock.advance(4.5)
+        assert p.wd.beat(p.conn) is Liveness.IDLE
+        assert interval_of(p.wd, p.conn) == 1.0  # ok -> idle is a change of state
+        p.wd.beat(p.conn)
+        assert interval_of(p.wd, p.conn) == 1.5
+
+
+async def test_fixed_interval_when_max_equals_interval() -> None:
+    async with proxied({**SLOW, "max_interval": "1s"}) as p:
+        for _ in range(3):
+            p.wd.beat(p.conn)
+            assert interval_of(p.wd, p.conn) == 1.0
+
+
+# -- scheduling and configuration ----------------------------------------------------------------
+async def test_scheduler_beats_every_connection_and_stops_with_it() -> None:
+    heartbeat = {"enabled": True, "interval": "50ms", "max_interval": "50ms"}
+    async with Upstream() as up, watched(up.address, heartbeat) as (wd, listener, tracker):
+        conns = []
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(2):
+                conns.append((await stack.enter_async_context(client(listener, tracker)))[2])
+            await eventually(lambda: wd.statistics()["wd"].heartbeats["ok"] >= 10, timeout=5)
+        up.closing.set()  # the upstream ends its side too
+        await eventually(lambda: all(c.state is State.CLOSED for c in conns))
+        settled = wd.statistics()["wd"].heartbeats["ok"]
+        await asyncio.sleep(0.2)  # four intervals with nothing watched: no beat may run
+        assert wd.statistics()["wd"].heartbeats["ok"] == settled
+        assert sum(wd.statistics()["wd"].states.values()) == 0
+
+
+async def test_heartbeats_off_still_describes_from_the_kernel_and_bytes() -> None:
+    clock = FakeClock()
+    async with proxied({"enabled": False, "interval": "1s", "max_interval": "2s"}, clock) as p:
+        described = p.wd.describe(p.conn)
+        assert described["liveness"] == "ok"
+        assert described["heartbeat"] == {"state": "ok", "failures": 0, "interval_s": None}
+        assert described["tcp"]["client"]["unacked"] == 0
+        clock.advance(3)
+        assert p.wd.describe(p.conn)["liveness"] == "idle"
+        stats = p.wd.statistics()["wd"]
+        assert stats.heartbeats == {"ok": 0, "failed": 0}
+        assert stats.states["idle"] == 1
+
+
+async def test_unix_socket_legs_have_no_tcp_figures(tmp_path: Path) -> None:
+    listen = tmp_path / "in.sock"
+    async with (
+        Upstream(unix_path=tmp_path / "up.sock") as up,
+        watched(up.address, SLOW, listen=f"unix:{listen}") as (wd, _, tracker),
+    ):
+        reader, writer = await asyncio.open_unix_connection(str(listen))
+        try:
+            writer.write(b"hi")
+            assert await reader.readexactly(2) == b"hi"
+            [conn] = list(tracker.connections())
+            assert wd.beat(conn) is Liveness.OK
+            assert wd.describe(conn)["tcp"] is None
+            assert wd.statistics()["wd"].rtt["client"].count == 0
+        finally:
+            writer.close()
+
+
+async def test_a_connection_accepted_before_configure_is_adopted() -> None:
+    async with Upstream() as up:
+        wd = Watchdog(clock=FakeClock())
+        tracker = Tracker(log_events=False)
+        config = _listener_config(up.address, SLOW)
+        listener = Listener(config, tracker, liveness=wd)
+        await listener.start()
+        try:
+            async with client(listener, tracker) as (_, _, conn):
+                assert wd.describe(conn)["heartbeat"]["interval_s"] is None  # not yet configured
+                wd.configure(listener.name, config)
+                assert wd.beat(conn) is Liveness.OK
+                assert interval_of(wd, conn) == 1.5
+        finally:
+            listener.stop_accepting()
+            wd.close()
+
+
+# -- through the daemon: /connections and /metrics --------------------------------------------------
+async def test_connections_and_metrics_show_liveness_and_rtt() -> None:
+    heartbeat = {"enabled": True, "interval": "50ms", "max_interval": "200ms"}
+    async with Upstream() as up:
+        cfg = daemon_config(listener_config("app", [up.address], heartbeat=heartbeat))
+        async with running_daemon(cfg) as daemon:
+            admin = daemon.admin.port
+
+            async def scrape() -> dict[str, float]:
+                status, body = await http_request("GET", admin, "/metrics")
+                assert status == 200
+                return parse_metrics(body.decode())
+
+            async def records() -> list[dict[str, Any]]:
+                status, body = await http_request("GET", admin, "/connections")
+                assert status == 200
+                result: list[dict[str, Any]] = json.loads(body)
+                return result
+
+            gauge = 'connwatch_connections_liveness{{listener="app",state="{}"}}'
+            rtt_count = 'connwatch_tcp_rtt_seconds_count{{listener="app",side="{}"}}'
+            port = daemon.listeners["app"].port
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+            try:
+                writer.write(b"hello")
+                await reader.readexactly(5)
+                [rec] = await records()
+                assert rec["liveness"] in ("ok", "idle")
+                assert set(rec["heartbeat"]) == {"state", "failures", "interval_s"}
+                assert set(rec["tcp"]["client"]) == {"rtt_ms", "retransmits", "unacked"}
+                assert rec["tcp"]["upstream"]["unacked"] == 0
+
+                m1 = await scrape()
+                assert m1[gauge.format("ok")] + m1[gauge.format("idle")] == 1
+                # Quiet for longer than max_interval: the gauge moves from ok to idle.
+                await eventually(lambda: _value(scrape, gauge.format("idle"), 1), timeout=5)
+                m2 = await scrape()
+                assert m2[gauge.format("ok")] == 0
+                assert m2[rtt_count.format("client")] > m1[rtt_count.format("client")]
+                assert m2[rtt_count.format("upstream")] > 0
+                assert m2['connwatch_heartbeats_total{listener="app",result="ok"}'] > 0
+                [rec] = await records()
+                assert rec["liveness"] == "idle"
+            finally:
+                writer.close()
+            await eventually(lambda: _value(scrape, gauge.format("idle"), 0), timeout=5)
+
+
+async def _value(scrape: Any, key: str, want: float) -> bool:
+    return bool((await scrape())[key] == want)
+
+
+def test_protocol_is_satisfied() -> None:
+    from connwatch.server import Liveness_
+
+    watchdog: Liveness_ = Watchdog()
+    assert watchdog.statistics() == {}
