@@ -317,7 +317,7 @@ class HttpCheckConfig(_Model):
     host: StrictStr | None = Field(
         default=None, description="Host header to send; null = the target's address."
     )
-    expected_status: Annotated[str, PlainValidator(_expected_status)] = Field(
+    expected_status: Annotated[str, PlainValidator(_expected_status), Kind("status codes")] = Field(
         default="200-399",
         description="Status codes that count as healthy: codes and ranges, comma-separated, "
         "e.g. `200-399,404`.",
@@ -407,12 +407,12 @@ def _expect_regex(pattern: str) -> re.Pattern[bytes]:
 
 
 class SendExpectConfig(_Model):
-    send: Annotated[str, PlainValidator(_escaped_text)] = Field(
+    send: Annotated[str, PlainValidator(_escaped_text), Kind("escaped text")] = Field(
         default="PING\\r\\n",
         description="Bytes to send, exactly, after escapes (`\\r \\n \\t \\0 \\\\ \\xNN`); "
         "nothing is added.",
     )
-    expect: Annotated[str, PlainValidator(_expect_text)] = Field(
+    expect: Annotated[str, PlainValidator(_expect_text), Kind("escaped text or re:")] = Field(
         default="+PONG",
         description="The reply must start with these bytes (escapes as for `send`), or, when "
         "written `re:PATTERN`, contain a match of that regular expression.",
@@ -488,11 +488,11 @@ class ProxyProtocolConfig(_Model):
 
 class ListenerConfig(_Model):
     name: Annotated[StrictStr, AfterValidator(_listener_name)] = Field(
-        description="Required, unique, `[a-z0-9_-]+`; the `listener` metric label."
+        description="Unique, `[a-z0-9_-]+`; the `listener` metric label."
     )
-    listen: AddressField = Field(description="Required: where clients connect.")
+    listen: AddressField = Field(description="Where clients connect.")
     upstreams: tuple[UpstreamAddress, ...] = Field(
-        min_length=1, description="Required: one or more targets to forward to."
+        min_length=1, description="One or more targets to forward to, in order (`first` balancing)."
     )
     balance: Literal["round_robin", "least_connections", "first"] = Field(
         default="round_robin", description="How a healthy target is picked for each new connection."
@@ -597,13 +597,15 @@ class Settings(BaseSettings):
     shutdown: ShutdownConfig = Field(
         default=ShutdownConfig(), description="Graceful shutdown on SIGTERM."
     )
-    workers: Annotated[StrictInt, BeforeValidator(_workers), Field(ge=1, le=1024)] = Field(
+    workers: Annotated[
+        StrictInt, BeforeValidator(_workers), Field(ge=1, le=1024), Kind("integer or `auto`")
+    ] = Field(
         default=1,
         description='Processes sharing the listeners (SO_REUSEPORT), 1 to 1024; "auto" = one '
         "per CPU core.",
     )
     listeners: tuple[ListenerConfig, ...] = Field(
-        min_length=1, description="Required: one or more listeners."
+        min_length=1, description="One or more listeners."
     )
 
     @classmethod
