@@ -355,12 +355,11 @@ class MonitoredConnection:
 
     # -- events from the legs -------------------------------------------------------------------
     def leg_eof(self, leg: _Leg) -> bool:
-        other = leg.other
-        assert other is not None
-        if other.transport is None:  # client EOF while still connecting: flushed on connect
+        sink = leg.sink
+        if sink is None:  # client EOF before forwarding started: passed on by upstream_connected
             return True
-        if other.transport.can_write_eof() and not other.transport.is_closing():
-            other.transport.write_eof()
+        if sink.can_write_eof() and not sink.is_closing():
+            sink.write_eof()
         self._note_end(leg)
         return True  # keep the transport open: the other direction may still flow
 

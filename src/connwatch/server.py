@@ -89,6 +89,7 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind every listener and the admin endpoint; raises ListenerError / OSError."""
+        asyncio.get_running_loop().set_exception_handler(_log_loop_error)
         try:
             for listener in await self._bind_all(list(self.settings.listeners)):
                 self._install(listener)
@@ -399,6 +400,17 @@ class Daemon:
             raise ListenerError(f"admin.heartbeat_listen {address}: {exc.strerror or exc}") from exc
         port = self._responder.sockets[0].getsockname()[1]
         log.info("heartbeat_responder_started", listen=str(address), port=port)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Unhandled errors in callbacks and tasks: one structured line instead of stderr noise."""
+    exc = context.get("exception")
+    log.error(
+        "loop_error",
+        message=context.get("message"),
+        error=repr(exc) if exc is not None else None,
+        exc_info=exc if isinstance(exc, BaseException) else None,
+    )
 
 
 def _make_liveness() -> Liveness_ | None:
