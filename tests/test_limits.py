@@ -40,7 +40,7 @@ async def test_refused_upstream_closes_client_within_connect_timeout(tmp_path: P
         assert closed["reason"] == "upstream_connect_failed"
         m = await daemon.metrics()
         assert (
-            m['connwatch_upstream_connect_failures_total{listener="app",upstream="%s"}' % dead] == 2
+            m[f'connwatch_upstream_connect_failures_total{{listener="app",upstream="{dead}"}}'] == 2
         )
         writer.close()
 
