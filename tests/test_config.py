@@ -352,6 +352,22 @@ def test_env_overrides(tmp_path: Path) -> None:
     assert cfg.listeners[0].upstreams == (Address("a", 1), Address("b", 2))
 
 
+def test_env_list_may_be_comma_separated(tmp_path: Path) -> None:
+    env = {"CONNWATCH_LISTENERS__0__UPSTREAMS": "a:1, b:2"}
+    assert load_text(tmp_path, MINIMAL, env).listeners[0].upstreams == (
+        Address("a", 1),
+        Address("b", 2),
+    )
+
+
+def test_env_applies_to_a_base_with_tuples() -> None:
+    base = {"listeners": ({"name": "a", "listen": ":1", "upstreams": ("h:1",)},)}
+    env = {"CONNWATCH_LISTENERS__0__UPSTREAMS__0": "h:2"}
+    cfg = load_settings(None, env=env, base=base)
+    assert cfg.listeners[0].upstreams == (Address("h", 2),)
+    assert base["listeners"][0]["upstreams"] == ("h:1",)
+
+
 def test_env_defaults_to_process_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

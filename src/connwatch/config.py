@@ -119,15 +119,6 @@ def _to_address(value: object) -> Address:
         raise ValueError(_reason(exc, value.strip())) from None
 
 
-def _at_least(minimum: float) -> AfterValidator:
-    def check(seconds: float) -> float:
-        if seconds < minimum:
-            raise ValueError(f"must be at least {format_duration(minimum)}")
-        return seconds
-
-    return AfterValidator(check)
-
-
 def _positive(seconds: float) -> float:
     if seconds <= 0:
         raise ValueError("must be more than 0s")
@@ -875,13 +866,16 @@ def _env_loc(name: str) -> tuple[Loc, str | None]:
 
 def _env_value(raw: str, annotation: Any) -> object:
     """A YAML scalar (so `true`, `5`, `null`, `[a, b]` work), but text fields keep the raw text
-    unless it reads as null: a token `0123` must not become the number 83."""
+    unless it reads as null (a token `0123` must not become the number 83), and a list may be
+    written comma-separated."""
     try:
         value = yaml.safe_load(raw)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
         return raw
     if _is_text(annotation) and value is not None and not isinstance(value, str):
         return raw
+    if get_origin(_strip(annotation)) is tuple and isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]  # a,b -> [a, b]
     return value
 
 
@@ -903,7 +897,8 @@ def _assign(data: dict[str, Any], loc: Loc, value: object) -> str | None:
         if last:
             node[part] = value
         else:
-            node[part] = copy.copy(node[part])
+            child = node[part]
+            node[part] = list(child) if isinstance(child, tuple) else copy.copy(child)
             node = node[part]
     return None
 
