@@ -81,6 +81,9 @@ class Daemon:
         self.stopped = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._signals = 0
+        self.started = False
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self._reload_lock = asyncio.Lock()
         self._force = asyncio.Event()  # a second stop signal: skip the drain
         self.registry: CollectorRegistry = build_registry(self.statistics)
         token = settings.admin.token
@@ -98,6 +101,7 @@ class Daemon:
         except BaseException:
             await self._close_everything()
             raise
+        self.started = True
         log.info(
             "daemon_started",
             admin=str(self.settings.admin.listen),
@@ -107,9 +111,9 @@ class Daemon:
 
     async def run(self) -> None:
         """Start, serve until asked to stop, then drain and stop."""
-        await self.start()
-        self._install_signals()
+        self._install_signals()  # before "daemon_started": a SIGHUP right after must not kill us
         try:
+            await self.start()
             await self._stop_requested.wait()
             await self.shutdown()
         finally:
@@ -144,11 +148,20 @@ class Daemon:
             self._force.set()
 
     def _on_reload_signal(self) -> None:
-        asyncio.get_running_loop().create_task(self.reload())
+        if not self.started or self.draining:
+            log.warning("config_reload_skipped", why="daemon is starting or stopping")
+            return
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloads.add(task)  # held until done: a reload must not be garbage-collected
+        task.add_done_callback(self._reloads.discard)
 
     # -- reload ---------------------------------------------------------------------------------
     async def reload(self) -> bool:
         """Re-read the config file; apply it to new connections, or keep the old one if invalid."""
+        async with self._reload_lock:  # a burst of SIGHUPs applies one file at a time
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         try:
             if self.config_path is None and self.base_config is None:
                 raise ConfigError(["no configuration file to reload (started without -c)"])
