@@ -132,6 +132,13 @@ def parse_duration(value: str | int | float) -> float:
     return _check_seconds(_scale(float(match.group(1)), match.group(2) or "s"), value)
 
 
+def _reads_back(text: str, seconds: float) -> bool:
+    try:
+        return parse_duration(text) == seconds
+    except UnitError:  # rounding up can step past MAX_DURATION
+        return False
+
+
 def format_duration(seconds: float) -> str:
     """The shortest exact spelling: 0.25 -> "250ms", 30 -> "30s", 120 -> "2m", 0 -> "0s".
 
@@ -145,16 +152,17 @@ def format_duration(seconds: float) -> str:
     if seconds == 0:
         return "0s"
     for unit in _FORMAT_ORDER:
-        count = _unscale(seconds, unit)
-        if count.is_integer() and abs(count) < 1e16:
-            text = f"{int(count)}{unit}"
-            if parse_duration(text) == seconds:
+        # round(): 1.001 * 1000 is 1000.9999999999999; reading the text back decides exactness.
+        count = round(_unscale(seconds, unit))
+        if count > 0:
+            text = f"{count}{unit}"
+            if _reads_back(text, seconds):
                 return text
     # repr(seconds) + "s" always reads back exactly, so there is at least one candidate.
     candidates = [repr(seconds) + "s"]
     for unit in _FORMAT_ORDER:
         text = repr(_unscale(seconds, unit)) + unit
-        if parse_duration(text) == seconds:
+        if _reads_back(text, seconds):
             candidates.append(text)
     return min(candidates, key=len)
 
