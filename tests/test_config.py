@@ -212,6 +212,12 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
     assert re.search(r"connwatch\.yaml:\d+:\d+: YAML syntax error", issue)
 
 
+def test_yaml_syntax_error_shows_where_the_construct_starts(tmp_path: Path) -> None:
+    (issue,) = issues_of(tmp_path, MINIMAL + "    balance: [round_robin\n")
+    assert ":6:1: YAML syntax error at line 6, column 1: expected ',' or ']'" in issue
+    assert "(while parsing a flow sequence that starts at line 5, column 14)" in issue
+
+
 def test_yaml_syntax_error_position(tmp_path: Path) -> None:
     (issue,) = issues_of(tmp_path, "admin:\n  listen: a: b\n")
     assert "connwatch.yaml:2:" in issue

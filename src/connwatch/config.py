@@ -729,10 +729,7 @@ def _read_yaml(path: str | os.PathLike[str], source: str) -> tuple[object, _Wher
     try:
         node, data = _compose(raw)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        place = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        raise ConfigError([f"{place}: YAML syntax error: {problem}"], source) from None
+        raise ConfigError([_syntax_issue(exc, source)], source) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: YAML error: {exc}"], source) from None
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date like 2024-02-30
@@ -742,6 +739,27 @@ def _read_yaml(path: str | os.PathLike[str], source: str) -> tuple[object, _Wher
     where = _Where(source, {}, {}, {})
     issues = _map_lines(node, where) if node is not None else []
     return data, where, issues
+
+
+def _at(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _syntax_issue(exc: yaml.MarkedYAMLError, source: str) -> str:
+    """`file:6:1: YAML syntax error at line 6, column 1: expected ... (while parsing a flow
+    sequence that starts at line 5, column 14)`: the start often shows the real mistake."""
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return f"{source}: YAML syntax error: {exc.problem or exc.context}"
+    text = f"{source}:{mark.line + 1}:{mark.column + 1}: YAML syntax error at {_at(mark)}"
+    where = f" that starts at {_at(exc.context_mark)}" if exc.context_mark else ""
+    if exc.context and exc.problem and exc.problem.startswith("but "):
+        see = f" (see {_at(exc.context_mark)})" if exc.context_mark else ""
+        return f"{text}: {exc.context}, {exc.problem}{see}"
+    text += f": {exc.problem or exc.context}"
+    if exc.context and exc.problem:
+        text += f" ({exc.context}{where})"
+    return text
 
 
 def _compose(raw: bytes) -> tuple[yaml.Node | None, object]:
