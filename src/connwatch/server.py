@@ -195,6 +195,7 @@ class Daemon:
                 self._install(listener)
         configure_logging(new.log.level, new.log.format)
         self.tracker.log_events = new.log.connection_events
+        self.tracker.refresh_logger()
         self.settings = new
 
     async def _bind_all(self, configs: list[ListenerConfig]) -> list[Listener]:

@@ -12,14 +12,11 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import structlog
-
 from connwatch._types import CloseReason, Direction, rfc3339
 from connwatch.connection import MonitoredConnection, State
+from connwatch.log import get_logger
 from connwatch.snapshots import ListenerStats
 from connwatch.stats import DURATION_BUCKETS, Histogram
-
-log = structlog.get_logger("connwatch.connection")
 
 
 class ListenerTotals:
@@ -53,6 +50,11 @@ class Tracker:
         self._empty = asyncio.Event()
         self._empty.set()
         self.log_events = log_events
+        self.refresh_logger()
+
+    def refresh_logger(self) -> None:
+        """Pick up a new logging configuration (after a reload)."""
+        self._log = get_logger("connwatch.connection")
 
     # -- ids and registration -------------------------------------------------------------------
     def next_id(self) -> str:
@@ -76,7 +78,7 @@ class Tracker:
         if conn.target is not None:
             conn.target.active += 1
         if self.log_events:
-            log.info(
+            self._log.info(
                 "connection_opened",
                 conn_id=conn.id,
                 listener=conn.listener,
@@ -99,7 +101,7 @@ class Tracker:
         if conn.target is not None and conn.target.active > 0 and conn.upstream_leg.transport:
             conn.target.active -= 1
         if self.log_events:
-            log.info(
+            self._log.info(
                 "connection_closed",
                 conn_id=conn.id,
                 listener=conn.listener,
