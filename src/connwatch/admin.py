@@ -21,6 +21,8 @@ class AdminBackend(Protocol):
     @property
     def registry(self) -> CollectorRegistry: ...
 
+    async def refresh_metrics(self) -> None: ...
+
     async def connection_records(
         self, listener: str | None, min_idle: float | None, limit: int | None
     ) -> list[dict[str, Any]]: ...
@@ -89,6 +91,7 @@ class AdminApp:
 
     # -- handlers -------------------------------------------------------------------------------
     async def metrics(self, request: web.Request) -> web.Response:
+        await self.backend.refresh_metrics()
         body, content_type = render(self.backend.registry, request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -13,8 +13,10 @@ from typing import Any
 import structlog
 
 from connwatch import __version__
+from connwatch.demo import add_demo_parser, cmd_demo
 from connwatch.exceptions import ConfigError, ListenerError
 from connwatch.probe import add_probe_parser, cmd_probe
+from connwatch.top import add_top_parser, cmd_top
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", help="YAML config file (default: $CONNWATCH_CONFIG)")
 
     add_probe_parser(sub)
+    add_demo_parser(sub)
+    add_top_parser(sub)
+
+    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)  # started by the primary
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--fd", type=int, required=True)
     return parser
 
 
@@ -104,6 +112,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from connwatch.worker import run_worker
+
+    run_loop(lambda: run_worker(args.index, args.fd))
+    return EXIT_OK
+
+
 def run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run `main` on uvloop when it is importable, else on the default asyncio loop."""
     try:
@@ -119,4 +134,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "probe": cmd_probe,
+    "demo": cmd_demo,
+    "top": cmd_top,
+    "_worker": cmd_worker,
 }

@@ -9,13 +9,14 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from connwatch._types import CloseReason, HealthState, Liveness, rfc3339
+from connwatch._types import Address, CloseReason, HealthState, Liveness, rfc3339
 from connwatch.admin import AdminApp
 from connwatch.config import ListenerConfig, Settings, load_settings
 from connwatch.connection import MonitoredConnection, State
@@ -30,6 +31,7 @@ from connwatch.snapshots import DaemonStats, LivenessStats, TargetStats
 from connwatch.tracker import Tracker, connection_record
 from connwatch.upstream import Target
 from connwatch.watchdog import Watchdog
+from connwatch.workers import WorkerPool
 
 HEARTBEAT_FRAME = "heartbeat_frame"  # the `kind` of connwatch_protocol_errors_total
 
@@ -63,11 +65,16 @@ class Daemon:
         *,
         config_path: str | os.PathLike[str] | None = None,
         base_config: dict[str, Any] | None = None,
+        worker_index: int = 0,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.base_config = base_config
-        self.tracker = Tracker(log_events=settings.log.connection_events)
+        self.tracker = Tracker(worker=worker_index, log_events=settings.log.connection_events)
+        self.checks_enabled = True  # the primary checks upstreams; workers are told the results
+        self.pool = WorkerPool()
+        self._merged: DaemonStats | None = None  # all workers, taken just before a scrape
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.listeners: dict[str, Listener] = {}
         self.retired: list[Listener] = []  # removed by a reload; their connections still run
         self.liveness: Liveness_ | None = _make_liveness()
@@ -85,7 +92,7 @@ class Daemon:
         self._reloads: set[asyncio.Task[bool]] = set()
         self._reload_lock = asyncio.Lock()
         self._force = asyncio.Event()  # a second stop signal: skip the drain
-        self.registry: CollectorRegistry = build_registry(self.statistics)
+        self.registry: CollectorRegistry = build_registry(lambda: self._merged or self.statistics())
         token = settings.admin.token
         self.admin = AdminApp(self, token.get_secret_value() if token else None)
 
@@ -98,6 +105,8 @@ class Daemon:
                 self._install(listener)
             await self.admin.start(self.settings.admin.listen)
             await self._start_responder()
+            if self.settings.workers > 1:
+                await self.pool.spawn(self.settings.workers, self._worker_init())
         except BaseException:
             await self._close_everything()
             raise
@@ -167,6 +176,8 @@ class Daemon:
                 raise ConfigError(["no configuration file to reload (started without -c)"])
             new = load_settings(self.config_path, base=self.base_config)
             await self._apply(new)
+            if self.pool.workers:
+                await self.pool.broadcast("reload", settings=self.concrete_settings())
         except (ConfigError, OSError) as exc:
             self.reloads["failure"] += 1
             issues = exc.issues if isinstance(exc, ConfigError) else [str(exc)]
@@ -202,7 +213,9 @@ class Daemon:
         started: list[Listener] = []
         try:
             for cfg in configs:
-                listener = Listener(cfg, self.tracker, liveness=self.liveness)
+                listener = Listener(
+                    cfg, self.tracker, liveness=self.liveness, reuse_port=self.settings.workers > 1
+                )
                 await listener.start()
                 started.append(listener)
         except BaseException:
@@ -215,7 +228,8 @@ class Daemon:
         self.listeners[listener.name] = listener
         if self.liveness is not None:
             self.liveness.configure(listener.name, listener.config)
-        self.health.start(listener.name, listener.config.health_check, listener.pool.targets)
+        if self.checks_enabled:
+            self.health.start(listener.name, listener.config.health_check, listener.pool.targets)
 
     def _retire(self, name: str) -> None:
         listener = self.listeners.pop(name)
@@ -235,6 +249,7 @@ class Daemon:
         )
         for listener in self.listeners.values():
             listener.stop_accepting()
+        workers = self._spawn(self.pool.stop(cfg.drain_timeout + _FINAL_CLOSE_WAIT + 5))
         deadline = time.monotonic() + cfg.drain_timeout
         quiet = (
             asyncio.get_running_loop().create_task(self._quiet_closer())
@@ -248,6 +263,7 @@ class Daemon:
                 await quiet
         if not drained:
             await self._close_remaining()
+        await workers
         await self._close_everything()
         log.info("shutdown_complete", remaining_connections=len(self.tracker))
 
@@ -316,7 +332,25 @@ class Daemon:
             reloads=dict(self.reloads),
         )
 
+    async def refresh_metrics(self) -> None:
+        """Before a scrape: merge every worker's snapshot (one process reads live state)."""
+        if not self.pool.workers:
+            self._merged = None
+            return
+        self._merged = DaemonStats.merge_all([self.statistics(), *await self.pool.statistics()])
+
     async def connection_records(
+        self, listener: str | None, min_idle: float | None, limit: int | None
+    ) -> list[dict[str, Any]]:
+        records = self.local_records(listener, min_idle, limit)
+        if self.pool.workers and (limit is None or len(records) < limit):
+            more = await self.pool.connection_records(
+                listener=listener, min_idle=min_idle, limit=limit
+            )
+            records.extend(more[: None if limit is None else limit - len(records)])
+        return records
+
+    def local_records(
         self, listener: str | None, min_idle: float | None, limit: int | None
     ) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -369,9 +403,35 @@ class Daemon:
     async def close_connection(self, conn_id: str) -> bool:
         conn = self.tracker.get(conn_id)
         if conn is None:
-            return False
+            return await self.pool.close_connection(conn_id) if self.pool.workers else False
         conn.close(CloseReason.ADMIN_CLOSED)
         return True
+
+    # -- workers --------------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # held until done
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def concrete_settings(self) -> dict[str, Any]:
+        """The settings as JSON-safe data with port-0 listeners pinned to the ports we got,
+        so that every worker binds the same ones."""
+        data: dict[str, Any] = self.settings.model_dump(mode="json")
+        data["admin"]["token"] = None  # workers serve no admin endpoint
+        for raw in data["listeners"]:
+            listener = self.listeners.get(raw["name"])
+            address = listener.config.listen if listener is not None else None
+            if listener is not None and address is not None and address.path is None:
+                raw["listen"] = str(Address(address.host, listener.port))
+        return data
+
+    def _worker_init(self) -> dict[str, Any]:
+        states = {
+            name: {t.label: str(t.state) for t in listener.pool.targets}
+            for name, listener in self.listeners.items()
+        }
+        return {"settings": self.concrete_settings(), "states": states}
 
     def count_protocol_error(self, kind: str) -> None:
         self.protocol_errors[kind] += 1
@@ -386,6 +446,10 @@ class Daemon:
     def _target_changed(
         self, listener: str, target: Target, old: HealthState, new: HealthState
     ) -> None:
+        if self.pool.workers:
+            self._spawn(
+                self.pool.broadcast("health", listener=listener, target=target.label, state=new)
+            )
         owner = self.listeners.get(listener)
         if new is not HealthState.DOWN or owner is None:
             return

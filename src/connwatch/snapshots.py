@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from connwatch._types import HealthState
 from connwatch.stats import HistogramSnapshot
@@ -144,3 +144,92 @@ def _merge_by_key(a: Mapping[K, M], b: Mapping[K, M]) -> dict[K, M]:
     for k, v in b.items():
         out[k] = out[k].merged(v) if k in out else v
     return out
+
+
+# -- shipping snapshots between worker processes (JSON-safe dicts) --------------------------------
+def _hist_out(h: HistogramSnapshot | None) -> Any:
+    return None if h is None else [list(h.bounds), list(h.counts), h.total]
+
+
+def _hist_in(raw: Any) -> HistogramSnapshot | None:
+    if raw is None:
+        return None
+    bounds, counts, total = raw
+    return HistogramSnapshot(tuple(bounds), tuple(counts), float(total))
+
+
+def stats_to_wire(stats: DaemonStats) -> dict[str, Any]:
+    return {
+        "listeners": [
+            [
+                s.name,
+                s.active,
+                s.accepted,
+                s.closed,
+                s.bytes,
+                s.flow_paused,
+                _hist_out(s.duration),
+                s.upstream_active,
+            ]
+            for s in stats.listeners.values()
+        ],
+        "targets": [
+            [
+                t.listener,
+                t.label,
+                str(t.state),
+                t.connect_failures,
+                _hist_out(t.connect_duration),
+                t.checks,
+                _hist_out(t.check_duration),
+                t.last_check,
+                t.latency_ms,
+                t.consecutive_failures,
+            ]
+            for t in stats.targets.values()
+        ],
+        "liveness": [
+            [
+                lv.listener,
+                lv.heartbeats,
+                {k: _hist_out(v) for k, v in lv.rtt.items()},
+                lv.retransmits,
+                lv.states,
+            ]
+            for lv in stats.liveness.values()
+        ],
+        "protocol_errors": stats.protocol_errors,
+        "reloads": stats.reloads,
+    }
+
+
+def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
+    listeners = {}
+    for name, active, accepted, closed, nbytes, paused, duration, up_active in raw["listeners"]:
+        hist = _hist_in(duration)
+        assert hist is not None
+        listeners[name] = ListenerStats(
+            name, active, accepted, closed, nbytes, paused, hist, up_active
+        )
+    targets = {}
+    for row in raw["targets"]:
+        listener, label, state, failures, connect, checks, check_dur, last, latency, cf = row
+        connect_hist = _hist_in(connect)
+        assert connect_hist is not None
+        targets[(listener, label)] = TargetStats(
+            listener,
+            label,
+            HealthState(state),
+            failures,
+            connect_hist,
+            checks,
+            _hist_in(check_dur),
+            last,
+            latency,
+            cf,
+        )
+    liveness = {}
+    for listener, beats, rtt, retrans, states in raw["liveness"]:
+        hists = {k: h for k, v in rtt.items() if (h := _hist_in(v)) is not None}
+        liveness[listener] = LivenessStats(listener, beats, hists, retrans, states)
+    return DaemonStats(listeners, targets, liveness, raw["protocol_errors"], raw["reloads"])
