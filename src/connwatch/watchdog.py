@@ -21,7 +21,7 @@ forward to the moment the stall would reach `stall_timeout`, so once a stall is 
 adaptive interval does not add itself to the detection time.
 
 One scheduler serves every connection of the process: a heap of due times behind one loop timer.
-Beats due within `_COALESCE` of each other run in one wake-up, so 8,000 connections at a 1 s
+Beats due within one `_TICK` (10 ms) run in one wake-up, so 8,000 connections at a 1 s
 interval cost ~100 timer callbacks a second, not 8,000. The hot path reads `read_tcp_core()` (a
 plain tuple); the full `TcpInfo` is read only for a failure's log line.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -53,7 +53,9 @@ __all__ = ["Watchdog"]
 
 log = structlog.get_logger("connwatch.watchdog")
 
-_COALESCE: Final = 0.01  # seconds: beats due this close together run in one timer callback
+_TICK: Final = 0.01  # seconds: beats due within one tick run in one timer callback
+_TIMER_SLACK: Final = 0.002  # seconds: loop timers (uvloop: whole ms) may fire this early
+_NEVER: Final = 2**62
 _GROWTH: Final = 1.5  # SPEC section 8
 _EARLY_MIN: Final = 0.005  # seconds: the soonest a stall re-check is scheduled
 _MIN_DEAD_PROBES: Final = 2  # unanswered zero-window probes before the silence can count
@@ -62,8 +64,10 @@ _MIN_DEAD_PROBES: Final = 2  # unanswered zero-window probes before the silence 
 # dropped the connection (timeout, reset) and TIME_WAIT that both sides are done: neither belongs
 # under an open proxied connection.
 _CARRYING: Final = frozenset({1, 4, 5, 8, 9, 11})
+_ESTABLISHED: Final = 1
 _OPEN_STATES: Final = (State.OPEN, State.HALF_CLOSED)
 _SIDES: Final = (Side.CLIENT, Side.UPSTREAM)
+_TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
 
 # Positions in read_tcp_core()'s tuple; -1 there means "this kernel does not report it".
 _STATE: Final = CORE_FIELDS.index("state")
@@ -80,16 +84,84 @@ _ACKED: Final = CORE_FIELDS.index("bytes_acked")
 Core = tuple[int, ...]
 
 
+class _Borrowed(socket.socket):
+    """A socket object over a file descriptor its transport owns: for getsockopt only.
+
+    Reading TCP_INFO through it costs about half of going through uvloop's pseudo-socket, which
+    wraps its fd in a new `socket.socket` for every call. It never closes the fd, not even when
+    garbage-collected without `detach()`: closing would pull the socket from under the transport.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
+def _borrow(transport: asyncio.BaseTransport | None) -> _Borrowed | None:
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None or sock.family not in _TCP_FAMILIES:
+        return None  # Unix socket legs have no TCP_INFO: the byte counts are all we judge by
+    fd = sock.fileno()
+    return None if fd < 0 else _Borrowed(sock.family, sock.type, sock.proto, fd)
+
+
 class _Leg:
-    """What the watchdog remembers about one socket between beats."""
+    """One socket of a watched connection, and what the watchdog remembers of it between beats."""
 
-    __slots__ = ("acked", "in_flight", "progress_at", "retrans")
+    __slots__ = (
+        "acked",
+        "in_flight",
+        "progress_at",
+        "retrans",
+        "retransmits",
+        "rtt",
+        "side",
+        "sock",
+        "transport",
+    )
 
-    def __init__(self, now: float) -> None:
+    def __init__(
+        self, side: Side, transport: asyncio.BaseTransport | None, totals: _Totals, now: float
+    ) -> None:
+        self.side = side
+        self.transport = transport
+        self.sock = _borrow(transport)
+        self.rtt = totals.rtt[side]
+        self.retransmits = totals.retransmits
         self.retrans = 0  # total_retrans already added to the listener's counter
         self.acked = -1  # bytes_acked at the last beat
         self.in_flight = False  # unacked > 0 at the last beat
         self.progress_at = now  # when ACKs last made progress (or nothing was in flight)
+
+    def read(self) -> Core | None:
+        sock = self.sock
+        transport = self.transport
+        # A closing transport may already have closed the fd, whose number the next accept can
+        # reuse: never read through a borrowed fd once its owner is closing.
+        if sock is None or transport is None or transport.is_closing():
+            return None
+        return read_tcp_core(sock)
+
+    def observe(self, core: Core, now: float) -> bool:
+        """Count RTT and retransmits (SPEC section 8); True when the socket is plainly fine:
+        established, nothing in flight, window open. Anything else needs `_judge`."""
+        self.rtt.observe(core[_RTT_US] / 1e6)
+        total = core[_TOTAL_RETRANS]
+        if total > self.retrans:
+            self.retransmits[self.side] += total - self.retrans
+            self.retrans = total
+        if core[_STATE] == _ESTABLISHED and not core[_UNACKED] and core[_SND_WND] > 0:
+            self.progress_at = now
+            self.acked = core[_ACKED]
+            self.in_flight = False
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.sock is not None:
+            self.sock.detach()
+            self.sock = None
 
 
 class _Totals:
@@ -128,11 +200,11 @@ class _Record:
         "config",
         "configured",
         "conn",
-        "due",
         "failures",
         "interval",
         "liveness",
         "scheduled",
+        "slot",
         "totals",
         "upstream",
     )
@@ -145,10 +217,15 @@ class _Record:
         self.interval = self.config.interval
         self.failures = 0
         self.liveness = Liveness.OK
-        self.due = 0.0
+        self.slot = 0
         self.scheduled = False
-        self.client = _Leg(now)
-        self.upstream = _Leg(now)
+        self.client = _Leg(Side.CLIENT, conn.client_leg.transport, totals, now)
+        self.upstream = _Leg(Side.UPSTREAM, conn.upstream_leg.transport, totals, now)
+
+    def release(self) -> None:
+        self.scheduled = False
+        self.client.release()
+        self.upstream.release()
 
 
 class _Verdict:
@@ -163,57 +240,71 @@ class _Verdict:
         self.recheck_at = float("inf")  # when an ongoing stall would reach stall_timeout
 
 
-class _Scheduler:
-    """A heap of (due, seq, record) behind one loop timer; stale entries are skipped lazily."""
+class _Wheel:
+    """Beats bucketed into `_TICK`-wide slots of due time, served by one loop timer.
+
+    Scheduling is a dict lookup and a list append; only a slot's first beat touches the heap of
+    slot numbers. A record rescheduled or unwatched leaves a stale entry in its old slot, skipped
+    when that slot runs (its `slot` no longer matches, or it is no longer `scheduled`).
+    """
 
     def __init__(self, clock: Clock, fire: Callable[[list[_Record], float], None]) -> None:
         self._clock = clock
         self._fire = fire
-        self._heap: list[tuple[float, int, _Record]] = []
-        self._seq = itertools.count()
+        self._slots: dict[int, list[_Record]] = {}
+        self._order: list[int] = []  # heap of the slot numbers in _slots
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = float("inf")
+        self._timer_slot = _NEVER
 
     def schedule(self, rec: _Record, due: float) -> None:
-        rec.due = due
+        slot = int(due / _TICK) + 1  # rounded up: a beat may run up to one tick late, never early
+        rec.slot = slot
         rec.scheduled = True
-        heapq.heappush(self._heap, (due, next(self._seq), rec))
-        if due < self._timer_due - _COALESCE:
-            self._arm(due)
+        bucket = self._slots.get(slot)
+        if bucket is not None:
+            bucket.append(rec)
+            return
+        self._slots[slot] = [rec]
+        heapq.heappush(self._order, slot)
+        if slot < self._timer_slot:
+            self._arm(slot)
 
-    def _arm(self, due: float) -> None:
+    def _arm(self, slot: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(max(0.0, due - self._clock()), self._run)
-        self._timer_due = due
+        self._timer = loop.call_later(max(0.0, slot * _TICK - self._clock()), self._run)
+        self._timer_slot = slot
 
     def _run(self) -> None:
         self._timer = None
-        self._timer_due = float("inf")
+        self._timer_slot = _NEVER
         now = self._clock()
-        limit = now + _COALESCE
-        heap = self._heap
+        last = int((now + _TIMER_SLACK) / _TICK)  # timers may round their delay down by a little
+        order = self._order
         ready: list[_Record] = []
-        while heap and heap[0][0] <= limit:
-            due, _, rec = heapq.heappop(heap)
-            if rec.scheduled and rec.due == due:
-                rec.scheduled = False
-                ready.append(rec)
+        while order and order[0] <= last:
+            slot = heapq.heappop(order)
+            for rec in self._slots.pop(slot):
+                if rec.scheduled and rec.slot == slot:
+                    rec.scheduled = False
+                    ready.append(rec)
         try:
             self._fire(ready, now)
         finally:
-            if heap and self._timer is None:
-                self._arm(heap[0][0])
+            if order and self._timer is None:
+                self._arm(order[0])
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_due = float("inf")
-        for _, _, rec in self._heap:
-            rec.scheduled = False
-        self._heap.clear()
+        self._timer_slot = _NEVER
+        for bucket in self._slots.values():
+            for rec in bucket:
+                rec.scheduled = False
+        self._slots.clear()
+        self._order.clear()
 
 
 class Watchdog:
@@ -226,7 +317,7 @@ class Watchdog:
     def __init__(self, *, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._totals: dict[str, _Totals] = {}
-        self._scheduler = _Scheduler(clock, self._beats)
+        self._scheduler = _Wheel(clock, self._beats)
         self._closed = False
 
     # -- the daemon's interface -----------------------------------------------------------------
@@ -262,7 +353,7 @@ class Watchdog:
         if not isinstance(rec, _Record):
             return
         conn.watch = None
-        rec.scheduled = False
+        rec.release()
         rec.totals.members.discard(rec)
         rec.totals.states[rec.liveness] -= 1
 
@@ -299,6 +390,9 @@ class Watchdog:
         """Stop every beat; the connections stay open (their owners close them)."""
         self._closed = True
         self._scheduler.close()
+        for totals in self._totals.values():
+            for rec in totals.members:
+                rec.release()
 
     # -- beats ----------------------------------------------------------------------------------
     def beat(self, conn: MonitoredConnection) -> Liveness | None:
@@ -308,7 +402,9 @@ class Watchdog:
         yet or not open.
         """
         rec = conn.watch
-        if not isinstance(rec, _Record) or not rec.configured or conn.state not in _OPEN_STATES:
+        if not isinstance(rec, _Record) or not rec.configured or self._closed:
+            return None
+        if conn.state not in _OPEN_STATES:
             return None
         rec.scheduled = False
         return self._beat(rec, self._clock())
@@ -326,44 +422,69 @@ class Watchdog:
     def _beat(self, rec: _Record, now: float) -> Liveness:
         conn = rec.conn
         config = rec.config
-        totals = rec.totals
-        client = _read(conn.client_socket)
-        upstream = _read(conn.upstream_socket)
-        if client is not None:
-            _count_tcp(totals, Side.CLIENT, rec.client, client)
-        if upstream is not None:
-            _count_tcp(totals, Side.UPSTREAM, rec.upstream, upstream)
+        client = rec.client.read()
+        upstream = rec.upstream.read()
+        # Fast path, the common case: every socket established, nothing in flight, window open.
+        plain = client is None or rec.client.observe(client, now)
+        plain = (upstream is None or rec.upstream.observe(upstream, now)) and plain
+        if plain:
+            if conn.half_closed:
+                liveness = Liveness.HALF_CLOSED
+            elif now - conn.last_activity > config.max_interval:
+                liveness = Liveness.IDLE
+            else:
+                liveness = Liveness.OK
+            self._passed(rec, liveness, now, _NEVER)
+            return liveness
         verdict = _judge(conn, config, now, client, upstream, rec)
-        failed = verdict.cause is not None
-        if verdict.liveness is not rec.liveness:
-            totals.states[rec.liveness] -= 1
-            totals.states[verdict.liveness] += 1
-            log.debug(
-                "liveness_changed",
-                conn_id=conn.id,
-                listener=conn.listener,
-                old=str(rec.liveness),
-                new=str(verdict.liveness),
-            )
-            rec.liveness = verdict.liveness
-            rec.interval = config.interval
-        elif failed:
-            rec.interval = config.interval
+        if verdict.cause is None:
+            self._passed(rec, verdict.liveness, now, verdict.recheck_at)
         else:
-            rec.interval = min(rec.interval * _GROWTH, config.max_interval)
-        if failed:
-            totals.failed += 1
-            rec.failures += 1
-            if rec.failures >= config.failure_threshold:
-                self._fail(rec, verdict, now)
-                return verdict.liveness
-        else:
-            totals.ok += 1
-            rec.failures = 0
-        if not self._closed:
-            due = min(now + rec.interval, max(verdict.recheck_at, now + _EARLY_MIN))
-            self._scheduler.schedule(rec, due)
+            self._failed(rec, verdict, now)
         return verdict.liveness
+
+    def _passed(self, rec: _Record, liveness: Liveness, now: float, recheck_at: float) -> None:
+        rec.totals.ok += 1
+        rec.failures = 0
+        if liveness is rec.liveness:
+            rec.interval = min(rec.interval * _GROWTH, rec.config.max_interval)
+        else:
+            self._change(rec, liveness)
+        self._next(rec, now, recheck_at)
+
+    def _failed(self, rec: _Record, verdict: _Verdict, now: float) -> None:
+        rec.totals.failed += 1
+        rec.failures += 1
+        rec.interval = rec.config.interval
+        if verdict.liveness is not rec.liveness:
+            self._change(rec, verdict.liveness)
+        if rec.failures >= rec.config.failure_threshold:
+            self._fail(rec, verdict, now)
+        else:
+            self._next(rec, now, verdict.recheck_at)
+
+    def _change(self, rec: _Record, liveness: Liveness) -> None:
+        states = rec.totals.states
+        states[rec.liveness] -= 1
+        states[liveness] += 1
+        conn = rec.conn
+        log.debug(
+            "liveness_changed",
+            conn_id=conn.id,
+            listener=conn.listener,
+            old=str(rec.liveness),
+            new=str(liveness),
+        )
+        rec.liveness = liveness
+        rec.interval = rec.config.interval
+
+    def _next(self, rec: _Record, now: float, recheck_at: float) -> None:
+        if self._closed:
+            return
+        due = now + rec.interval
+        if recheck_at < due:  # a stall under way: judge it when it reaches stall_timeout
+            due = max(recheck_at, now + _EARLY_MIN)
+        self._scheduler.schedule(rec, due)
 
     def _fail(self, rec: _Record, verdict: _Verdict, now: float) -> None:
         conn = rec.conn
@@ -387,16 +508,8 @@ class Watchdog:
 
 # -- reading and judging ------------------------------------------------------------------------
 def _read(sock: Any) -> Core | None:
+    """TCP_INFO through the connection's own socket object (describe; not the hot path)."""
     return None if sock is None else read_tcp_core(sock)
-
-
-def _count_tcp(totals: _Totals, side: Side, leg: _Leg, core: Core) -> None:
-    """RTT into the histogram and retransmit growth into the counter (SPEC section 8)."""
-    totals.rtt[side].observe(core[_RTT_US] / 1e6)
-    total = core[_TOTAL_RETRANS]
-    if total > leg.retrans:
-        totals.retransmits[side] += total - leg.retrans
-        leg.retrans = total
 
 
 def _judge(
@@ -414,7 +527,7 @@ def _judge(
         if core is None:
             continue
         leg = None if rec is None else (rec.client if side is Side.CLIENT else rec.upstream)
-        state = _judge_leg(core, leg, now, config, _held_for(conn, side), verdict)
+        state = _judge_leg(core, leg, now, config, conn, side, verdict)
         if state is None:
             continue
         if state is Liveness.ZERO_WINDOW:
@@ -440,7 +553,8 @@ def _judge_leg(
     leg: _Leg | None,
     now: float,
     config: HeartbeatConfig,
-    held: int,
+    conn: MonitoredConnection,
+    side: Side,
     verdict: _Verdict,
 ) -> Liveness | None:
     """One socket: STALLED or FAILING (a failed beat), ZERO_WINDOW, or None (fine)."""
@@ -448,8 +562,7 @@ def _judge_leg(
         return Liveness.FAILING
     stall_ms = config.stall_timeout * 1000
     unacked = core[_UNACKED]
-    held += max(core[_NOTSENT], 0)
-    if held and _window_closed(core):
+    if _window_closed(core) and (core[_NOTSENT] > 0 or _held_for(conn, side)):
         # Window probes carry no new data (unacked stays 0) and `probes` counts those not
         # answered since the last ACK: a live reader answers them, however long it stays full.
         dead = core[_PROBES] >= _MIN_DEAD_PROBES and core[_LAST_ACK_MS] >= stall_ms
