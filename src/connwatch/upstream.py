@@ -57,6 +57,11 @@ class Target:
             self.state,
             self.connect_failures,
             self.connect_duration.snapshot(),
+            dict(self.checks),
+            self.check_duration.snapshot(),
+            self.last_check,
+            self.latency_ms,
+            self.consecutive_failures,
         )
 
     def __repr__(self) -> str:
