@@ -14,6 +14,17 @@ from tests.support import DaemonProcess, daemon_config, eventually, listener_con
 
 MiB = 1024 * 1024
 
+# The same suite runs on each data path and process layout (issue: speed).
+VARIANTS = {
+    "portable": {},
+    "workers2": {"workers": 2},
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> dict[str, object]:
+    return VARIANTS[request.param]
+
 
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -22,10 +33,12 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def test_200_concurrent_connections_are_byte_exact_and_counted(tmp_path: Path) -> None:
+async def test_200_concurrent_connections_are_byte_exact_and_counted(
+    tmp_path: Path, variant: dict[str, object]
+) -> None:
     rng = random.Random(20261124)
     async with PayloadUpstream() as upstream:
-        cfg = daemon_config(listener_config("app", [upstream.address]))
+        cfg = daemon_config(listener_config("app", [upstream.address]), **variant)
         async with DaemonProcess(tmp_path, cfg) as daemon:
             port = daemon.port("app")
             sizes = [(rng.randrange(0, 4 * MiB), rng.randrange(0, 4 * MiB)) for _ in range(200)]
@@ -61,7 +74,9 @@ async def test_200_concurrent_connections_are_byte_exact_and_counted(tmp_path: P
             assert sum(line["bytes_upstream_to_client"] for line in closed) == replied
 
 
-async def test_half_close_lets_upstream_answer_after_client_eof(tmp_path: Path) -> None:
+async def test_half_close_lets_upstream_answer_after_client_eof(
+    tmp_path: Path, variant: dict[str, object]
+) -> None:
     got_eof = asyncio.Event()
     reply = bytes(range(256)) * (4 * 1024)  # 1 MiB
 
@@ -75,7 +90,7 @@ async def test_half_close_lets_upstream_answer_after_client_eof(tmp_path: Path) 
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0)
     address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    cfg = daemon_config(listener_config("app", [address]))
+    cfg = daemon_config(listener_config("app", [address]), **variant)
     async with server, DaemonProcess(tmp_path, cfg) as daemon:
         reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port("app"))
         writer.write(b"question")
@@ -90,7 +105,9 @@ async def test_half_close_lets_upstream_answer_after_client_eof(tmp_path: Path) 
 
 
 @pytest.mark.slow
-async def test_slow_reader_bounds_memory_and_loses_nothing(tmp_path: Path) -> None:
+async def test_slow_reader_bounds_memory_and_loses_nothing(
+    tmp_path: Path, variant: dict[str, object]
+) -> None:
     total = 1024 * MiB
     chunk = bytes(range(256)) * 1024  # 256 KiB with a position-dependent pattern
     sent_all = asyncio.Event()
@@ -104,7 +121,7 @@ async def test_slow_reader_bounds_memory_and_loses_nothing(tmp_path: Path) -> No
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0)
     address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    cfg = daemon_config(listener_config("app", [address], buffer_size="256KiB"))
+    cfg = daemon_config(listener_config("app", [address], buffer_size="256KiB"), **variant)
     async with server, DaemonProcess(tmp_path, cfg) as daemon:
         assert daemon.proc is not None
         baseline = _rss_kib(daemon.proc.pid)
