@@ -39,3 +39,7 @@ class ProtocolError(ConnwatchError):
 
 class IncompleteError(ProtocolError):
     """More bytes are needed before a decision can be made (incremental parsers)."""
+
+
+class AdminApiError(ConnwatchError):
+    """A daemon's admin API could not be reached or gave an unusable answer (`connwatch top`)."""
