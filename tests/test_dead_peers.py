@@ -43,11 +43,14 @@ class Upstream:
     `ended` is set when the daemon's leg to it ends (EOF, reset or write failure).
     """
 
-    def __init__(self, *, stream: bool) -> None:
+    def __init__(self, *, stream: bool, flood: bool = False) -> None:
         self.stream = stream
+        self.flood = flood  # send as fast as the daemon takes it, not every 20 ms
+        self.blocked = asyncio.Event()  # our writes queue up: the daemon has stopped reading us
         self.ended = asyncio.Event()
         self.server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers = 0
 
     async def __aenter__(self) -> Upstream:
         self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
@@ -56,41 +59,47 @@ class Upstream:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
-        for task in self._tasks:
-            task.cancel()
+        for writer in self.writers:  # legs the daemon's RST never reached (it was dropped)
+            writer.transport.abort()
+        await eventually(lambda: self.handlers == 0, timeout=5)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
 
     @property
     def address(self) -> str:
-        assert self.server is not None
-        return f"{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+        return f"{LOOPBACK}:{self.port}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        sender: asyncio.Task[None] | None = None
+        self.handlers += 1
+        self.writers.append(writer)
         try:
             writer.write(await reader.read(CHUNK))
             await writer.drain()
             if self.stream:
-                sender = asyncio.create_task(self._send(writer))
-            while await reader.read(CHUNK):
-                pass
+                await self._send(writer)
+            else:
+                while await reader.read(CHUNK):
+                    pass
         except OSError:
             pass
         finally:
             self.ended.set()
-            if sender is not None:
-                sender.cancel()
             writer.close()
-            self._tasks.discard(task)
+            self.handlers -= 1
 
     async def _send(self, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            for _ in range(100_000):  # bounded: 20 ms apart, far past any test's end
-                writer.write(b"u" * CHUNK)
-                await writer.drain()  # blocks while the daemon has paused reading us
-                await asyncio.sleep(0.02)
+        for _ in range(1_000_000):  # bounded: far past any test's end
+            if writer.transport.is_closing():
+                return
+            writer.write(b"u" * CHUNK)
+            if writer.transport.get_write_buffer_size():
+                self.blocked.set()
+            # Blocks while the daemon has paused reading us; raises once it has closed our leg.
+            await writer.drain()
+            await asyncio.sleep(0 if self.flood else 0.02)
 
 
 @contextlib.asynccontextmanager
@@ -285,3 +294,125 @@ async def test_idle_connection_lives_through_beats_growing_to_max_interval(
             assert not daemon.find("connection_closed", conn_id=rec["id"])
     # The interval grew by x1.5 per beat on its way up (0.3, 0.45, 0.675 show between 0.2 and 1).
     assert {0.3, 0.45, 0.675} & seen, seen
+
+
+# -- more settings, for the detection-time table in docs/liveness.md ------------------------------
+async def test_user_timeout_finds_a_dead_client_with_data_in_flight(tmp_path: Path) -> None:
+    """TCP_USER_TIMEOUT (keep-alive probes off) ends the leg with ETIMEDOUT: keepalive_timeout."""
+    user_timeout = 2.0
+    keepalive = {
+        "client": {"enabled": False, "user_timeout": "2s"},
+        "upstream": {"enabled": False},
+    }
+    async with Upstream(stream=True) as upstream:
+        cfg = daemon_config(
+            listener_config(
+                "app", [upstream.address], keepalive=keepalive, heartbeat=HEARTBEATS_OFF
+            )
+        )
+        async with (
+            DaemonProcess(tmp_path, cfg) as daemon,
+            proxied_client(daemon) as (reader, _, rec),
+        ):
+            await reader.readexactly(CHUNK)
+            async with silenced(client_port(rec)):
+                landed = time.monotonic()
+                closed = await daemon.wait_for("connection_closed", conn_id=rec["id"], timeout=15)
+                took = time.monotonic() - landed
+                await asyncio.wait_for(upstream.ended.wait(), 5)
+    bound = user_timeout + 2
+    print(f"keepalive_timeout (user_timeout) after {took:.2f}s (bound {bound}s)")
+    assert closed["reason"] == "keepalive_timeout", closed
+    assert took <= bound
+
+
+async def test_adaptive_heartbeat_at_max_interval_finds_a_dead_client(tmp_path: Path) -> None:
+    """The interval has grown to max_interval before the peer dies: detection may take up to one
+    max_interval longer, and no more (the stall re-check does not wait for a full interval)."""
+    stall_timeout, threshold, interval, max_interval = 1.0, 3, 0.5, 2.0
+    heartbeat = {
+        "enabled": True,
+        "interval": "500ms",
+        "max_interval": "2s",
+        "failure_threshold": threshold,
+        "stall_timeout": "1s",
+    }
+    async with Upstream(stream=True) as upstream:
+        cfg = daemon_config(
+            listener_config("app", [upstream.address], keepalive=KEEPALIVE_OFF, heartbeat=heartbeat)
+        )
+        async with (
+            DaemonProcess(tmp_path, cfg) as daemon,
+            proxied_client(daemon) as (reader, _, rec),
+        ):
+            drain = asyncio.create_task(_drain(reader))
+            try:
+
+                async def at_max_interval() -> bool:
+                    [now] = [r for r in await daemon.connections() if r["id"] == rec["id"]]
+                    return bool(now["heartbeat"]["interval_s"] == max_interval)
+
+                await eventually(at_max_interval, timeout=20, interval=0.1)
+                async with silenced(client_port(rec)):
+                    landed = time.monotonic()
+                    closed = await daemon.wait_for(
+                        "connection_closed", conn_id=rec["id"], timeout=20
+                    )
+                    took = time.monotonic() - landed
+            finally:
+                drain.cancel()
+    bound = stall_timeout + max_interval + threshold * interval + 2
+    print(f"heartbeat_failed (adaptive, at max_interval) after {took:.2f}s (bound {bound}s)")
+    assert closed["reason"] == "heartbeat_failed", closed
+    assert took <= bound
+
+
+async def _drain(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(OSError):
+        while await reader.read(65536):
+            pass
+
+
+async def test_dead_upstream_behind_paused_reading_closes_as_keepalive_timeout(
+    tmp_path: Path,
+) -> None:
+    """The client reads nothing, so the daemon has paused reading the upstream leg and the loop
+    no longer polls it: the kernel's keep-alive ETIMEDOUT there reaches no callback. The
+    watchdog sees the socket CLOSE, and the close names the kernel's reason."""
+    keepalive = {
+        "client": {"enabled": False},
+        "upstream": {"enabled": True, "idle": "1s", "interval": "1s", "count": 2},
+    }
+    heartbeat: dict[str, Any] = {
+        "enabled": True,
+        "interval": "500ms",
+        "max_interval": "500ms",
+        "failure_threshold": 2,
+    }
+    async with Upstream(stream=True, flood=True) as upstream:
+        cfg = daemon_config(
+            listener_config("app", [upstream.address], keepalive=keepalive, heartbeat=heartbeat)
+        )
+        async with (
+            DaemonProcess(tmp_path, cfg) as daemon,
+            proxied_client(daemon, rcvbuf=4096) as (_, _, rec),
+        ):
+            await daemon.wait_for("liveness_changed", conn_id=rec["id"], new="zero_window")
+            await asyncio.wait_for(upstream.blocked.wait(), 10)
+            paused = 'connwatch_flow_paused_total{direction="upstream_to_client",listener="app"}'
+
+            async def reading_paused() -> bool:
+                return (await daemon.metrics()).get(paused, 0) >= 1
+
+            await eventually(reading_paused, timeout=10)
+            async with silenced(upstream.port):
+                landed = time.monotonic()
+                closed = await daemon.wait_for("connection_closed", conn_id=rec["id"], timeout=15)
+                took = time.monotonic() - landed
+            [failed] = daemon.find("heartbeat_failed", conn_id=rec["id"])
+    bound = 1 + 1 * 2 + 2 * 0.5 + 2
+    print(f"keepalive_timeout (paused leg, via the watchdog) after {took:.2f}s (bound {bound}s)")
+    assert closed["reason"] == "keepalive_timeout", closed
+    assert failed["socket_errors"] == {"upstream": "ETIMEDOUT"}
+    assert failed["upstream_tcp"]["state"] == "CLOSE"
+    assert took <= bound

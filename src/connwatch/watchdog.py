@@ -29,7 +29,9 @@ plain tuple); the full `TcpInfo` is read only for a failure's log line.
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
+import os
 import socket
 import time
 from collections import Counter
@@ -40,7 +42,7 @@ import structlog
 
 from connwatch._types import Clock, CloseReason, Liveness, Side
 from connwatch.config import HeartbeatConfig
-from connwatch.connection import State
+from connwatch.connection import State, reason_for_error
 from connwatch.snapshots import LivenessStats
 from connwatch.stats import LATENCY_BUCKETS, Histogram
 from connwatch.tcp_info import CORE_FIELDS, read_tcp_core, read_tcp_info
@@ -65,6 +67,8 @@ _MIN_DEAD_PROBES: Final = 2  # unanswered zero-window probes before the silence 
 # under an open proxied connection.
 _CARRYING: Final = frozenset({1, 4, 5, 8, 9, 11})
 _ESTABLISHED: Final = 1
+_STALLED: Final = "stalled"  # the `cause` of a failed beat in the heartbeat_failed line
+_SOCKET_STATE: Final = "socket_state"
 _OPEN_STATES: Final = (State.OPEN, State.HALF_CLOSED)
 _SIDES: Final = (Side.CLIENT, Side.UPSTREAM)
 _TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
@@ -488,6 +492,8 @@ class Watchdog:
 
     def _fail(self, rec: _Record, verdict: _Verdict, now: float) -> None:
         conn = rec.conn
+        errors = _socket_errors(rec, verdict)
+        reason = _reason_for(errors)
         log.warning(
             "heartbeat_failed",
             conn_id=conn.id,
@@ -496,6 +502,8 @@ class Watchdog:
             upstream=conn.upstream,
             cause=verdict.cause,
             sides=[str(side) for side in verdict.failed_sides],
+            socket_errors={str(side): errno.errorcode.get(e, str(e)) for side, e in errors.items()},
+            reason=str(reason),
             failures=rec.failures,
             failure_threshold=rec.config.failure_threshold,
             liveness=str(verdict.liveness),
@@ -503,7 +511,37 @@ class Watchdog:
             upstream_tcp=_failure_figures(conn.upstream_socket, rec.upstream, now),
         )
         # The peer is dead: a graceful close would only wait for a flush that cannot happen.
-        conn.close(CloseReason.HEARTBEAT_FAILED, abort=True)
+        conn.close(reason, abort=True)
+
+
+def _socket_errors(rec: _Record, verdict: _Verdict) -> dict[Side, int]:
+    """The pending errors (SO_ERROR) of legs the kernel has dropped, e.g. ETIMEDOUT after
+    keep-alive probes or TCP_USER_TIMEOUT, ECONNRESET after a RST. The event loop never saw
+    them because it was not polling those sockets (reading paused, nothing to write)."""
+    if verdict.cause != _SOCKET_STATE:
+        return {}
+    errors: dict[Side, int] = {}
+    for side in verdict.failed_sides:
+        sock = (rec.client if side is Side.CLIENT else rec.upstream).sock
+        if sock is None:
+            continue
+        try:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            continue
+        if error:
+            errors[side] = error
+    return errors
+
+
+def _reason_for(errors: dict[Side, int]) -> CloseReason:
+    """SPEC section 8: a kernel keep-alive or user-timeout failure is `keepalive_timeout` and a
+    reset names its side, whoever noticed it; otherwise the watchdog's own `heartbeat_failed`."""
+    for side, error in errors.items():
+        reason = reason_for_error(side, OSError(error, os.strerror(error)))
+        if reason is not None and reason is not CloseReason.ERROR:
+            return reason
+    return CloseReason.HEARTBEAT_FAILED
 
 
 # -- reading and judging ------------------------------------------------------------------------
@@ -535,7 +573,7 @@ def _judge(
             continue
         verdict.failed_sides.append(side)
         if verdict.cause is None or state is Liveness.STALLED:  # a stall names the verdict
-            verdict.cause = "stalled" if state is Liveness.STALLED else "socket_state"
+            verdict.cause = _STALLED if state is Liveness.STALLED else _SOCKET_STATE
             verdict.liveness = state
     if verdict.cause is not None:
         return verdict
