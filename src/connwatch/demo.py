@@ -16,6 +16,7 @@ import contextlib
 import errno
 import functools
 import itertools
+import os
 import random
 import signal
 import socket
@@ -55,6 +56,7 @@ _SHORT_LIMIT: Final = 8.0  # seconds one short connection may take
 _STALLED_RCVBUF: Final = 4096  # the stalled reader's receive buffer: its window closes fast
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _LOG_LINES: Final = 8  # lines printed above the live table
+_FIRST_FRAME: Final = 0.5  # seconds of traffic before the first frame, so that it has rows
 
 
 # -- the built-in upstream ----------------------------------------------------------------------
@@ -329,7 +331,7 @@ def demo_config(upstream: str, admin_port: int) -> dict[str, Any]:
                     "interval": "1s",
                     "max_interval": "5s",
                     "timeout": "1s",
-                    "rise": 2,
+                    "rise": 1,
                     "fall": 2,
                 },
             }
@@ -408,6 +410,7 @@ class _Display:
             if keys.fd is not None:
                 loop.add_reader(keys.fd, self._on_key, keys)
             try:
+                await self._wait(_FIRST_FRAME)
                 while not self.stop.is_set():
                     snapshot = await daemon_snapshot(self.daemon)
                     self.view.observe(snapshot)
@@ -435,12 +438,26 @@ class _Display:
 
     async def _plain(self) -> None:
         started = time.monotonic()
+        await self._wait(_FIRST_FRAME)
         while not self.stop.is_set():
             snapshot = await daemon_snapshot(self.daemon)
             self.view.observe(snapshot)
             elapsed = time.monotonic() - started
-            print(f"[{elapsed:5.1f}s] {self.view.summary(snapshot)}", file=self.out, flush=True)
+            if not _say(self.out, f"[{elapsed:5.1f}s] {self.view.summary(snapshot)}"):
+                self.stop.set()  # the reader went away (`connwatch demo | head`): end quietly
             await self._wait(1.0)
+
+
+def _say(out: IO[str], text: str) -> bool:
+    """Print a line; False when the reader has gone (a closed pipe), which is not an error."""
+    try:
+        print(text, file=out, flush=True)
+    except BrokenPipeError:
+        # Point the descriptor at /dev/null so that the flush at exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return False
+    return True
 
 
 async def _first(*aws: Awaitable[Any]) -> None:
@@ -506,7 +523,7 @@ async def _demo(duration: float | None, out: IO[str]) -> None:
             await _serve(duration, out, log_path)
         finally:
             configure_logging("warning", "json", stream=sys.stderr)
-    print(f"demo finished; the daemon's log is {log_path}", file=out, flush=True)
+    _say(out, f"demo finished; the daemon's log is {log_path}")
 
 
 async def _serve(duration: float | None, out: IO[str], log_path: Path) -> None:
@@ -529,7 +546,8 @@ async def _with_daemon(
     admin = f"http://{LOOPBACK}:{daemon.admin.port}"
     proxy = f"{LOOPBACK}:{daemon.listeners[LISTENER].port}"
     moved = "" if daemon.admin.port == ADMIN_PORT else f"  ({ADMIN_PORT} is taken)"
-    print(
+    _say(
+        out,
         f"connwatch demo: proxy {proxy} -> built-in upstream {upstream.address}, traffic running\n"
         f"  metrics      {admin}/metrics{moved}\n"
         f"  connections  {admin}/connections\n"
@@ -537,8 +555,6 @@ async def _with_daemon(
         f"  log          {log_path}\n"
         f"  also try     connwatch top --admin {admin}   (in another terminal)\n"
         f"{'Ctrl-C' if duration is None else f'{duration:g}s, or Ctrl-C,'} ends the demo.",
-        file=out,
-        flush=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -555,7 +571,7 @@ async def _with_daemon(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-    print(f"stopping: {traffic.opened} client connections were opened", file=out, flush=True)
+    _say(out, f"stopping: {traffic.opened} client connections were opened")
 
 
 def _on_signals(
