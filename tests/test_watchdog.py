@@ -332,6 +332,23 @@ async def test_heartbeats_off_still_describes_from_the_kernel_and_bytes() -> Non
         assert stats.states["idle"] == 1
 
 
+async def test_a_reload_applies_to_new_connections_only() -> None:
+    async with (
+        Upstream() as up,
+        watched(up.address, SLOW) as (wd, listener, tracker),
+        client(listener, tracker) as (_, _, old),
+    ):
+        slower = _listener_config(up.address, {**SLOW, "interval": "2s"})
+        listener.reconfigure(slower)
+        wd.configure(listener.name, slower)
+        async with client(listener, tracker) as (_, _, new):
+            assert interval_of(wd, old) == 1.0
+            assert interval_of(wd, new) == 2.0
+            wd.configure(listener.name, _listener_config(up.address, {"enabled": False}))
+            wd.beat(old)  # still beating on the config it was opened with
+            assert wd.statistics()["wd"].heartbeats["ok"] == 1
+
+
 async def test_unix_socket_legs_have_no_tcp_figures(tmp_path: Path) -> None:
     listen = tmp_path / "in.sock"
     async with (

@@ -13,8 +13,12 @@ section 5), in this order of precedence:
 - `idle`: no byte either way for longer than one `max_interval`.
 - `ok`: everything else.
 
-After `failure_threshold` consecutive failed beats both legs are aborted (reason
-`heartbeat_failed`) and one `heartbeat_failed` line logs the figures that failed it. Intervals
+After `failure_threshold` consecutive failed beats both legs are aborted and one
+`heartbeat_failed` line logs the figures that failed it. The close reason is `heartbeat_failed`,
+unless a dropped socket's pending error (SO_ERROR) names the kernel's reason: ETIMEDOUT after
+keep-alive or TCP_USER_TIMEOUT is `keepalive_timeout`, a reset `client_reset`/`upstream_reset`
+(SPEC section 8). The loop does not poll a leg whose reading is paused and that has nothing to
+write, so only the watchdog sees such a socket die. Intervals
 adapt (SPEC section 8): x1.5 per passing beat up to `max_interval`, back to `interval` on a failed
 beat or a change of liveness state. While bytes sit unacknowledged, the next beat is pulled
 forward to the moment the stall would reach `stall_timeout`, so once a stall is under way a long
@@ -171,7 +175,16 @@ class _Leg:
 class _Totals:
     """One listener's config and counters: plain ints, snapshotted at scrape time."""
 
-    __slots__ = ("config", "failed", "members", "ok", "retransmits", "rtt", "states")
+    __slots__ = (
+        "config",
+        "failed",
+        "members",
+        "ok",
+        "retransmits",
+        "rtt",
+        "states",
+        "unbeaten",
+    )
 
     def __init__(self, config: HeartbeatConfig | None) -> None:
         self.config = config
@@ -179,14 +192,30 @@ class _Totals:
         self.failed = 0
         self.rtt = {side: Histogram(LATENCY_BUCKETS) for side in _SIDES}
         self.retransmits = dict.fromkeys(_SIDES, 0)
-        self.states: Counter[Liveness] = Counter()
+        self.states: Counter[Liveness] = Counter()  # connections with beats, by last verdict
         self.members: set[_Record] = set()
+        self.unbeaten: set[_Record] = set()  # heartbeats off, or not configured yet
+
+    def add(self, rec: _Record) -> None:
+        self.members.add(rec)
+        if rec.beating:
+            self.states[rec.liveness] += 1
+        else:
+            self.unbeaten.add(rec)
+
+    def remove(self, rec: _Record) -> None:
+        self.members.discard(rec)
+        if rec in self.unbeaten:
+            self.unbeaten.discard(rec)
+        else:
+            self.states[rec.liveness] -= 1
 
     def snapshot(self, name: str, now: float) -> LivenessStats:
         states = self.states
-        if self.config is None or not self.config.enabled:
-            # No beats to judge by: count what the byte counters show now (no system calls).
-            states = Counter(_judge_by_bytes(r.conn, r.config, now) for r in self.members)
+        if self.unbeaten:
+            # No beats to judge these by: count what their byte counters show (no system calls).
+            states = states.copy()
+            states.update(_judge_by_bytes(r.conn, r.config, now) for r in self.unbeaten)
         return LivenessStats(
             listener=name,
             heartbeats={"ok": self.ok, "failed": self.failed},
@@ -225,6 +254,10 @@ class _Record:
         self.scheduled = False
         self.client = _Leg(Side.CLIENT, conn.client_leg.transport, totals, now)
         self.upstream = _Leg(Side.UPSTREAM, conn.upstream_leg.transport, totals, now)
+
+    @property
+    def beating(self) -> bool:
+        return self.configured and self.config.enabled
 
     def release(self) -> None:
         self.scheduled = False
@@ -332,12 +365,14 @@ class Watchdog:
         if totals is None:
             totals = self._totals[listener] = _Totals(config.heartbeat)
         totals.config = config.heartbeat
-        for rec in totals.members:
-            if not rec.configured:  # accepted before the listener's config reached us
-                rec.configured = True
-                rec.config = config.heartbeat
-                rec.interval = config.heartbeat.interval
-                self._start(rec)
+        for rec in [r for r in totals.unbeaten if not r.configured]:
+            # Accepted before the listener's config reached us: adopt it now.
+            totals.remove(rec)
+            rec.configured = True
+            rec.config = config.heartbeat
+            rec.interval = config.heartbeat.interval
+            totals.add(rec)
+            self._start(rec)
 
     def watch(self, conn: MonitoredConnection) -> None:
         if self._closed or conn.watch is not None:
@@ -347,10 +382,8 @@ class Watchdog:
             totals = self._totals[conn.listener] = _Totals(None)
         rec = _Record(conn, totals, self._clock())
         conn.watch = rec
-        totals.members.add(rec)
-        totals.states[rec.liveness] += 1
-        if rec.configured:
-            self._start(rec)
+        totals.add(rec)
+        self._start(rec)
 
     def unwatch(self, conn: MonitoredConnection) -> None:
         rec = conn.watch
@@ -358,8 +391,7 @@ class Watchdog:
             return
         conn.watch = None
         rec.release()
-        rec.totals.members.discard(rec)
-        rec.totals.states[rec.liveness] -= 1
+        rec.totals.remove(rec)
 
     def describe(self, conn: MonitoredConnection) -> dict[str, Any]:
         """The `/connections` fields `liveness`, `heartbeat` and `tcp`, TCP figures read now."""
@@ -370,7 +402,7 @@ class Watchdog:
         if client is not None or upstream is not None:
             tcp = {"client": _tcp_figures(client), "upstream": _tcp_figures(upstream)}
         interval: float | None = None
-        if isinstance(rec, _Record) and rec.configured and rec.config.enabled:
+        if isinstance(rec, _Record) and rec.beating:
             liveness, failures, interval = rec.liveness, rec.failures, rec.interval
         else:  # no beats: judge from what the kernel and the byte counts show right now
             config = rec.config if isinstance(rec, _Record) else HeartbeatConfig()
@@ -406,7 +438,7 @@ class Watchdog:
         yet or not open.
         """
         rec = conn.watch
-        if not isinstance(rec, _Record) or not rec.configured or self._closed:
+        if not isinstance(rec, _Record) or not rec.beating or self._closed:
             return None
         if conn.state not in _OPEN_STATES:
             return None
@@ -414,7 +446,7 @@ class Watchdog:
         return self._beat(rec, self._clock())
 
     def _start(self, rec: _Record) -> None:
-        if rec.config.enabled and not self._closed:
+        if rec.beating and not self._closed:
             self._scheduler.schedule(rec, self._clock() + rec.interval)
 
     def _beats(self, ready: list[_Record], now: float) -> None:
