@@ -14,7 +14,15 @@ from connwatch.exceptions import ConfigError
 from connwatch.frames import FRAME_SIZE, Frame, decode, pong_for
 from connwatch.heartbeat import start_responder
 from connwatch.probe import add_probe_parser, cmd_probe, probe_config
-from tests.test_health import LOOPBACK, http_handler, reply_handler, serving, silent
+from tests.test_health import (
+    LOOPBACK,
+    Handler,
+    bad_checksum_pong,
+    http_handler,
+    reply_handler,
+    serving,
+    silent,
+)
 
 RESULT = re.compile(r"^(healthy|unhealthy) (\d+\.\d{3})ms (.+)$")
 
@@ -130,17 +138,19 @@ def test_unknown_type_is_a_usage_error() -> None:
     assert caught.value.code == 2
 
 
-async def test_command_line(refused: str) -> None:
-    async def run(*argv: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "connwatch", "probe", *argv,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
+async def run(*argv: str) -> tuple[int, str, str]:
+    """`python -m connwatch probe ARGV` in a subprocess: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "connwatch", "probe", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
+
+async def test_command_line(refused: str) -> None:
     async with serving(http_handler(200)) as address:
         code, out, _ = await run(str(address), "--type", "http")
         assert code == 0
@@ -151,3 +161,43 @@ async def test_command_line(refused: str) -> None:
     code, _, err = await run(refused, "--timeout", "never")
     assert code == 2
     assert "--timeout = 'never'" in err
+
+
+async def heartbeat_responder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    frame = decode(await reader.readexactly(FRAME_SIZE))
+    writer.write(pong_for(frame))
+    await writer.drain()
+
+
+# type -> (options, a server that passes, a server that fails and the detail it gives)
+CASES: dict[str, tuple[tuple[str, ...], Handler, Handler, str]] = {
+    "tcp": ((), silent, silent, "Connection refused"),  # failing: nothing listens
+    "http": (("--path", "/ready"), http_handler(204), http_handler(500), "HTTP 500 Whatever"),
+    "send-expect": (
+        ("--send", "PING\\r\\n", "--expect", "+PONG"),
+        reply_handler(b"+PONG\r\n"),
+        reply_handler(b"-ERR\r\n"),
+        "peer closed after 6 bytes",
+    ),
+    "heartbeat": ((), heartbeat_responder, bad_checksum_pong, "bad heartbeat frame"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+async def test_command_line_exit_codes_for_each_type(kind: str, refused: str) -> None:
+    options, healthy, unhealthy, detail = CASES[kind]
+    args = ("--type", kind, "--timeout", "1s", *options)
+    async with serving(healthy) as address:
+        code, out, err = await run(str(address), *args)
+    assert (code, err) == (0, ""), out
+    assert out.startswith("healthy "), out
+    if kind == "tcp":
+        code, out, err = await run(refused, *args)
+    else:
+        async with serving(unhealthy) as address:
+            code, out, err = await run(str(address), *args)
+    assert (code, err) == (1, ""), out
+    match = RESULT.match(out.strip())
+    assert match is not None, out
+    assert match.group(1) == "unhealthy"
+    assert match.group(3).startswith(detail), out
