@@ -32,6 +32,10 @@ class NoHealthyUpstreamError(UpstreamError):
 class UpstreamConnectError(UpstreamError):
     """Every connect attempt failed or timed out."""
 
+    def __init__(self, message: str, *, out_of_fds: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_fds = out_of_fds  # an attempt failed for lack of file descriptors
+
 
 class ProtocolError(ConnwatchError):
     """A peer sent bytes that break a wire protocol connwatch parses (PROXY header, heartbeat frame)."""

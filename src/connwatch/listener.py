@@ -17,6 +17,7 @@ import structlog
 
 from connwatch import proxy_protocol
 from connwatch._types import Address, CloseReason, Direction, format_peer
+from connwatch.acceptor import Acceptor
 from connwatch.connection import MonitoredConnection, ReadBuffer, State, Timeouts
 from connwatch.exceptions import (
     IncompleteError,
@@ -24,6 +25,7 @@ from connwatch.exceptions import (
     NoHealthyUpstreamError,
     UpstreamConnectError,
 )
+from connwatch.log import Throttle
 from connwatch.proxy_protocol import ProxyHeader, ProxyProtocolError
 from connwatch.sockopts import SocketLike, apply_keepalive, set_nodelay
 from connwatch.upstream import UpstreamPool
@@ -68,45 +70,40 @@ class Listener:
         self.timeouts = _timeouts(config)
         self.accepting = False
         self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
-        self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
+        self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
         self._log = log.bind(listener=self.name)
         tracker.totals(self.name)  # the listener's series exist from the start, at zero
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
     def port(self) -> int:
-        """The bound TCP port (useful after binding port 0)."""
-        assert self._server is not None
-        for sock in self._server.sockets:
-            name = sock.getsockname()
-            if isinstance(name, tuple):
-                return int(name[1])
-        return 0
+        """The bound TCP port (useful after binding port 0); 0 for a Unix socket."""
+        assert self._sock is not None
+        name = self._sock.getsockname()
+        return int(name[1]) if isinstance(name, tuple) else 0
 
     @property
     def bound(self) -> bool:
-        return self._server is not None
+        return self._sock is not None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         address = self.config.listen
         try:
             if address.path is not None:
-                _remove_stale_socket(address.path)
-                self._server = await loop.create_unix_server(
-                    self._new_connection, address.path, backlog=_BACKLOG
-                )
+                sock = bind_unix(address.path)
             else:
                 sock = bind_tcp(address, reuse_port=self.reuse_port)
                 _keepalive(sock, self.config.keepalive.client)
                 set_nodelay(sock)  # inherited by every accepted socket on Linux
-                self._server = await loop.create_server(
-                    self._new_connection, sock=sock, backlog=_BACKLOG
-                )
         except OSError as exc:
             raise ListenerError(
                 f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
             ) from exc
+        self._sock = sock
+        self._acceptor = Acceptor(sock, self._accepted, self.name)
+        self._acceptor.start()
         self.accepting = True
         self._log.info(
             "listener_started",
@@ -118,8 +115,9 @@ class Listener:
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections carry on."""
         self.accepting = False
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
             if self.config.listen.path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.config.listen.path)
@@ -132,24 +130,34 @@ class Listener:
         self.pool.targets = [old_targets.get(t.label, t) for t in self.pool.targets]
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
-        if self._server is not None:
-            for sock in self._server.sockets:
-                _keepalive(sock, config.keepalive.client)
+        if self._sock is not None and config.listen.path is None:
+            _keepalive(self._sock, config.keepalive.client)
 
-    # -- ConnectionObserver ---------------------------------------------------------------------
-    def _new_connection(self) -> asyncio.BufferedProtocol:
+    # -- accepting ------------------------------------------------------------------------------
+    def _accepted(self, sock: socket.socket) -> None:
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
-        return conn.client_protocol
+        conn.own_task(asyncio.get_running_loop().create_task(self._serve(conn, sock)))
 
-    def connection_accepted(self, conn: MonitoredConnection) -> None:
-        self.tracker.accepted(conn)
+    async def _serve(self, conn: MonitoredConnection, sock: socket.socket) -> None:
+        """One connection's set-up: take over the accepted socket, then reach an upstream."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: conn.client_protocol, sock)
+        except OSError:
+            sock.close()  # the client left before we could wrap its socket
+            return
+        # Refused only now: a transport closed inside connection_made never reports its loss.
         if self.tracker.active(self.name) > self.config.max_connections or not self.accepting:
             reason = CloseReason.MAX_CONNECTIONS if self.accepting else CloseReason.SHUTDOWN
             conn.close(reason, abort=True)
-            return
-        conn.own_task(asyncio.get_running_loop().create_task(self._connect(conn)))
+        elif conn.state is State.CONNECTING:
+            await self._connect(conn)
+
+    # -- ConnectionObserver ---------------------------------------------------------------------
+    def connection_accepted(self, conn: MonitoredConnection) -> None:
+        self.tracker.accepted(conn)
 
     def connection_opened(self, conn: MonitoredConnection) -> None:
         self.tracker.connection_opened(conn)
@@ -241,8 +249,17 @@ class Listener:
             conn.close(CloseReason.NO_HEALTHY_UPSTREAM)
             return
         except UpstreamConnectError as exc:
-            self._log.warning("upstream_connect_failed", conn_id=conn.id, error=str(exc))
             conn.close(CloseReason.UPSTREAM_CONNECT_FAILED)
+            if exc.out_of_fds and self._acceptor is not None:
+                # No fds left for upstream legs: stop taking clients we cannot serve.
+                self._acceptor.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+            elif (suppressed := self._throttle.allow("upstream_connect_failed")) is not None:
+                self._log.warning(
+                    "upstream_connect_failed",
+                    conn_id=conn.id,
+                    error=str(exc),
+                    suppressed=suppressed,
+                )
             return
         if conn.state is not State.CONNECTING:  # the client left while we were connecting
             transport.abort()
@@ -289,6 +306,20 @@ def bind_tcp(address: Address, *, reuse_port: bool = False) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise OSError(exc.errno, f"address {address} is already in use") from exc
+        raise
+    return sock
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening Unix stream socket at `path`, replacing a stale socket file."""
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
         raise
     return sock
 

@@ -67,3 +67,24 @@ def get_logger(name: str) -> Any:
     Bound with the configuration in force now; owners re-fetch it after `configure_logging`.
     """
     return structlog.get_logger(name).bind()
+
+
+class Throttle:
+    """Lets a repeating warning through at most once per `interval` seconds per key; the next
+    line that passes carries `suppressed`, the number held back in between."""
+
+    __slots__ = ("_interval", "_last", "_suppressed")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None to drop this line; else how many were suppressed before it (to log)."""
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import socket
 import time
@@ -13,6 +14,8 @@ from connwatch._types import Address, HealthState
 from connwatch.exceptions import NoHealthyUpstreamError, UpstreamConnectError
 from connwatch.snapshots import TargetStats
 from connwatch.stats import LATENCY_BUCKETS, Histogram
+
+_NO_FDS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class Target:
@@ -101,18 +104,20 @@ class UpstreamPool:
             raise NoHealthyUpstreamError("every upstream target is DOWN")
         loop = asyncio.get_running_loop()
         errors: list[str] = []
+        out_of_fds = False
         for target in itertools.islice(itertools.cycle(order), attempts):
             started = time.monotonic()
             try:
                 async with asyncio.timeout(timeout):
                     transport = await open_transport(loop, protocol_factory, target.address)
             except (OSError, TimeoutError) as exc:
+                out_of_fds = out_of_fds or getattr(exc, "errno", None) in _NO_FDS
                 target.connect_failures += 1
                 errors.append(f"{target.label}: {_describe(exc)}")
                 continue
             target.connect_duration.observe(time.monotonic() - started)
             return transport, target
-        raise UpstreamConnectError("; ".join(errors))
+        raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
 
 
 async def open_transport(
