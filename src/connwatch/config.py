@@ -146,6 +146,13 @@ def _buffer_size(size: int) -> int:
     return size
 
 
+def _data_path(path: str) -> str:
+    # `auto` falls back by itself; asking for `splice` where it cannot exist is a config error.
+    if path == "splice" and not hasattr(os, "splice"):
+        raise ValueError("splice needs Linux (os.splice); use auto or portable here")
+    return path
+
+
 def _upstream_address(address: Address) -> Address:
     if not address.is_unix and (not address.host or address.port == 0):
         raise ValueError("an upstream needs a host and a port from 1 to 65535")
@@ -515,6 +522,11 @@ class ListenerConfig(_Model):
     buffer_size: Annotated[Size, AfterValidator(_buffer_size)] = Field(
         default=256 * 1024,
         description="Per-direction high-water mark before reading pauses; at least 4KiB.",
+    )
+    data_path: Annotated[Literal["portable", "splice", "auto"], AfterValidator(_data_path)] = Field(
+        default="portable",
+        description="splice: zero-copy os.splice socket→pipe→socket on Linux; auto: splice "
+        "where available; portable: asyncio BufferedProtocol",
     )
     proxy_protocol: ProxyProtocolConfig = Field(
         default=ProxyProtocolConfig(), description="PROXY protocol on either leg."
