@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -53,6 +54,7 @@ def up_metric(listener: str, upstream: str) -> str:
     return f'connwatch_upstream_up{{listener="{listener}",upstream="{upstream}"}}'
 
 
+RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 HEARTBEAT_ERRORS = 'connwatch_protocol_errors_total{kind="heartbeat_frame"}'
 
 
@@ -169,7 +171,7 @@ async def assert_state(daemon: DaemonProcess, upstream: str, state: str) -> dict
     assert app["status"] == body["status"]
     seen: dict[str, Any] = app["upstreams"][upstream]
     assert seen["status"] == state
-    assert seen["last_check"] is not None
+    assert RFC3339_MS.fullmatch(seen["last_check"]), seen
     return seen
 
 
