@@ -51,6 +51,11 @@ print("yes" if direct and json.loads(direct).get("dir_info", {}).get("editable")
 EOF
 )
 if [ "$editable" != yes ] && [ "$(cat "$stamp" 2>/dev/null)" != "$sources" ]; then
+    if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+        echo "== .venv has no pip (an interrupted creation?): creating it again"
+        rm -rf .venv
+        "$PY" -m venv .venv
+    fi
     echo "== installing connwatch into .venv (first run only)"
     .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check .
     echo "$sources" > "$stamp"
