@@ -28,6 +28,18 @@ def missing_for_root_tests(*tools: str) -> str | None:
     for tool in tools:
         if shutil.which(tool) is None:
             return f"needs the {tool!r} command"
+    if "nft" in tools:
+        return _nft_refused()
+    return None
+
+
+def _nft_refused() -> str | None:
+    """Root in a container may still lack CAP_NET_ADMIN: try a table of our own once."""
+    table = f"connwatch_probe_{os.getpid()}"
+    made = subprocess.run(["nft", "add", "table", "inet", table], capture_output=True, check=False)
+    if made.returncode != 0:
+        return f"nft cannot add a table here: {made.stderr.decode().strip()}"
+    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
     return None
 
 

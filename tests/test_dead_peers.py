@@ -170,6 +170,7 @@ async def test_keepalive_finds_a_silent_idle_client_and_probes_are_on_the_wire(
     assert len(probes) == count, f"expected {count} probes, saw {probes}"
     # Keep-alive's idle time counts from the last packet the daemon received.
     quiet_from = max(p.time for p in packets if p.sport == port and p.time < probes[0].time)
+    print("keep-alive probes at", [round(p.time - quiet_from, 3) for p in probes], "s")
     assert probes[0].time - quiet_from == pytest.approx(idle, abs=0.5)
     for earlier, later in itertools.pairwise(probes):
         assert later.time - earlier.time == pytest.approx(interval, abs=0.5)
