@@ -304,11 +304,6 @@ async def test_on_upstream_down_close_closes_that_targets_connections(tmp_path: 
     assert metrics[closed_metric("keeping", "upstream_down")] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upstream.py UpstreamPool.candidates sorts by Target.active, which the tracker only "
-    "raises once the upstream connect has finished: a burst of new clients all pick one target",
-)
 async def test_least_connections_spreads_a_burst(tmp_path: Path) -> None:
     """Connections still connecting count too: a burst must not all pick the same target."""
     async with backends("a", "b") as (a, b):

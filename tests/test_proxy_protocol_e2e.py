@@ -242,12 +242,6 @@ async def test_accepting_listener_forwards_the_payload_intact(kind: str, tmp_pat
     assert daemon.find("connection_opened")[0]["client"] == shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="listener.py _read_proxy_header installs conn.preamble but never offers it the "
-    "bytes already held, so a header read before that (same segment as the accept) is "
-    "missed and the client is closed after connect_timeout",
-)
 async def test_header_in_the_first_segment_is_seen(tmp_path: Path) -> None:
     """A client (or proxy) that sends header and payload at once, right after connecting."""
     async with EchoUpstream() as echo:
@@ -273,11 +267,6 @@ async def closed_by_peer_or(reader: asyncio.StreamReader, n: int) -> bytes:
         return b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connection.py counts the consumed PROXY header in bytes_client_to_upstream "
-    "(_Leg.buffer_updated adds it to bytes_in before listener.py strips it)",
-)
 async def test_accepted_header_is_not_counted_as_forwarded_bytes(tmp_path: Path) -> None:
     async with EchoUpstream() as echo:
         app = listener_config("app", [echo.address], **proxy(accept=True))
@@ -321,11 +310,6 @@ async def test_accept_and_send_pass_on_the_original_client(send: str, tmp_path: 
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="listener.py _proxy_preface relays an address-less accepted header (LOCAL, UNKNOWN) "
-    "as UNKNOWN instead of the real connection endpoints the PROXY spec says to use",
-)
 async def test_accept_and_send_use_the_real_peer_for_a_local_header(tmp_path: Path) -> None:
     async with ProxyAwareUpstream() as upstream:
         app = listener_config("app", [upstream.address], **proxy(accept=True, send="v2"))
@@ -396,12 +380,6 @@ async def test_bad_headers_close_with_protocol_error_and_the_daemon_serves_on(
     assert echo.accepted == 1  # no garbage connection ever reached the upstream
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the connect task waiting for the PROXY header outlives a client that reset: "
-    "MonitoredConnection._maybe_finish (connection.py) does not cancel it, so listener.py "
-    "_read_proxy_header times out later and counts and logs a protocol_error",
-)
 async def test_a_client_that_leaves_mid_header_is_not_a_protocol_error(tmp_path: Path) -> None:
     async with EchoUpstream() as echo:
         app = listener_config("app", [echo.address], **proxy(accept=True))

@@ -114,7 +114,7 @@ def format_peer(peer: object) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(peer, str | bytes) and peer:
         return f"unix:{peer.decode() if isinstance(peer, bytes) else peer}"
-    return "unix:"
+    return "unix:" if peer == "" else "unknown"
 
 
 class Clock(Protocol):

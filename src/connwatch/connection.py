@@ -317,8 +317,12 @@ class MonitoredConnection:
             self._pending = [b"".join(self._pending)]
         return self._pending[0] if self._pending else b""
 
-    def replace_held(self, data: bytes) -> None:
-        self._pending = [data] if data else None
+    def consume_held(self, nbytes: int) -> None:
+        """Drop the first `nbytes` held bytes (a parsed PROXY header): they are not forwarded
+        and so not counted."""
+        rest = self.peek_held()[nbytes:]
+        self._pending = [rest] if rest else None
+        self.client_leg.bytes_in -= nbytes
 
     def upstream_connected(self, target: Target, preface: bytes = b"") -> None:
         """The upstream leg is up: send any preface (PROXY header) and held bytes, start reading."""
@@ -423,6 +427,8 @@ class MonitoredConnection:
             return
         self.state = State.CLOSED
         self.closed_at = time.monotonic()
+        if self._connect_task is not None:  # e.g. still waiting for a PROXY header
+            self._connect_task.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

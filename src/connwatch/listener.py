@@ -187,7 +187,7 @@ class Listener:
                 if not parsed.done():
                     parsed.set_exception(exc)
                 return
-            c.replace_held(c.peek_held()[used:])
+            c.consume_held(used)
             c.preamble = None
             transport = c.client_transport()
             if transport is not None:
@@ -196,9 +196,10 @@ class Listener:
                 parsed.set_result(header)
 
         conn.preamble = offer
+        offer(conn)  # the header may have come with the first segment, held before now
         transport = conn.client_transport()
-        assert transport is not None
-        transport.resume_reading()
+        if transport is not None and not parsed.done():
+            transport.resume_reading()
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 header = await parsed
@@ -222,7 +223,7 @@ class Listener:
         version = self.config.proxy_protocol.send
         if version == "none":
             return b""
-        if header is not None:  # pass on what the client's own proxy told us
+        if header is not None and header.source is not None:  # what the client's proxy said
             return proxy_protocol.header_for(version, header.source, header.destination)
         transport = conn.client_transport()
         peer = transport.get_extra_info("peername") if transport else None

@@ -28,6 +28,7 @@ class Target:
         "checks",
         "connect_duration",
         "connect_failures",
+        "connecting",
         "consecutive_failures",
         "label",
         "last_check",
@@ -40,6 +41,7 @@ class Target:
         self.label = str(address)
         self.state = HealthState.UNKNOWN
         self.active = 0
+        self.connecting = 0  # connects in flight: least_connections counts them too
         self.connect_failures = 0
         self.connect_duration = Histogram(LATENCY_BUCKETS)
         # Written by the health checker of this target (health.py).
@@ -87,7 +89,8 @@ class UpstreamPool:
         if len(usable) <= 1 or self.balance == "first":
             return usable
         if self.balance == "least_connections":
-            return sorted(usable, key=lambda t: t.active)  # stable: ties keep config order
+            # stable: ties keep config order
+            return sorted(usable, key=lambda t: t.active + t.connecting)
         start = next(self._rr) % len(usable)
         return usable[start:] + usable[:start]
 
@@ -107,6 +110,7 @@ class UpstreamPool:
         out_of_fds = False
         for target in itertools.islice(itertools.cycle(order), attempts):
             started = time.monotonic()
+            target.connecting += 1
             try:
                 async with asyncio.timeout(timeout):
                     transport = await open_transport(loop, protocol_factory, target.address)
@@ -115,6 +119,8 @@ class UpstreamPool:
                 target.connect_failures += 1
                 errors.append(f"{target.label}: {_describe(exc)}")
                 continue
+            finally:
+                target.connecting -= 1
             target.connect_duration.observe(time.monotonic() - started)
             return transport, target
         raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
