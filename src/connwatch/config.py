@@ -571,6 +571,11 @@ class LogConfig(_Model):
         default=0.0,
         description="0 = off; else a `connection_progress` line this often per connection.",
     )
+    connection_events_limit: Annotated[int, Field(ge=0, strict=True)] = Field(
+        default=0,
+        description="Most `connection_opened`/`connection_closed` lines a second (0 = no limit); "
+        "beyond it they are counted and summed up once a second in `connection_events_suppressed`.",
+    )
 
 
 class ShutdownConfig(_Model):

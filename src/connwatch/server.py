@@ -20,6 +20,7 @@ from connwatch._types import Address, CloseReason, HealthState, Liveness, rfc333
 from connwatch.admin import AdminApp
 from connwatch.config import ListenerConfig, Settings, load_settings
 from connwatch.connection import MonitoredConnection, State
+from connwatch.events import ConnectionEvents
 from connwatch.exceptions import ConfigError, ListenerError
 from connwatch.frames import FrameError
 from connwatch.health import HealthMonitor
@@ -70,7 +71,10 @@ class Daemon:
         self.settings = settings
         self.config_path = config_path
         self.base_config = base_config
-        self.tracker = Tracker(worker=worker_index, log_events=settings.log.connection_events)
+        self.events = ConnectionEvents(
+            enabled=settings.log.connection_events, limit=settings.log.connection_events_limit
+        )
+        self.tracker = Tracker(worker=worker_index, events=self.events)
         self.checks_enabled = True  # the primary checks upstreams; workers are told the results
         self.pool = WorkerPool()
         self._merged: DaemonStats | None = None  # all workers, taken just before a scrape
@@ -92,6 +96,7 @@ class Daemon:
         self._reloads: set[asyncio.Task[bool]] = set()
         self._reload_lock = asyncio.Lock()
         self._force = asyncio.Event()  # a second stop signal: skip the drain
+        self._progress: asyncio.TimerHandle | None = None
         self.registry: CollectorRegistry = build_registry(lambda: self._merged or self.statistics())
         token = settings.admin.token
         self.admin = AdminApp(self, token.get_secret_value() if token else None)
@@ -111,6 +116,7 @@ class Daemon:
             await self._close_everything()
             raise
         self.started = True
+        self._schedule_progress()
         log.info(
             "daemon_started",
             admin=str(self.settings.admin.listen),
@@ -205,9 +211,13 @@ class Daemon:
                 listener.reconfigure(cfg)
                 self._install(listener)
         configure_logging(new.log.level, new.log.format)
-        self.tracker.log_events = new.log.connection_events
-        self.tracker.refresh_logger()
+        self.events.configure(
+            enabled=new.log.connection_events, limit=new.log.connection_events_limit
+        )
+        progress_changed = new.log.progress_interval != self.settings.log.progress_interval
         self.settings = new
+        if progress_changed:
+            self._schedule_progress()
 
     async def _bind_all(self, configs: list[ListenerConfig]) -> list[Listener]:
         started: list[Listener] = []
@@ -309,6 +319,9 @@ class Daemon:
             conn.close(reason, abort=abort)
 
     async def _close_everything(self) -> None:
+        if self._progress is not None:
+            self._progress.cancel()
+        self.events.close()
         for listener in [*self.listeners.values(), *self.retired]:
             listener.stop_accepting()
         await self.health.close()
@@ -432,6 +445,22 @@ class Daemon:
             for name, listener in self.listeners.items()
         }
         return {"settings": self.concrete_settings(), "states": states}
+
+    # -- connection_progress lines -------------------------------------------------------------
+    def _schedule_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.cancel()
+            self._progress = None
+        interval = self.settings.log.progress_interval
+        if interval > 0:
+            self._progress = asyncio.get_running_loop().call_later(interval, self._progress_tick)
+
+    def _progress_tick(self) -> None:
+        self._progress = None
+        if self.draining:
+            return
+        self.events.progress(self.tracker.connections(), self.settings.log.progress_interval)
+        self._schedule_progress()
 
     def count_protocol_error(self, kind: str) -> None:
         self.protocol_errors[kind] += 1

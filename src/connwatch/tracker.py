@@ -14,7 +14,7 @@ from typing import Any
 
 from connwatch._types import CloseReason, Direction, rfc3339
 from connwatch.connection import MonitoredConnection, State
-from connwatch.log import get_logger
+from connwatch.events import ConnectionEvents
 from connwatch.snapshots import ListenerStats
 from connwatch.stats import DURATION_BUCKETS, Histogram
 
@@ -41,7 +41,9 @@ class ListenerTotals:
 class Tracker:
     """All connections of this process, by id, and per-listener totals."""
 
-    def __init__(self, *, worker: int = 0, log_events: bool = True) -> None:
+    def __init__(
+        self, *, worker: int = 0, events: ConnectionEvents | None = None, log_events: bool = True
+    ) -> None:
         self._live: dict[str, MonitoredConnection] = {}
         self._active: Counter[str] = Counter()  # live connections by listener
         self._totals: dict[str, ListenerTotals] = {}
@@ -49,12 +51,7 @@ class Tracker:
         self._worker = worker
         self._empty = asyncio.Event()
         self._empty.set()
-        self.log_events = log_events
-        self.refresh_logger()
-
-    def refresh_logger(self) -> None:
-        """Pick up a new logging configuration (after a reload)."""
-        self._log = get_logger("connwatch.connection")
+        self.events = events or ConnectionEvents(enabled=log_events)
 
     # -- ids and registration -------------------------------------------------------------------
     def next_id(self) -> str:
@@ -77,14 +74,7 @@ class Tracker:
     def connection_opened(self, conn: MonitoredConnection) -> None:
         if conn.target is not None:
             conn.target.active += 1
-        if self.log_events:
-            self._log.info(
-                "connection_opened",
-                conn_id=conn.id,
-                listener=conn.listener,
-                client=conn.client,
-                upstream=conn.upstream,
-            )
+        self.events.opened(conn)
 
     def connection_closed(self, conn: MonitoredConnection) -> None:
         if self._live.pop(conn.id, None) is None:
@@ -98,20 +88,9 @@ class Tracker:
         totals.bytes_closed[Direction.UPSTREAM_TO_CLIENT] += u2c
         duration = conn.age()
         totals.duration.observe(duration)
-        if conn.target is not None and conn.target.active > 0 and conn.upstream_leg.transport:
+        if conn.target is not None and conn.target.active > 0:  # a target is set once opened
             conn.target.active -= 1
-        if self.log_events:
-            self._log.info(
-                "connection_closed",
-                conn_id=conn.id,
-                listener=conn.listener,
-                client=conn.client,
-                upstream=conn.upstream,
-                duration_s=round(duration, 6),
-                bytes_client_to_upstream=c2u,
-                bytes_upstream_to_client=u2c,
-                reason=str(reason),
-            )
+        self.events.closed(conn, str(reason), duration)
         if not self._live:
             self._empty.set()
 

@@ -34,6 +34,7 @@ class WorkerDaemon(Daemon):
         for listener in await self._bind_all(list(self.settings.listeners)):
             self._install(listener)
         self.started = True
+        self._schedule_progress()
         log.info("worker_started", worker=self.index)
 
     async def run(self) -> None:
@@ -55,6 +56,9 @@ class WorkerDaemon(Daemon):
             self.channel.close()
 
     async def _close_everything(self) -> None:
+        if self._progress is not None:
+            self._progress.cancel()
+        self.events.close()
         for listener in [*self.listeners.values(), *self.retired]:
             listener.stop_accepting()
         if self.liveness is not None:

@@ -1,0 +1,83 @@
+"""Log lines as operators read them (SPEC section 6): JSON shape, progress, flood protection."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+from tests.support import DaemonProcess, EchoUpstream, daemon_config, listener_config
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+async def _echo(port: int, payload: bytes = b"hi") -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
+    writer.close()
+
+
+async def test_every_line_is_json_with_timestamp_level_event(tmp_path: Path) -> None:
+    async with EchoUpstream() as up:
+        cfg = daemon_config(listener_config("app", [up.address]))
+        async with DaemonProcess(tmp_path, cfg) as daemon:
+            await _echo(daemon.port("app"))
+            closed = await daemon.wait_for("connection_closed")
+        await daemon.wait_for("shutdown_complete")
+    assert not daemon.find("_unparsed")
+    for line in daemon.lines:
+        assert RFC3339_UTC.match(line["timestamp"]), line
+        assert line["level"] in {"debug", "info", "warning", "error"}
+        assert isinstance(line["event"], str)
+    opened = daemon.find("connection_opened")[0]
+    assert opened["conn_id"] == closed["conn_id"]
+    for key in (
+        "listener",
+        "client",
+        "upstream",
+        "duration_s",
+        "reason",
+        "bytes_client_to_upstream",
+        "bytes_upstream_to_client",
+    ):
+        assert key in closed
+
+
+async def test_progress_lines_for_long_lived_connections(tmp_path: Path) -> None:
+    async with EchoUpstream() as up:
+        cfg = daemon_config(listener_config("app", [up.address]))
+        cfg["log"]["progress_interval"] = "300ms"
+        async with DaemonProcess(tmp_path, cfg) as daemon:
+            reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port("app"))
+            writer.write(b"12345")
+            await reader.readexactly(5)
+            opened = await daemon.wait_for("connection_opened")
+            progress = await daemon.wait_for("connection_progress", count=2, timeout=5)
+            assert progress["conn_id"] == opened["conn_id"]
+            assert progress["bytes_client_to_upstream"] == 5
+            assert progress["age_s"] >= 0.3
+            writer.close()
+
+
+async def test_connection_events_limit_sums_up_the_rest(tmp_path: Path) -> None:
+    async with EchoUpstream() as up:
+        cfg = daemon_config(listener_config("app", [up.address]))
+        cfg["log"]["connection_events_limit"] = 10
+        async with DaemonProcess(tmp_path, cfg) as daemon:
+            port = daemon.port("app")
+            await asyncio.gather(*(_echo(port) for _ in range(60)))
+            summary = await daemon.wait_for("connection_events_suppressed", timeout=5)
+            m = await daemon.metrics()
+            assert m['connwatch_connections_accepted_total{listener="app"}'] == 60
+            await asyncio.sleep(1.2)  # let a possible second summary arrive
+            summaries = daemon.find("connection_events_suppressed")
+            opened = len(daemon.find("connection_opened")) + sum(
+                s.get("opened", 0) for s in summaries
+            )
+            closed = len(daemon.find("connection_closed")) + sum(
+                s.get("closed", 0) for s in summaries
+            )
+            assert summary["limit_per_s"] == 10
+            assert len(daemon.find("connection_opened")) < 60
+            assert (opened, closed) == (60, 60)
