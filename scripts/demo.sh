@@ -39,7 +39,8 @@ fi
 # --no-compile: modules are compiled when first imported instead; the install is seconds faster.
 stamp=.venv/.connwatch-demo-installed
 sources=$(cat pyproject.toml $(find src -name '*.py' -o -name py.typed | sort) | cksum)
-editable=$(.venv/bin/python - <<'EOF' 2>/dev/null || true
+editable() {
+    .venv/bin/python - <<'EOF' 2>/dev/null
 import json
 from importlib.metadata import PackageNotFoundError, distribution
 
@@ -47,10 +48,10 @@ try:
     direct = distribution("connwatch").read_text("direct_url.json")
 except PackageNotFoundError:
     direct = None
-print("yes" if direct and json.loads(direct).get("dir_info", {}).get("editable") else "no")
+raise SystemExit(0 if direct and json.loads(direct).get("dir_info", {}).get("editable") else 1)
 EOF
-)
-if [ "$editable" != yes ] && [ "$(cat "$stamp" 2>/dev/null)" != "$sources" ]; then
+}
+if [ "$(cat "$stamp" 2>/dev/null)" != "$sources" ] && ! editable; then
     if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
         echo "== .venv has no pip (an interrupted creation?): creating it again"
         rm -rf .venv
