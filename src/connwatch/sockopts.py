@@ -191,3 +191,32 @@ def _get_tcp(sock: SocketLike, option: int | None) -> int | None:
         return sock.getsockopt(socket.IPPROTO_TCP, option)
     except OSError:
         return None  # refused on an open socket; a closed one already failed SO_KEEPALIVE
+
+
+SocketOptions = tuple[tuple[int, int, int], ...]
+
+
+def tcp_options(
+    *, enabled: bool, idle: float, interval: float, count: int, user_timeout: float
+) -> SocketOptions:
+    """Keep-alive and TCP_NODELAY as (level, option, value) rows, computed once per config so
+    that each new socket costs only the setsockopt calls (see `apply_to_fd`)."""
+    keepalive = _keepalive_settings(enabled, idle, interval, count, user_timeout)
+    return (*keepalive, (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+
+
+def apply_to_fd(fd: int, family: int, options: SocketOptions) -> None:
+    """Set `options` on a TCP socket given by its fd, through one socket object.
+
+    uvloop's transport sockets build a new socket object for every get/setsockopt call; this
+    borrows the fd once instead (family and type given, so no detection syscalls either).
+    """
+    if family not in _TCP_FAMILIES or fd < 0:
+        return
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        for level, option, value in options:
+            if not _set(sock, level, option, value):
+                return
+    finally:
+        sock.detach()

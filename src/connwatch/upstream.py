@@ -8,14 +8,18 @@ import itertools
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from connwatch._types import Address, HealthState
 from connwatch.exceptions import NoHealthyUpstreamError, UpstreamConnectError
 from connwatch.snapshots import TargetStats
+from connwatch.sockopts import SocketOptions, apply_to_fd
 from connwatch.stats import LATENCY_BUCKETS, Histogram
 
 _NO_FDS = frozenset({errno.EMFILE, errno.ENFILE})
+T = TypeVar("T")
+NODELAY: SocketOptions = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 class Target:
@@ -100,6 +104,7 @@ class UpstreamPool:
         *,
         timeout: float,
         attempts: int,
+        options: SocketOptions = NODELAY,
     ) -> tuple[asyncio.Transport, Target]:
         """Connect to the first target that answers, trying up to `attempts` targets in order."""
         order = self.candidates()
@@ -112,8 +117,9 @@ class UpstreamPool:
             started = time.monotonic()
             target.connecting += 1
             try:
-                async with asyncio.timeout(timeout):
-                    transport = await open_transport(loop, protocol_factory, target.address)
+                transport = await _within(
+                    timeout, open_transport(loop, protocol_factory, target.address, options)
+                )
             except (OSError, TimeoutError) as exc:
                 out_of_fds = out_of_fds or getattr(exc, "errno", None) in _NO_FDS
                 target.connect_failures += 1
@@ -130,8 +136,9 @@ async def open_transport(
     loop: asyncio.AbstractEventLoop,
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     address: Address,
+    options: SocketOptions = NODELAY,
 ) -> asyncio.Transport:
-    """Open a stream to `address` (TCP or Unix socket) with TCP_NODELAY on TCP."""
+    """Open a stream to `address` (TCP or Unix socket); `options` are set on a TCP socket."""
     if address.path is not None:
         transport, _ = await loop.create_unix_connection(protocol_factory, address.path)
     else:
@@ -139,9 +146,31 @@ async def open_transport(
             protocol_factory, address.host or "127.0.0.1", address.port
         )
         sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None and options:
+            apply_to_fd(sock.fileno(), sock.family, options)
     return transport
+
+
+async def _within(timeout: float, coro: Coroutine[Any, Any, T]) -> T:
+    """`coro` bounded by `timeout`; a cheaper asyncio.timeout for the per-connection path."""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
+            raise TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
 
 
 def _describe(exc: BaseException) -> str:
