@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final, cast
 
 from connwatch.frames import FRAME_SIZE, MAGIC, FrameError, FrameType, decode, ping
 from connwatch.heartbeat import PongResponder
@@ -84,7 +84,8 @@ class _UpstreamProtocol(asyncio.Protocol):
         self._sent = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        # uvloop's transports implement asyncio.Transport without subclassing it: a cast.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport

@@ -657,5 +657,7 @@ def _plain(view: View, client: AdminClient, first: Snapshot) -> int:
     except AdminApiError as exc:
         print(f"connwatch top: the daemon went away: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or the reader left (`| head`)
+        with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
