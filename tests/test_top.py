@@ -110,7 +110,9 @@ async def test_top_shows_connections_sorts_and_quits(tmp_path: Path) -> None:
             local_modes = termios.tcgetattr(screen.child.child_fd)[3]
             assert local_modes & termios.ICANON
             assert local_modes & termios.ECHO
-            assert screen.raw.endswith("\x1b[?25h\x1b[?1049l")
+            tail = screen.raw[-64:]
+            assert "\x1b[?25h" in tail  # cursor shown again
+            assert "\x1b[?1049l" in tail  # back from the alternate screen
         finally:
             screen.close()
             for _, writer in clients:
