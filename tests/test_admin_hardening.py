@@ -144,14 +144,6 @@ async def test_garbage_requests_end_quickly_without_a_server_error(tmp_path: Pat
     assert not [line for line in daemon.lines if line.get("level") == "error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="admin.py leaves aiohttp's `aiohttp.server` logger unconfigured: every malformed "
-    "request makes RequestHandler log 'Error handling request' with a full traceback, which "
-    "logging's last-resort handler writes to stderr (not JSON, not rate-limited): any local "
-    "client can flood the daemon's stderr; fix: pass AppRunner(logger=...) a logger that "
-    "drops or rate-limits these (a 400 answer is all the client needs)",
-)
 async def test_bad_requests_do_not_flood_stderr(tmp_path: Path) -> None:
     async with admin_daemon(tmp_path) as daemon:
         for i in range(50):
@@ -192,12 +184,6 @@ async def test_oversized_request_heads_are_refused(
         assert await healthz_latency(daemon.admin_port) < PROMPT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="admin.py bounds each header line (max_field_size 8190) and their number (aiohttp's "
-    "max_headers 128) but not their sum: a request head of 120 x 8000 bytes (~1 MiB) is parsed and "
-    "served although _MAX_REQUEST says 16 KiB; the admin API needs no head that large",
-)
 async def test_request_head_larger_than_16_kib_in_total_is_refused(tmp_path: Path) -> None:
     head = req(b"GET /healthz HTTP/1.1", *(b"X-%d: %s" % (i, b"h" * 8000) for i in range(120)))
     async with admin_daemon(tmp_path) as daemon:
@@ -306,14 +292,6 @@ async def test_slowloris_does_not_starve_healthz_or_grow_memory(tmp_path: Path) 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="admin.py runs aiohttp with no deadline for a request head: aiohttp only arms "
-    "keepalive_timeout (3630 s by default) at connection_made and resets nothing per request "
-    "byte, so a client trickling one header byte every 200 ms holds its connection and fd for "
-    "an hour; fix: a request-head deadline (e.g. close handlers with no complete request after "
-    "10 s from a periodic sweep of runner.server.connections) plus keepalive_timeout ~15 s",
-)
 async def test_slowloris_connection_is_cut_by_a_request_deadline(tmp_path: Path) -> None:
     async with admin_daemon(tmp_path) as daemon:
         attacker = Trickle(daemon.admin_port, 0.2)

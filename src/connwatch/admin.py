@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -13,6 +15,23 @@ from connwatch._types import Address
 from connwatch.metrics import render
 
 _MAX_REQUEST = 16 * 1024  # bytes of headers or body: the admin API takes no large input
+_IDLE_TIMEOUT = 10.0  # seconds a connection may wait for a complete request (slowloris bound)
+
+# aiohttp logs every malformed request with a traceback through stdlib logging, which would go
+# to stderr unformatted: a local client could flood it. The client gets its 400; we log nothing.
+_quiet = logging.getLogger("connwatch.admin.http")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+
+@web.middleware
+async def _bounded_head(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse request heads over _MAX_REQUEST in total (aiohttp bounds each line, not the sum)."""
+    if sum(len(k) + len(v) for k, v in request.raw_headers) > _MAX_REQUEST:
+        return _error(431, f"request headers exceed {_MAX_REQUEST} bytes")
+    return await handler(request)
 
 
 class AdminBackend(Protocol):
@@ -50,7 +69,7 @@ class AdminApp:
     def __init__(self, backend: AdminBackend, token: str | None) -> None:
         self.backend = backend
         self.token = token
-        self.app = web.Application(client_max_size=_MAX_REQUEST)
+        self.app = web.Application(client_max_size=_MAX_REQUEST, middlewares=[_bounded_head])
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -66,6 +85,8 @@ class AdminApp:
             handle_signals=False,
             max_line_size=8190,
             max_field_size=8190,
+            keepalive_timeout=_IDLE_TIMEOUT,
+            logger=_quiet,
         )
         await self._runner.setup()
         if address.path is not None:
