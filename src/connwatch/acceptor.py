@@ -3,7 +3,8 @@
 uvloop's own server answers EMFILE by accepting and dropping the waiting clients without telling
 anyone. Here the listening socket is read from the loop directly: on EMFILE/ENFILE accepting
 pauses for a moment, the clients wait in the backlog, and one warning a burst says how many
-attempts failed; a second line says when accepting works again.
+attempts failed; a second line says when a client is served again. A burst ends only then, not
+at the next successful accept: with no fd left for the upstream leg, accepting alone is no cure.
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ class Acceptor:
                     continue
                 self.exhausted(exc)
                 return
-            if self._burst:
-                log.info("accept_recovered", listener=self.name, failed_attempts=self._burst)
-                self._burst = 0
             conn.setblocking(False)
             self.on_socket(conn)
+
+    def served(self) -> None:
+        """A client got its upstream: any burst of failures is over."""
+        if self._burst:
+            log.info("accept_recovered", listener=self.name, failed_attempts=self._burst)
+            self._burst = 0
 
     def exhausted(self, exc: OSError) -> None:
         """Accepting (or a connect for an accepted client) failed: pause, log once a burst."""
