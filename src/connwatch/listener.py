@@ -27,7 +27,14 @@ from connwatch.exceptions import (
 )
 from connwatch.log import Throttle
 from connwatch.proxy_protocol import ProxyHeader, ProxyProtocolError
-from connwatch.sockopts import SocketLike, apply_keepalive, set_nodelay
+from connwatch.sockopts import (
+    SocketLike,
+    SocketOptions,
+    apply_keepalive,
+    set_nodelay,
+    tcp_options,
+)
+from connwatch.splice import SplicePath, uses_splice
 from connwatch.upstream import UpstreamPool
 
 if TYPE_CHECKING:
@@ -68,10 +75,12 @@ class Listener:
         self.pool = UpstreamPool(config.upstreams, config.balance)
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
+        self.upstream_options = _options(config.keepalive.upstream)
         self.accepting = False
         self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
         self._sock: socket.socket | None = None
         self._acceptor: Acceptor | None = None
+        self._splice: SplicePath | None = None  # None: the portable data path
         self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
         self._log = log.bind(listener=self.name)
         tracker.totals(self.name)  # the listener's series exist from the start, at zero
@@ -102,6 +111,7 @@ class Listener:
                 f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
             ) from exc
         self._sock = sock
+        self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
         self._acceptor = Acceptor(sock, self._accepted, self.name)
         self._acceptor.start()
         self.accepting = True
@@ -109,6 +119,7 @@ class Listener:
             "listener_started",
             listen=str(address),
             port=self.port if not address.path else None,
+            data_path="splice" if self._splice else "portable",
             upstreams=[t.label for t in self.pool.targets],
         )
 
@@ -130,6 +141,8 @@ class Listener:
         self.pool.targets = [old_targets.get(t.label, t) for t in self.pool.targets]
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
+        self.upstream_options = _options(config.keepalive.upstream)
+        self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._sock is not None and config.listen.path is None:
             _keepalive(self._sock, config.keepalive.client)
 
@@ -144,7 +157,7 @@ class Listener:
         """One connection's set-up: take over the accepted socket, then reach an upstream."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(lambda: conn.client_protocol, sock)
+            await (self._splice or loop).connect_accepted_socket(lambda: conn.client_protocol, sock)
         except OSError:
             sock.close()  # the client left before we could wrap its socket
             return
@@ -241,11 +254,19 @@ class Listener:
             if header is None:
                 return
         try:
-            transport, target = await self.pool.connect(
-                conn.upstream_protocol,
-                timeout=config.connect_timeout,
-                attempts=config.connect_attempts,
-            )
+            if self._splice is not None:  # sets its own socket options before connecting
+                transport, target = await self._splice.connect(
+                    conn.upstream_protocol,
+                    timeout=config.connect_timeout,
+                    attempts=config.connect_attempts,
+                )
+            else:
+                transport, target = await self.pool.connect(
+                    conn.upstream_protocol,
+                    timeout=config.connect_timeout,
+                    attempts=config.connect_attempts,
+                    options=self.upstream_options,
+                )
         except NoHealthyUpstreamError:
             conn.close(CloseReason.NO_HEALTHY_UPSTREAM)
             return
@@ -265,13 +286,12 @@ class Listener:
         if conn.state is not State.CONNECTING:  # the client left while we were connecting
             transport.abort()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            _keepalive(sock, config.keepalive.upstream)
         if self.timeouts.max_lifetime:
             jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
             conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
         conn.upstream_connected(target, self._proxy_preface(conn, header))
+        if self._acceptor is not None:
+            self._acceptor.served()
 
 
 def _timeouts(config: ListenerConfig) -> Timeouts:
@@ -281,6 +301,16 @@ def _timeouts(config: ListenerConfig) -> Timeouts:
 def _keepalive(sock: SocketLike, cfg: KeepaliveConfig) -> None:
     apply_keepalive(
         sock,
+        enabled=cfg.enabled,
+        idle=cfg.idle,
+        interval=cfg.interval,
+        count=cfg.count,
+        user_timeout=cfg.user_timeout,
+    )
+
+
+def _options(cfg: KeepaliveConfig) -> SocketOptions:
+    return tcp_options(
         enabled=cfg.enabled,
         idle=cfg.idle,
         interval=cfg.interval,
