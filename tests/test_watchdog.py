@@ -187,10 +187,11 @@ async def proxied(
     *,
     stream: bool = False,
     rcvbuf: int | None = None,
+    data_path: str = "portable",
 ) -> AsyncIterator[Proxied]:
     async with (
         Upstream(stream=stream) as up,
-        watched(up.address, heartbeat, clock) as (wd, listener, tracker),
+        watched(up.address, heartbeat, clock, data_path=data_path) as (wd, listener, tracker),
         client(listener, tracker, rcvbuf=rcvbuf) as (_, writer, conn),
     ):
         yield Proxied(wd, up, writer, conn)
@@ -201,8 +202,12 @@ def interval_of(watchdog: Watchdog, conn: MonitoredConnection) -> float:
 
 
 # -- classification -------------------------------------------------------------------------------
-async def test_fresh_connection_is_ok_with_tcp_figures_from_both_legs() -> None:
-    async with proxied(SLOW) as p:
+DATA_PATHS = pytest.mark.parametrize("data_path", ["portable", "splice"])
+
+
+@DATA_PATHS
+async def test_fresh_connection_is_ok_with_tcp_figures_from_both_legs(data_path: str) -> None:
+    async with proxied(SLOW, data_path=data_path) as p:
         assert p.wd.beat(p.conn) is Liveness.OK
         described = p.wd.describe(p.conn)
         assert described["liveness"] == "ok"
@@ -236,9 +241,10 @@ async def test_one_direction_ended_is_half_closed() -> None:
         assert p.wd.describe(p.conn)["liveness"] == "half_closed"
 
 
-async def test_a_client_that_stops_reading_is_zero_window_not_dead() -> None:
+@DATA_PATHS
+async def test_a_client_that_stops_reading_is_zero_window_not_dead(data_path: str) -> None:
     clock = FakeClock()
-    async with proxied(SLOW, clock, stream=True, rcvbuf=4096) as p:
+    async with proxied(SLOW, clock, stream=True, rcvbuf=4096, data_path=data_path) as p:
         await asyncio.wait_for(p.up.paused.wait(), 10)
         await eventually(lambda: p.wd.beat(p.conn) is Liveness.ZERO_WINDOW, timeout=10)
         # Far past stall_timeout: the client still answers window probes, so it is alive.
@@ -252,11 +258,15 @@ async def test_a_client_that_stops_reading_is_zero_window_not_dead() -> None:
         assert p.wd.statistics()["wd"].states["zero_window"] == 1
 
 
-async def test_a_leg_reset_while_reading_is_paused_fails_beats_then_closes_both() -> None:
+@DATA_PATHS
+async def test_a_leg_reset_while_reading_is_paused_fails_beats_then_closes_both(
+    data_path: str,
+) -> None:
     """With reading paused the loop does not poll the upstream socket, so a RST from the upstream
     goes unnoticed by the transport; the kernel shows the socket CLOSE, and beats fail on it.
     The close names the kernel's reason (SO_ERROR ECONNRESET), not the watchdog's."""
-    async with proxied({**SLOW, "failure_threshold": 2}, stream=True, rcvbuf=4096) as p:
+    heartbeat = {**SLOW, "failure_threshold": 2}
+    async with proxied(heartbeat, stream=True, rcvbuf=4096, data_path=data_path) as p:
         await asyncio.wait_for(p.up.paused.wait(), 10)
         await eventually(lambda: p.wd.beat(p.conn) is Liveness.ZERO_WINDOW, timeout=10)
         p.up.reset_all()
@@ -275,6 +285,84 @@ async def test_a_leg_reset_while_reading_is_paused_fails_beats_then_closes_both(
         stats = p.wd.statistics()["wd"]
         assert stats.heartbeats["failed"] == 2
         assert sum(stats.states.values()) == 0  # unwatched on close
+
+
+async def test_a_cleanly_finished_leg_with_a_reply_still_queued_is_not_a_failure() -> None:
+    """The upstream answered and sent its FIN while the client reads nothing: FINs went both ways,
+    so the kernel shows the upstream socket CLOSE (time-wait hand-off) with the reply queued
+    behind paused reading. No error is pending: a clean end, not a dead socket."""
+    sent = 0
+    tracker = Tracker(log_events=False)
+    handlers: list[asyncio.StreamWriter] = []
+    finished = asyncio.Event()
+
+    def reading_paused() -> bool:
+        return bool(tracker.statistics()["wd"].flow_paused.get("upstream_to_client"))
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        handlers.append(writer)
+        with contextlib.suppress(OSError):
+            assert await reader.read() == b"question"  # up to the client's EOF
+            for _ in range(4096):  # bounded: until the daemon stops reading us, then once more
+                writer.write(b"r" * CHUNK)
+                sent += CHUNK
+                if reading_paused():
+                    break
+                await writer.drain()
+                await asyncio.sleep(0.001)  # the daemon shares this loop: let it read
+            sock = writer.get_extra_info("socket")
+
+            def all_taken() -> bool:  # in the daemon's kernel, so our FIN goes right out
+                info = read_tcp_info(sock)
+                return info is not None and info.unacked == 0 == info.notsent_bytes
+
+            await eventually(all_taken)
+            writer.write_eof()
+            finished.set()
+            await reader.read()
+        writer.close()
+        handlers.remove(writer)
+
+    server = await asyncio.start_server(answer, LOOPBACK, 0)
+    address = f"{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+    wd = Watchdog(clock=FakeClock())
+    config = _listener_config(address, {**SLOW, "failure_threshold": 1}, buffer_size="64KiB")
+    listener = Listener(config, tracker, liveness=wd)
+    await listener.start()
+    wd.configure(listener.name, config)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, listener.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+    try:
+        await eventually(lambda: [c for c in tracker.connections() if c.state is State.OPEN])
+        [conn] = list(tracker.connections())
+        # Small buffers toward the client, a fixed roomy window from the upstream: reading pauses
+        # early, and what the upstream sends after that (and its FIN) fits into the window.
+        conn.client_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn.upstream_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        writer.write(b"question")
+        writer.write_eof()
+        await asyncio.wait_for(finished.wait(), 15)
+        await eventually(lambda: read_tcp_info(conn.upstream_socket).state == TCP_CLOSE)
+        assert wd.beat(conn) is Liveness.HALF_CLOSED  # threshold 1: a failure would close it
+        assert conn.state is State.HALF_CLOSED
+        got = await asyncio.wait_for(reader.read(), 10)  # now the client reads it all
+        assert len(got) == sent
+        await eventually(lambda: conn.state is State.CLOSED)
+        assert conn.reason is CloseReason.CLIENT_CLOSED
+    finally:
+        writer.close()
+        listener.stop_accepting()
+        for conn in list(tracker.connections()):
+            conn.close(CloseReason.SHUTDOWN, abort=True)
+        wd.close()
+        server.close()
+        for handler in handlers:
+            handler.transport.abort()
+        await eventually(lambda: not handlers)
 
 
 # -- adaptive interval -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import asyncio
 import errno
 import heapq
 import os
+import select
 import socket
 import time
 from collections import Counter
@@ -71,6 +72,7 @@ _MIN_DEAD_PROBES: Final = 2  # unanswered zero-window probes before the silence 
 # under an open proxied connection.
 _CARRYING: Final = frozenset({1, 4, 5, 8, 9, 11})
 _ESTABLISHED: Final = 1
+_CLOSE: Final = 7
 _STALLED: Final = "stalled"  # the `cause` of a failed beat in the heartbeat_failed line
 _SOCKET_STATE: Final = "socket_state"
 _OPEN_STATES: Final = (State.OPEN, State.HALF_CLOSED)
@@ -628,7 +630,12 @@ def _judge_leg(
     verdict: _Verdict,
 ) -> Liveness | None:
     """One socket: STALLED or FAILING (a failed beat), ZERO_WINDOW, or None (fine)."""
-    if core[_STATE] not in _CARRYING:
+    state = core[_STATE]
+    if state not in _CARRYING:
+        if state == _CLOSE and not _has_error(leg, conn, side):
+            # FINs went both ways and the kernel handed the connection to a time-wait socket:
+            # a clean end, with maybe a reply still queued behind paused reading. Not a failure.
+            return None
         return Liveness.FAILING
     stall_ms = config.stall_timeout * 1000
     unacked = core[_UNACKED]
@@ -666,6 +673,23 @@ def _track_progress(leg: _Leg, core: Core, now: float) -> float:
     leg.acked = acked
     leg.in_flight = unacked > 0
     return now - leg.progress_at
+
+
+def _has_error(leg: _Leg | None, conn: MonitoredConnection, side: Side) -> bool:
+    """Whether the kernel holds an error for this socket (a reset, a keep-alive or user
+    timeout). poll() reports POLLERR without consuming the error, as reading SO_ERROR would:
+    the transport must still see it if it reads again before the watchdog acts."""
+    sock = (
+        leg.sock
+        if leg is not None
+        else (conn.client_socket, conn.upstream_socket)[side is Side.UPSTREAM]
+    )
+    fd = -1 if sock is None else sock.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR is always reported, whatever is asked for
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _window_closed(core: Core) -> bool:
