@@ -1,0 +1,83 @@
+"""`workers: 2`: two processes share the listener; one admin endpoint covers both (SPEC §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from tests.support import (
+    DaemonProcess,
+    EchoUpstream,
+    daemon_config,
+    http_request,
+    listener_config,
+)
+
+
+async def _hold(port: int, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    held = []
+    for i in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"%03d" % i)
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"%03d" % i
+        held.append((reader, writer))
+    return held
+
+
+async def test_two_workers_share_the_listener_and_one_admin_sees_both(tmp_path: Path) -> None:
+    async with EchoUpstream() as up:
+        cfg = daemon_config(listener_config("app", [up.address]), workers=2)
+        async with DaemonProcess(tmp_path, cfg) as daemon:
+            await daemon.wait_for("worker_started")
+            held = await _hold(daemon.port("app"), 40)
+            records = await daemon.connections()
+            assert len(records) == 40
+            workers = {r["id"].split("-")[0] for r in records}
+            assert workers == {"0", "1"}, "the kernel spread 40 connections over both workers"
+            m = await daemon.metrics()
+            assert m['connwatch_connections_active{listener="app"}'] == 40
+            assert m['connwatch_connections_accepted_total{listener="app"}'] == 40
+            assert m['connwatch_bytes_total{direction="client_to_upstream",listener="app"}'] == 120
+            assert len(await daemon.connections("?limit=7")) == 7
+
+            # DELETE reaches the worker that owns the connection
+            in_worker_1 = next(r["id"] for r in records if r["id"].startswith("1-"))
+            status, _ = await http_request(
+                "DELETE", daemon.admin_port, f"/connections/{in_worker_1}"
+            )
+            assert status == 202
+            closed = await daemon.wait_for("connection_closed", conn_id=in_worker_1)
+            assert closed["reason"] == "admin_closed"
+
+            for _, writer in held:
+                writer.close()
+            await daemon.wait_for("connection_closed", count=40)
+            m = await daemon.metrics()
+            assert m['connwatch_connections_active{listener="app"}'] == 0
+            assert (
+                m['connwatch_connections_closed_total{listener="app",reason="admin_closed"}'] == 1
+            )
+        assert daemon.proc is not None
+        assert daemon.proc.returncode == 0
+        assert len(daemon.find("shutdown_complete")) == 2
+
+
+async def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+    async with EchoUpstream() as up:
+        cfg = daemon_config(listener_config("app", [up.address]), workers=2)
+        async with DaemonProcess(tmp_path, cfg) as daemon:
+            await daemon.wait_for("worker_started")
+            cfg["listeners"].append(listener_config("extra", [up.address]))
+            daemon.write_config(cfg)
+            daemon.signal(signal.SIGHUP)
+            await daemon.wait_for("config_reloaded")
+            # both processes bind the new listener, on the same port
+            started = await daemon.wait_for("listener_started", listener="extra", count=2)
+            first = daemon.find("listener_started", listener="extra")[0]
+            assert started["port"] == first["port"]
+            held = await _hold(started["port"], 12)
+            ids = {r["id"].split("-")[0] for r in await daemon.connections("?listener=extra")}
+            for _, writer in held:
+                writer.close()
+            assert ids == {"0", "1"}, daemon.find("listener_started")
