@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import fuzz.targets
 import pytest
 import yaml
 from fuzz.strategies import FULL_CONFIG, INPUTS, PATHS, SCALARS, mutated_configs
@@ -27,8 +28,10 @@ BOUNDED = {"proxy": 400, "frames": 400, "config": 60}  # examples: a few seconds
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
-def test_fuzz_target_finds_nothing(name: str) -> None:
+def test_fuzz_target_finds_nothing(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     target = TARGETS[name]
+    # Already reported, with its own xfail below: random text such as "0:" would hit it.
+    monkeypatch.setattr(fuzz.targets, "KNOWN", ("keywords must be strings",))
 
     @settings(
         max_examples=BOUNDED[name],
@@ -115,3 +118,24 @@ def test_environment_overrides_of_real_fields(tmp_path: Path, env: dict[str, str
     result = outcome(lambda: load_settings(path, env=env))
     if "CONNWATCH_ADMIN__TOKEN" not in env:
         assert_token_hidden(result)
+
+
+# Found by fuzz/run_atheris.py config (the one-byte file "?"): a top-level key that is not text.
+@pytest.mark.xfail(
+    strict=True,
+    reason="config.py _load passes a top-level mapping with a non-text key (`1: x`, `true: 1`, "
+    "`~: 1`, or `?` alone, which YAML reads as {None: None}) straight to "
+    "Settings.model_validate, where pydantic-settings raises TypeError('keywords must be "
+    "strings'); load_settings' catch-all turns that into 'cannot load the configuration: "
+    "TypeError: ...' instead of naming the key (nested levels already say 'the key 3 must be "
+    "text'); fix: report and drop non-str top-level keys before model_validate",
+)
+@pytest.mark.parametrize("text", ["?\n", "1: x\n", "true: 1\n", "~: 1\nlisteners: []\n"])
+def test_top_level_key_that_is_not_text_is_named(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    issues = info.value.issues
+    assert not any(CATCH_ALL in issue for issue in issues), issues
+    assert any("must be text" in issue for issue in issues), issues
