@@ -219,6 +219,12 @@ async def measure(connections: int, seconds: float, heartbeats: bool) -> dict[st
                     await asyncio.sleep(seconds)
                     cpu1, t1 = cpu_seconds(pid), time.monotonic()
                     after = await asyncio.to_thread(scrape, admin_port)
+                    failed_key = beats_key.replace('result="ok"', 'result="failed"')
+                    states = {
+                        key.split('state="')[1].rstrip('"}'): int(value)
+                        for key, value in after.items()
+                        if key.startswith("connwatch_connections_liveness{") and value
+                    }
                     return {
                         "mode": "on" if heartbeats else "off",
                         "connections": connections,
@@ -229,6 +235,8 @@ async def measure(connections: int, seconds: float, heartbeats: bool) -> dict[st
                         "beats_per_s": round(
                             (after.get(beats_key, 0) - before.get(beats_key, 0)) / (t1 - t0), 1
                         ),
+                        "failed_beats": int(after.get(failed_key, 0)),
+                        "liveness": states,
                         "seconds": round(t1 - t0, 1),
                     }
     finally:
