@@ -6,6 +6,7 @@ import asyncio
 import random
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,16 +15,24 @@ from tests.support import DaemonProcess, daemon_config, eventually, listener_con
 
 MiB = 1024 * 1024
 
-# The same suite runs on each data path and process layout (issue: speed).
-VARIANTS = {
+# The same suite runs on each data path and process layout (issue: speed). A variant sets
+# top-level config keys, and under "listener" keys of every listener.
+VARIANTS: dict[str, dict[str, Any]] = {
     "portable": {},
     "workers2": {"workers": 2},
+    "splice": {"listener": {"data_path": "splice"}},
 }
 
 
 @pytest.fixture(params=sorted(VARIANTS))
-def variant(request: pytest.FixtureRequest) -> dict[str, object]:
+def variant(request: pytest.FixtureRequest) -> dict[str, Any]:
     return VARIANTS[request.param]
+
+
+def config_for(variant: dict[str, Any], *listeners: dict[str, Any]) -> dict[str, Any]:
+    top = dict(variant)
+    extra = top.pop("listener", {})
+    return daemon_config(*({**listener, **extra} for listener in listeners), **top)
 
 
 def _rss_kib(pid: int) -> int:
@@ -34,11 +43,11 @@ def _rss_kib(pid: int) -> int:
 
 
 async def test_200_concurrent_connections_are_byte_exact_and_counted(
-    tmp_path: Path, variant: dict[str, object]
+    tmp_path: Path, variant: dict[str, Any]
 ) -> None:
     rng = random.Random(20261124)
     async with PayloadUpstream() as upstream:
-        cfg = daemon_config(listener_config("app", [upstream.address]), **variant)
+        cfg = config_for(variant, listener_config("app", [upstream.address]))
         async with DaemonProcess(tmp_path, cfg) as daemon:
             port = daemon.port("app")
             sizes = [(rng.randrange(0, 4 * MiB), rng.randrange(0, 4 * MiB)) for _ in range(200)]
@@ -75,7 +84,7 @@ async def test_200_concurrent_connections_are_byte_exact_and_counted(
 
 
 async def test_half_close_lets_upstream_answer_after_client_eof(
-    tmp_path: Path, variant: dict[str, object]
+    tmp_path: Path, variant: dict[str, Any]
 ) -> None:
     got_eof = asyncio.Event()
     reply = bytes(range(256)) * (4 * 1024)  # 1 MiB
@@ -90,7 +99,7 @@ async def test_half_close_lets_upstream_answer_after_client_eof(
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0)
     address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    cfg = daemon_config(listener_config("app", [address]), **variant)
+    cfg = config_for(variant, listener_config("app", [address]))
     async with server, DaemonProcess(tmp_path, cfg) as daemon:
         reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port("app"))
         writer.write(b"question")
@@ -106,7 +115,7 @@ async def test_half_close_lets_upstream_answer_after_client_eof(
 
 @pytest.mark.slow
 async def test_slow_reader_bounds_memory_and_loses_nothing(
-    tmp_path: Path, variant: dict[str, object]
+    tmp_path: Path, variant: dict[str, Any]
 ) -> None:
     total = 1024 * MiB
     chunk = bytes(range(256)) * 1024  # 256 KiB with a position-dependent pattern
@@ -121,7 +130,7 @@ async def test_slow_reader_bounds_memory_and_loses_nothing(
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0)
     address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    cfg = daemon_config(listener_config("app", [address], buffer_size="256KiB"), **variant)
+    cfg = config_for(variant, listener_config("app", [address], buffer_size="256KiB"))
     async with server, DaemonProcess(tmp_path, cfg) as daemon:
         assert daemon.proc is not None
         baseline = _rss_kib(daemon.proc.pid)

@@ -21,6 +21,7 @@ from connwatch._types import CloseReason, Direction
 from connwatch.config import ListenerConfig
 from connwatch.connection import MonitoredConnection, ReadBuffer, State, Timeouts
 from connwatch.exceptions import UpstreamConnectError
+from connwatch.sockopts import read_keepalive, tcp_options
 from connwatch.splice import SPLICE_AVAILABLE, PipePool, SplicePath, uses_splice
 from connwatch.upstream import UpstreamPool
 from tests.payload import PayloadUpstream, exchange
@@ -88,6 +89,14 @@ class Owner:
             }
         )
         self.pool = UpstreamPool(self.config.upstreams, self.config.balance)
+        keepalive = self.config.keepalive.upstream
+        self.upstream_options = tcp_options(
+            enabled=keepalive.enabled,
+            idle=keepalive.idle,
+            interval=keepalive.interval,
+            count=keepalive.count,
+            user_timeout=keepalive.user_timeout,
+        )
 
 
 class Proxy:
@@ -579,3 +588,25 @@ def test_data_path_choice() -> None:
     assert not uses_splice("portable")
     assert uses_splice("splice")
     assert uses_splice("auto") == SPLICE_AVAILABLE
+
+
+async def test_upstream_socket_carries_keepalive_and_nodelay() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async with upstream_server(handler) as address, Proxy(address) as proxy:
+        _, writer = await connect(proxy.port)
+        await proxy.observer.until(lambda: bool(proxy.observer.opened))
+        sock = proxy.observer.opened[0].upstream_socket
+        readback = read_keepalive(sock)
+        assert readback is not None
+        assert (readback.enabled, readback.idle_s, readback.interval_s, readback.count) == (
+            True,
+            60,
+            10,
+            5,
+        )
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+        await proxy.observer.wait_closed()

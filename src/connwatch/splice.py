@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from connwatch._types import Address
     from connwatch.config import ListenerConfig
     from connwatch.connection import MonitoredConnection
+    from connwatch.sockopts import SocketOptions
     from connwatch.upstream import Target, UpstreamPool
 
 __all__ = [
@@ -229,8 +230,16 @@ class SpliceTransport(asyncio.Transport):
         self._closed = False  # socket closed, connection_lost scheduled
 
     def start(self) -> None:
-        """Hand the transport to its protocol and start reading unless the protocol paused it."""
+        """Hand the transport to its protocol and start reading unless the protocol paused it.
+
+        A client leg pauses at once (no upstream yet); the first segment is read all the same,
+        as uvloop does on the portable path: the leg holds it, a PROXY header in it is seen
+        without waiting, and a socket closed before the upstream answers closes with a FIN
+        rather than the RST that unread data would cause.
+        """
         self._protocol.connection_made(self)
+        if self._paused and self._protocol.sink is None and not self._closing:
+            self._read_copy()
         self._want_read()
 
     def __repr__(self) -> str:
@@ -521,13 +530,16 @@ class SpliceTransport(asyncio.Transport):
 
 # -- the listener's side ----------------------------------------------------------------------------
 class _Owner(Protocol):
-    """What SplicePath reads from its listener, live: a reload replaces both."""
+    """What SplicePath reads from its listener, live: a reload replaces them."""
 
     @property
     def pool(self) -> UpstreamPool: ...
 
     @property
     def config(self) -> ListenerConfig: ...
+
+    @property
+    def upstream_options(self) -> SocketOptions: ...
 
 
 class SplicePath:
@@ -561,7 +573,8 @@ class SplicePath:
         timeout: float,
         attempts: int,
     ) -> tuple[asyncio.Transport, Target]:
-        """As `UpstreamPool.connect`: the first target that answers, up to `attempts` tries."""
+        """As `UpstreamPool.connect` (kept in step with it): the first target that answers, up to
+        `attempts` tries, with the same failure and duration counts."""
         order = self._owner.pool.candidates()
         if not order:
             raise NoHealthyUpstreamError("every upstream target is DOWN")
@@ -569,14 +582,17 @@ class SplicePath:
         out_of_fds = False
         for target in itertools.islice(itertools.cycle(order), attempts):
             started = time.monotonic()
+            target.connecting += 1
             try:
                 async with asyncio.timeout(timeout):
-                    sock = await open_socket(target.address)
+                    sock = await open_socket(target.address, self._owner.upstream_options)
             except (OSError, TimeoutError) as exc:
                 out_of_fds = out_of_fds or getattr(exc, "errno", None) in _NO_FDS
                 target.connect_failures += 1
                 errors.append(f"{target.label}: {_describe(exc)}")
                 continue
+            finally:
+                target.connecting -= 1
             target.connect_duration.observe(time.monotonic() - started)
             transport = self._transport(sock, protocol_factory())
             transport.start()
@@ -584,34 +600,40 @@ class SplicePath:
         raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
 
 
-async def open_socket(address: Address) -> socket.socket:
-    """A connected non-blocking stream socket to `address`; TCP_NODELAY set before connecting."""
+async def open_socket(address: Address, options: SocketOptions = ()) -> socket.socket:
+    """A connected non-blocking stream socket to `address`, with `options` (keep-alive,
+    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper."""
     loop = asyncio.get_running_loop()
     if address.path is not None:
-        return await _connect(loop, socket.AF_UNIX, address.path)
+        return await _connect(loop, socket.AF_UNIX, address.path, ())
     host = address.host or "127.0.0.1"
     family = _numeric_family(host)
     if family is not None:
-        return await _connect(loop, family, (host, address.port))
+        return await _connect(loop, family, (host, address.port), options)
     infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
     if not infos:
         raise OSError(errno.EHOSTUNREACH, f"{host} has no address")
     error: OSError | None = None
     for family, _, _, _, addr in infos:
         try:
-            return await _connect(loop, family, addr)
+            return await _connect(loop, family, addr, options)
         except OSError as exc:
             error = exc
     assert error is not None
     raise error
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, family: int, addr: Any) -> socket.socket:
+async def _connect(
+    loop: asyncio.AbstractEventLoop, family: int, addr: Any, options: SocketOptions
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for level, option, value in options:
+            with contextlib.suppress(
+                OSError
+            ):  # one the kernel refuses is skipped, as sockopts does
+                sock.setsockopt(level, option, value)
         await loop.sock_connect(sock, addr)
     except BaseException:
         sock.close()
