@@ -121,15 +121,6 @@ def test_environment_overrides_of_real_fields(tmp_path: Path, env: dict[str, str
 
 
 # Found by fuzz/run_atheris.py config (the one-byte file "?"): a top-level key that is not text.
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py _load passes a top-level mapping with a non-text key (`1: x`, `true: 1`, "
-    "`~: 1`, or `?` alone, which YAML reads as {None: None}) straight to "
-    "Settings.model_validate, where pydantic-settings raises TypeError('keywords must be "
-    "strings'); load_settings' catch-all turns that into 'cannot load the configuration: "
-    "TypeError: ...' instead of naming the key (nested levels already say 'the key 3 must be "
-    "text'); fix: report and drop non-str top-level keys before model_validate",
-)
 @pytest.mark.parametrize("text", ["?\n", "1: x\n", "true: 1\n", "~: 1\nlisteners: []\n"])
 def test_top_level_key_that_is_not_text_is_named(tmp_path: Path, text: str) -> None:
     path = tmp_path / "odd.yaml"

@@ -837,13 +837,6 @@ def _warnings(daemon: DaemonProcess, event: str) -> list[dict[str, Any]]:
     return [line for line in daemon.lines if line.get("event") == event]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="listener.py _read_proxy_header logs a `protocol_error` warning for every bad or late "
-    "PROXY header, outside the listener's Throttle: with proxy_protocol.accept on, any client "
-    "can write one warning line per connection (200 connections, 200 lines); fix: log through "
-    "self._throttle.allow('protocol_error') with the suppressed count (the metric stays exact)",
-)
 async def test_bad_proxy_headers_do_not_flood_the_log(tmp_path: Path) -> None:
     async with EchoUpstream() as upstream:
         cfg = daemon_config(proxy_listener(upstream.address), log={"level": "info"})
@@ -854,13 +847,6 @@ async def test_bad_proxy_headers_do_not_flood_the_log(tmp_path: Path) -> None:
             assert 1 <= len(lines) <= 5, f"{len(lines)} protocol_error lines for 200 bad headers"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py _start_responder's bad_frame callback logs a `protocol_error` warning for "
-    "every bad frame on admin.heartbeat_listen, without rate limiting: any peer that can reach "
-    "that port writes one warning line per connection; fix: the same Throttle as the listeners' "
-    "repeating warnings, with a suppressed count",
-)
 async def test_bad_heartbeat_frames_do_not_flood_the_log(tmp_path: Path) -> None:
     async with EchoUpstream() as upstream:
         cfg = daemon_config(listener_config("app", [upstream.address]), log={"level": "info"})

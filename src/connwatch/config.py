@@ -1072,6 +1072,10 @@ def _load(
             source,
         )
     data = dict(data)
+    for key in [k for k in data if not isinstance(k, str)]:
+        # pydantic-settings would raise TypeError for these; name them like nested levels do.
+        issues.append(f"{where.describe(())}: the key {_show(key)} must be text")
+        del data[key]
     issues += _apply_env(data, env, where)
     problems = _duplicate_names(data)
     settings: Settings | None = None

@@ -219,13 +219,15 @@ class Listener:
         except (TimeoutError, ProxyProtocolError) as exc:
             conn.preamble = None
             self.protocol_errors[PROXY_PROTOCOL] += 1
-            self._log.warning(
-                "protocol_error",
-                conn_id=conn.id,
-                kind=PROXY_PROTOCOL,
-                client=conn.client,
-                error=str(exc) or "no PROXY header in time",
-            )
+            if (suppressed := self._throttle.allow(PROXY_PROTOCOL)) is not None:
+                self._log.warning(
+                    "protocol_error",
+                    conn_id=conn.id,
+                    kind=PROXY_PROTOCOL,
+                    client=conn.client,
+                    error=str(exc) or "no PROXY header in time",
+                    suppressed=suppressed,
+                )
             conn.close(CloseReason.PROTOCOL_ERROR, abort=True)
             return None
         if header.source is not None:

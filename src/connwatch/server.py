@@ -26,7 +26,7 @@ from connwatch.frames import FrameError
 from connwatch.health import HealthMonitor
 from connwatch.heartbeat import start_responder
 from connwatch.listener import Listener
-from connwatch.log import configure_logging
+from connwatch.log import Throttle, configure_logging
 from connwatch.metrics import build_registry
 from connwatch.snapshots import DaemonStats, LivenessStats, TargetStats
 from connwatch.tracker import Tracker, connection_record
@@ -495,9 +495,18 @@ class Daemon:
         if address.path is not None:
             raise ListenerError("admin.heartbeat_listen must be a TCP address")
 
+        throttle = Throttle()
+
         def bad_frame(error: FrameError, peer: str) -> None:
             self.count_protocol_error(HEARTBEAT_FRAME)
-            log.warning("protocol_error", kind=HEARTBEAT_FRAME, client=peer, error=str(error))
+            if (suppressed := throttle.allow(HEARTBEAT_FRAME)) is not None:
+                log.warning(
+                    "protocol_error",
+                    kind=HEARTBEAT_FRAME,
+                    client=peer,
+                    error=str(error),
+                    suppressed=suppressed,
+                )
 
         try:
             self._responder = await start_responder(
