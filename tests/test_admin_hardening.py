@@ -279,7 +279,8 @@ async def test_slowloris_does_not_starve_healthz_or_grow_memory(tmp_path: Path) 
             latencies.append(await healthz_latency(daemon.admin_port))
             await asyncio.sleep(0.1)
         await attack
-        assert max(latencies) < PROMPT, f"/healthz took up to {max(latencies):.2f}s"
+        # 2 x PROMPT: the latency includes this test's own loop, busy with 200 attackers
+        assert max(latencies) < 2 * PROMPT, f"/healthz took up to {max(latencies):.2f}s"
         assert len(latencies) >= 10
         assert min(a.sent for a in attackers) >= 10  # the attack did run
         grown = rss_kib(daemon.proc.pid) - before

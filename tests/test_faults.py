@@ -533,6 +533,10 @@ async def exhausted(tmp_path: Path) -> AsyncIterator[tuple[LimitedDaemon, list[E
                     client.close()
 
 
+_NO_PRLIMIT = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit")
+
+
+@_NO_PRLIMIT
 async def test_fd_exhaustion_fails_new_clients_cleanly_and_recovers(tmp_path: Path) -> None:
     async with exhausted(tmp_path) as (daemon, clients, release):
         port = daemon.port("app")
@@ -558,6 +562,7 @@ def _fd_exhaustion_lines(daemon: DaemonProcess, *, accept_only: bool = False) ->
     return [t for t in text if "Too many open files" in t or "EMFILE" in t or "accept" in t]
 
 
+@_NO_PRLIMIT
 async def test_fd_exhaustion_at_accept_is_logged_once_per_burst(tmp_path: Path) -> None:
     async with exhausted(tmp_path) as (daemon, _clients, release):
         port = daemon.port("app")
@@ -570,6 +575,7 @@ async def test_fd_exhaustion_at_accept_is_logged_once_per_burst(tmp_path: Path) 
         assert 1 <= len(lines) <= 3, f"{len(lines)} log lines for 3 bursts of 10: {lines[:3]}"
 
 
+@_NO_PRLIMIT
 async def test_fd_exhaustion_at_upstream_connect_is_not_logged_per_attempt(tmp_path: Path) -> None:
     async with EchoUpstream() as upstream:
         cfg = daemon_config(listener_config("app", [upstream.address]))
