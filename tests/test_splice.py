@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from connwatch import splice
 from connwatch._types import CloseReason, Direction
 from connwatch.config import ListenerConfig
 from connwatch.connection import MonitoredConnection, ReadBuffer, State, Timeouts
@@ -562,7 +563,7 @@ async def test_hostname_upstream_is_resolved() -> None:
             await proxy.observer.wait_closed()
 
 
-def test_pipe_pool_gives_back_clean_pipes_and_closes_the_rest() -> None:
+async def test_pipe_pool_gives_back_clean_pipes_and_closes_the_rest() -> None:
     pool = PipePool(128 * 1024, max_idle=1)
     a = pool.take()
     b = pool.take()
@@ -582,6 +583,35 @@ def test_pipe_pool_gives_back_clean_pipes_and_closes_the_rest() -> None:
     pool.close()
     stats = pool.statistics()
     assert (stats.idle, stats.created, stats.reused, stats.discarded) == (0, 3, 1, 1)
+
+
+async def test_idle_pipes_are_closed_when_none_was_taken_for_a_while() -> None:
+    async with PayloadUpstream() as upstream:
+        baseline = open_fds()
+        pipes = PipePool(256 * 1024, idle_timeout=0.3)
+        async with Proxy(upstream.address, pipes=pipes) as proxy:
+            results = await asyncio.gather(*(exchange(proxy.port, i, MiB, MiB) for i in range(4)))
+            assert all(r.reply_ok for r in results)
+            await proxy.observer.wait_closed(4)
+            assert pipes.statistics().idle > 0
+            await eventually(lambda: pipes.statistics().idle == 0, timeout=5)
+            assert open_fds() == baseline + 1  # only the proxy's listening socket
+
+
+async def test_short_of_descriptors_no_pipe_is_made_or_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(splice, "_pressure_until", 0.0)  # restored afterwards
+    pool = PipePool(64 * 1024)
+    pipe = pool.take()
+    splice.note_fd_pressure()  # as when a socket() or pipe2() fails with EMFILE
+    assert splice.fd_pressure()
+    with pytest.raises(OSError, match="descriptors are short"):
+        pool.take()  # legs copy through user space meanwhile
+    pool.give(pipe)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(pipe[0])  # closed, not pooled
+    assert pool.statistics().idle == 0
 
 
 def test_data_path_choice() -> None:

@@ -44,16 +44,21 @@ __all__ = [
     "PipePoolStats",
     "SplicePath",
     "SpliceTransport",
+    "fd_pressure",
+    "note_fd_pressure",
     "pipe_pool",
+    "release_idle_pipes",
     "uses_splice",
 ]
 
 SPLICE_AVAILABLE: Final = sys.platform == "linux" and hasattr(os, "splice")
 MAX_CHUNK: Final = 1024 * 1024  # bytes per splice: the default pipe-max-size of Linux
 MAX_IDLE_PIPES: Final = 256  # idle pipes kept per pool (512 fds of the 20,000 a process may hold)
+PIPE_IDLE_TIMEOUT: Final = 5.0  # seconds: a pool nobody took from for this long closes its pipes
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _SETPIPE_SZ: Final[int | None] = getattr(fcntl, "F_SETPIPE_SZ", None)
 _NO_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+FD_PRESSURE_HOLD: Final = 1.0  # seconds without new pipes after running out of descriptors
 _WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the leg sets its own
 
 Pipe = tuple[int, int]  # (read end, write end)
@@ -78,25 +83,49 @@ class PipePool:
     """Empty pipes for splicing, taken while bytes are in flight and given back when drained.
 
     A pipe that saw an error, or still holds bytes nobody will read, is closed (`discard`), never
-    pooled: a reused dirty pipe would hand one connection's bytes to the next.
+    pooled: a reused dirty pipe would hand one connection's bytes to the next. Idle pipes are
+    closed once none was taken for `idle_timeout` seconds, so a quiet process holds none.
     """
 
-    __slots__ = ("_idle", "created", "discarded", "max_idle", "reused", "size")
+    __slots__ = (
+        "_idle",
+        "_takes_at_check",
+        "_trim",
+        "created",
+        "discarded",
+        "idle_timeout",
+        "max_idle",
+        "reused",
+        "size",
+    )
 
-    def __init__(self, size: int, max_idle: int = MAX_IDLE_PIPES) -> None:
+    def __init__(
+        self, size: int, max_idle: int = MAX_IDLE_PIPES, idle_timeout: float = PIPE_IDLE_TIMEOUT
+    ) -> None:
         self.size = size
         self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
         self._idle: list[Pipe] = []
+        self._trim: asyncio.TimerHandle | None = None
+        self._takes_at_check = 0
         self.created = 0
         self.reused = 0
         self.discarded = 0
 
     def take(self) -> Pipe:
-        """An empty pipe; OSError (EMFILE...) when none can be made."""
+        """An empty pipe; OSError (EMFILE...) when none can be made, or while the process is
+        short of descriptors (the caller then copies through user space)."""
         if self._idle:
             self.reused += 1
             return self._idle.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd_pressure():
+            raise OSError(errno.EMFILE, "no new pipes while descriptors are short")
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in _NO_FDS:
+                note_fd_pressure()
+            raise
         self.created += 1
         if _SETPIPE_SZ is not None:
             # Refused past the user's pipe budget (pipe-user-pages-soft): the pipe keeps its size.
@@ -106,10 +135,24 @@ class PipePool:
 
     def give(self, pipe: Pipe) -> None:
         """Return a pipe that is empty and saw no error."""
-        if len(self._idle) < self.max_idle:
+        if len(self._idle) < self.max_idle and not fd_pressure():
             self._idle.append(pipe)
+            if self._trim is None:
+                self._arm_trim()
         else:
             _close_pipe(pipe)
+
+    def _arm_trim(self) -> None:
+        self._takes_at_check = self.created + self.reused
+        loop = asyncio.get_running_loop()
+        self._trim = loop.call_later(self.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._trim = None
+        if self.created + self.reused == self._takes_at_check:
+            self.close()  # nothing taken for a whole period
+        elif self._idle:
+            self._arm_trim()
 
     def discard(self, pipe: Pipe) -> None:
         self.discarded += 1
@@ -117,6 +160,9 @@ class PipePool:
 
     def close(self) -> None:
         """Close the idle pipes (pipes in use are closed by their transports)."""
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         while self._idle:
             _close_pipe(self._idle.pop())
 
@@ -131,6 +177,31 @@ def _close_pipe(pipe: Pipe) -> None:
 
 
 _POOLS: dict[int, PipePool] = {}
+
+
+def release_idle_pipes() -> int:
+    """Close every idle pooled pipe (they are a cache); the number of pipes closed."""
+    closed = 0
+    for pool in _POOLS.values():
+        closed += pool.statistics().idle
+        pool.close()
+    return closed
+
+
+_pressure_until = 0.0  # monotonic time until which no pipe is made or pooled
+
+
+def note_fd_pressure() -> int:
+    """The process ran out of descriptors: for a while, make and pool no pipes (legs copy
+    through user space, as the portable path does), so that splicing does not take the fds
+    that accepts and upstream connects need. Idle pipes are closed; returns how many."""
+    global _pressure_until
+    _pressure_until = time.monotonic() + FD_PRESSURE_HOLD
+    return release_idle_pipes()
+
+
+def fd_pressure() -> bool:
+    return _pressure_until > 0.0 and time.monotonic() < _pressure_until
 
 
 def pipe_pool(size: int) -> PipePool:
@@ -626,19 +697,28 @@ async def open_socket(address: Address, options: SocketOptions = ()) -> socket.s
 async def _connect(
     loop: asyncio.AbstractEventLoop, family: int, addr: Any, options: SocketOptions
 ) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = _new_socket(family)
     try:
         sock.setblocking(False)
         for level, option, value in options:
-            with contextlib.suppress(
-                OSError
-            ):  # one the kernel refuses is skipped, as sockopts does
+            # An option the kernel refuses is skipped, the others still set (as sockopts does).
+            with contextlib.suppress(OSError):
                 sock.setsockopt(level, option, value)
         await loop.sock_connect(sock, addr)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _new_socket(family: int) -> socket.socket:
+    try:
+        return socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        # Out of descriptors: idle pooled pipes go before a connection does.
+        if exc.errno in _NO_FDS and note_fd_pressure():
+            return socket.socket(family, socket.SOCK_STREAM)
+        raise
 
 
 def _numeric_family(host: str) -> int | None:
