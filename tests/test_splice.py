@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from connwatch import splice
 from connwatch._types import CloseReason, Direction
 from connwatch.config import ListenerConfig
 from connwatch.connection import MonitoredConnection, ReadBuffer, State, Timeouts
 from connwatch.exceptions import UpstreamConnectError
 from connwatch.sockopts import read_keepalive, tcp_options
 from connwatch.splice import SPLICE_AVAILABLE, PipePool, SplicePath, uses_splice
+from connwatch.splice import pipes as splice_pipes
 from connwatch.upstream import UpstreamPool
 from tests.payload import PayloadUpstream, exchange
 from tests.support import eventually
@@ -601,11 +601,11 @@ async def test_idle_pipes_are_closed_when_none_was_taken_for_a_while() -> None:
 async def test_short_of_descriptors_no_pipe_is_made_or_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(splice, "_pressure_until", 0.0)  # restored afterwards
+    monkeypatch.setattr(splice_pipes, "_pressure_until", 0.0)  # restored afterwards
     pool = PipePool(64 * 1024)
     pipe = pool.take()
-    splice.note_fd_pressure()  # as when a socket() or pipe2() fails with EMFILE
-    assert splice.fd_pressure()
+    splice_pipes.note_fd_pressure()  # as when a socket() or pipe2() fails with EMFILE
+    assert splice_pipes.fd_pressure()
     with pytest.raises(OSError, match="descriptors are short"):
         pool.take()  # legs copy through user space meanwhile
     pool.give(pipe)

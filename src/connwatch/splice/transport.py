@@ -1,17 +1,11 @@
-"""The zero-copy Linux data path: `os.splice` socket → pipe → socket, under MonitoredConnection.
+"""SpliceTransport: an asyncio.Transport over a raw socket whose reads are spliced, not copied.
 
-`SpliceTransport` is an `asyncio.Transport` over a raw non-blocking socket, driven by the loop's
-`add_reader`/`add_writer`. It keeps the transport contract the connection legs already rely on
-(pause/resume reading, `pause_writing`/`resume_writing` on the protocol, `write_eof`, graceful
-`close` that flushes, `abort`, `connection_lost(exc)`), so MonitoredConnection runs on it
-unchanged: the same states, close reasons, timers, observer calls and byte counters as on the
-portable path. Only the bytes take another road: once a leg has a sink, a readable socket is
-spliced into a pipe and the pipe straight into the sink's socket; nothing is copied to user space.
-
-A pipe is held only while bytes are in flight (see `PipePool`), so idle connections cost no file
-descriptors beyond their two sockets. Before a leg has a sink (a PROXY header being read) or when
-no pipe can be had (out of descriptors), reads fall back to the leg's `get_buffer`/
-`buffer_updated`, as on the portable path. See docs/data-paths.md for the reasoning.
+It keeps the transport contract the connection legs rely on (pause/resume reading,
+`pause_writing`/`resume_writing` on the protocol, `write_eof`, a `close` that flushes first,
+`abort`, `connection_lost(exc)`), so MonitoredConnection runs on it unchanged. Once a leg has a
+sink, a readable socket is spliced into a pipe and the pipe into the sink's socket; until then
+(a PROXY header being read), or when no pipe can be had, reads go through the leg's
+`get_buffer`/`buffer_updated` as on the portable path.
 """
 
 from __future__ import annotations
@@ -19,201 +13,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
-import itertools
 import os
 import socket
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-from connwatch.exceptions import NoHealthyUpstreamError, UpstreamConnectError
+from connwatch.splice.pipes import Pipe, PipePool
 
 if TYPE_CHECKING:
-    from connwatch._types import Address
-    from connwatch.config import ListenerConfig
     from connwatch.connection import MonitoredConnection
-    from connwatch.sockopts import SocketOptions
-    from connwatch.upstream import Target, UpstreamPool
 
-__all__ = [
-    "SPLICE_AVAILABLE",
-    "PipePool",
-    "PipePoolStats",
-    "SplicePath",
-    "SpliceTransport",
-    "fd_pressure",
-    "note_fd_pressure",
-    "pipe_pool",
-    "release_idle_pipes",
-    "uses_splice",
-]
+__all__ = ["Leg", "SpliceTransport"]
 
-SPLICE_AVAILABLE: Final = sys.platform == "linux" and hasattr(os, "splice")
-MAX_CHUNK: Final = 1024 * 1024  # bytes per splice: the default pipe-max-size of Linux
-MAX_IDLE_PIPES: Final = 256  # idle pipes kept per pool (512 fds of the 20,000 a process may hold)
-PIPE_IDLE_TIMEOUT: Final = 5.0  # seconds: a pool nobody took from for this long closes its pipes
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_SETPIPE_SZ: Final[int | None] = getattr(fcntl, "F_SETPIPE_SZ", None)
-_NO_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
-FD_PRESSURE_HOLD: Final = 1.0  # seconds without new pipes after running out of descriptors
 _WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the leg sets its own
 
-Pipe = tuple[int, int]  # (read end, write end)
 
-
-def uses_splice(data_path: str) -> bool:
-    """Whether a listener's `data_path` means splice here (`auto`: where the kernel has it)."""
-    return data_path == "splice" or (data_path == "auto" and SPLICE_AVAILABLE)
-
-
-# -- pipes ------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class PipePoolStats:
-    size: int  # bytes each pipe was asked to hold
-    idle: int  # pipes waiting in the pool
-    created: int
-    reused: int  # takes served from the pool
-    discarded: int  # closed after an error or while holding bytes: never reused
-
-
-class PipePool:
-    """Empty pipes for splicing, taken while bytes are in flight and given back when drained.
-
-    A pipe that saw an error, or still holds bytes nobody will read, is closed (`discard`), never
-    pooled: a reused dirty pipe would hand one connection's bytes to the next. Idle pipes are
-    closed once none was taken for `idle_timeout` seconds, so a quiet process holds none.
-    """
-
-    __slots__ = (
-        "_idle",
-        "_takes_at_check",
-        "_trim",
-        "created",
-        "discarded",
-        "idle_timeout",
-        "max_idle",
-        "reused",
-        "size",
-    )
-
-    def __init__(
-        self, size: int, max_idle: int = MAX_IDLE_PIPES, idle_timeout: float = PIPE_IDLE_TIMEOUT
-    ) -> None:
-        self.size = size
-        self.max_idle = max_idle
-        self.idle_timeout = idle_timeout
-        self._idle: list[Pipe] = []
-        self._trim: asyncio.TimerHandle | None = None
-        self._takes_at_check = 0
-        self.created = 0
-        self.reused = 0
-        self.discarded = 0
-
-    def take(self) -> Pipe:
-        """An empty pipe; OSError (EMFILE...) when none can be made, or while the process is
-        short of descriptors (the caller then copies through user space)."""
-        if self._idle:
-            self.reused += 1
-            return self._idle.pop()
-        if fd_pressure():
-            raise OSError(errno.EMFILE, "no new pipes while descriptors are short")
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in _NO_FDS:
-                note_fd_pressure()
-            raise
-        self.created += 1
-        if _SETPIPE_SZ is not None:
-            # Refused past the user's pipe budget (pipe-user-pages-soft): the pipe keeps its size.
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(w, _SETPIPE_SZ, self.size)
-        return r, w
-
-    def give(self, pipe: Pipe) -> None:
-        """Return a pipe that is empty and saw no error."""
-        if len(self._idle) < self.max_idle and not fd_pressure():
-            self._idle.append(pipe)
-            if self._trim is None:
-                self._arm_trim()
-        else:
-            _close_pipe(pipe)
-
-    def _arm_trim(self) -> None:
-        self._takes_at_check = self.created + self.reused
-        loop = asyncio.get_running_loop()
-        self._trim = loop.call_later(self.idle_timeout, self._check_idle)
-
-    def _check_idle(self) -> None:
-        self._trim = None
-        if self.created + self.reused == self._takes_at_check:
-            self.close()  # nothing taken for a whole period
-        elif self._idle:
-            self._arm_trim()
-
-    def discard(self, pipe: Pipe) -> None:
-        self.discarded += 1
-        _close_pipe(pipe)
-
-    def close(self) -> None:
-        """Close the idle pipes (pipes in use are closed by their transports)."""
-        if self._trim is not None:
-            self._trim.cancel()
-            self._trim = None
-        while self._idle:
-            _close_pipe(self._idle.pop())
-
-    def statistics(self) -> PipePoolStats:
-        return PipePoolStats(self.size, len(self._idle), self.created, self.reused, self.discarded)
-
-
-def _close_pipe(pipe: Pipe) -> None:
-    for fd in pipe:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-_POOLS: dict[int, PipePool] = {}
-
-
-def release_idle_pipes() -> int:
-    """Close every idle pooled pipe (they are a cache); the number of pipes closed."""
-    closed = 0
-    for pool in _POOLS.values():
-        closed += pool.statistics().idle
-        pool.close()
-    return closed
-
-
-_pressure_until = 0.0  # monotonic time until which no pipe is made or pooled
-
-
-def note_fd_pressure() -> int:
-    """The process ran out of descriptors: for a while, make and pool no pipes (legs copy
-    through user space, as the portable path does), so that splicing does not take the fds
-    that accepts and upstream connects need. Idle pipes are closed; returns how many."""
-    global _pressure_until
-    _pressure_until = time.monotonic() + FD_PRESSURE_HOLD
-    return release_idle_pipes()
-
-
-def fd_pressure() -> bool:
-    return _pressure_until > 0.0 and time.monotonic() < _pressure_until
-
-
-def pipe_pool(size: int) -> PipePool:
-    """The process's pool of pipes of `size` bytes: one per size, shared by every listener, since
-    the descriptor limit is per process and a removed listener must not strand idle pipes."""
-    pool = _POOLS.get(size)
-    if pool is None:
-        pool = _POOLS[size] = PipePool(size)
-    return pool
-
-
-# -- the transport ----------------------------------------------------------------------------------
 class Leg(Protocol):
     """What a SpliceTransport needs of its protocol: MonitoredConnection's `_Leg` fits."""
 
@@ -597,143 +412,3 @@ class SpliceTransport(asyncio.Transport):
         self._wbuf.clear()
         self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)
-
-
-# -- the listener's side ----------------------------------------------------------------------------
-class _Owner(Protocol):
-    """What SplicePath reads from its listener, live: a reload replaces them."""
-
-    @property
-    def pool(self) -> UpstreamPool: ...
-
-    @property
-    def config(self) -> ListenerConfig: ...
-
-    @property
-    def upstream_options(self) -> SocketOptions: ...
-
-
-class SplicePath:
-    """A listener's splice data path. It stands in for the loop when an accepted socket is taken
-    over (`connect_accepted_socket`) and for the upstream pool when a target is reached
-    (`connect`), with the same signatures, so the listener's own sequence stays as it is."""
-
-    def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
-        self._owner = owner
-        self._pipes = pipes  # None: the process's pool for the listener's chunk size
-
-    def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
-        chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
-        pipes = self._pipes or pipe_pool(chunk)
-        loop = asyncio.get_running_loop()
-        return SpliceTransport(loop, sock, cast(Leg, protocol), pipes, chunk)
-
-    async def connect_accepted_socket(
-        self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
-    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
-        """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
-        protocol = protocol_factory()
-        transport = self._transport(sock, protocol)
-        transport.start()
-        return transport, protocol
-
-    async def connect(
-        self,
-        protocol_factory: Callable[[], asyncio.BaseProtocol],
-        *,
-        timeout: float,
-        attempts: int,
-    ) -> tuple[asyncio.Transport, Target]:
-        """As `UpstreamPool.connect` (kept in step with it): the first target that answers, up to
-        `attempts` tries, with the same failure and duration counts."""
-        order = self._owner.pool.candidates()
-        if not order:
-            raise NoHealthyUpstreamError("every upstream target is DOWN")
-        errors: list[str] = []
-        out_of_fds = False
-        for target in itertools.islice(itertools.cycle(order), attempts):
-            started = time.monotonic()
-            target.connecting += 1
-            try:
-                async with asyncio.timeout(timeout):
-                    sock = await open_socket(target.address, self._owner.upstream_options)
-            except (OSError, TimeoutError) as exc:
-                out_of_fds = out_of_fds or getattr(exc, "errno", None) in _NO_FDS
-                target.connect_failures += 1
-                errors.append(f"{target.label}: {_describe(exc)}")
-                continue
-            finally:
-                target.connecting -= 1
-            target.connect_duration.observe(time.monotonic() - started)
-            transport = self._transport(sock, protocol_factory())
-            transport.start()
-            return transport, target
-        raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
-
-
-async def open_socket(address: Address, options: SocketOptions = ()) -> socket.socket:
-    """A connected non-blocking stream socket to `address`, with `options` (keep-alive,
-    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper."""
-    loop = asyncio.get_running_loop()
-    if address.path is not None:
-        return await _connect(loop, socket.AF_UNIX, address.path, ())
-    host = address.host or "127.0.0.1"
-    family = _numeric_family(host)
-    if family is not None:
-        return await _connect(loop, family, (host, address.port), options)
-    infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
-    if not infos:
-        raise OSError(errno.EHOSTUNREACH, f"{host} has no address")
-    error: OSError | None = None
-    for family, _, _, _, addr in infos:
-        try:
-            return await _connect(loop, family, addr, options)
-        except OSError as exc:
-            error = exc
-    assert error is not None
-    raise error
-
-
-async def _connect(
-    loop: asyncio.AbstractEventLoop, family: int, addr: Any, options: SocketOptions
-) -> socket.socket:
-    sock = _new_socket(family)
-    try:
-        sock.setblocking(False)
-        for level, option, value in options:
-            # An option the kernel refuses is skipped, the others still set (as sockopts does).
-            with contextlib.suppress(OSError):
-                sock.setsockopt(level, option, value)
-        await loop.sock_connect(sock, addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _new_socket(family: int) -> socket.socket:
-    try:
-        return socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        # Out of descriptors: idle pooled pipes go before a connection does.
-        if exc.errno in _NO_FDS and note_fd_pressure():
-            return socket.socket(family, socket.SOCK_STREAM)
-        raise
-
-
-def _numeric_family(host: str) -> int | None:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-        except OSError:
-            continue
-        return family
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not getattr(exc, "errno", None):
-        return "connect timed out"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)  # asyncio's sock_connect puts the address in strerror
-    return type(exc).__name__

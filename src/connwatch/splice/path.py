@@ -1,0 +1,166 @@
+"""SplicePath: a listener's splice data path (taking over accepted sockets, reaching targets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from connwatch.exceptions import NoHealthyUpstreamError, UpstreamConnectError
+from connwatch.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
+from connwatch.splice.transport import Leg, SpliceTransport
+
+if TYPE_CHECKING:
+    from connwatch._types import Address
+    from connwatch.config import ListenerConfig
+    from connwatch.sockopts import SocketOptions
+    from connwatch.upstream import Target, UpstreamPool
+
+__all__ = ["MAX_CHUNK", "SplicePath", "open_socket"]
+
+MAX_CHUNK: Final = 1024 * 1024  # bytes per splice at most: the default pipe-max-size of Linux
+
+
+class _Owner(Protocol):
+    """What SplicePath reads from its listener, live: a reload replaces them."""
+
+    @property
+    def pool(self) -> UpstreamPool: ...
+
+    @property
+    def config(self) -> ListenerConfig: ...
+
+    @property
+    def upstream_options(self) -> SocketOptions: ...
+
+
+class SplicePath:
+    """A listener's splice data path. It stands in for the loop when an accepted socket is taken
+    over (`connect_accepted_socket`) and for the upstream pool when a target is reached
+    (`connect`), with the same signatures, so the listener's own sequence stays as it is."""
+
+    def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
+        self._owner = owner
+        self._pipes = pipes  # None: the process's pool for the listener's chunk size
+
+    def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
+        chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
+        pipes = self._pipes or pipe_pool(chunk)
+        loop = asyncio.get_running_loop()
+        return SpliceTransport(loop, sock, cast(Leg, protocol), pipes, chunk)
+
+    async def connect_accepted_socket(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
+        protocol = protocol_factory()
+        transport = self._transport(sock, protocol)
+        transport.start()
+        return transport, protocol
+
+    async def connect(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        timeout: float,
+        attempts: int,
+    ) -> tuple[asyncio.Transport, Target]:
+        """As `UpstreamPool.connect` (kept in step with it): the first target that answers, up to
+        `attempts` tries, with the same failure and duration counts."""
+        order = self._owner.pool.candidates()
+        if not order:
+            raise NoHealthyUpstreamError("every upstream target is DOWN")
+        errors: list[str] = []
+        out_of_fds = False
+        for target in itertools.islice(itertools.cycle(order), attempts):
+            started = time.monotonic()
+            target.connecting += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    sock = await open_socket(target.address, self._owner.upstream_options)
+            except (OSError, TimeoutError) as exc:
+                out_of_fds = out_of_fds or getattr(exc, "errno", None) in NO_FDS
+                target.connect_failures += 1
+                errors.append(f"{target.label}: {_describe(exc)}")
+                continue
+            finally:
+                target.connecting -= 1
+            target.connect_duration.observe(time.monotonic() - started)
+            transport = self._transport(sock, protocol_factory())
+            transport.start()
+            return transport, target
+        raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
+
+
+async def open_socket(address: Address, options: SocketOptions = ()) -> socket.socket:
+    """A connected non-blocking stream socket to `address`, with `options` (keep-alive,
+    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper."""
+    loop = asyncio.get_running_loop()
+    if address.path is not None:
+        return await _connect(loop, socket.AF_UNIX, address.path, ())
+    host = address.host or "127.0.0.1"
+    family = _numeric_family(host)
+    if family is not None:
+        return await _connect(loop, family, (host, address.port), options)
+    infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, f"{host} has no address")
+    error: OSError | None = None
+    for family, _, _, _, addr in infos:
+        try:
+            return await _connect(loop, family, addr, options)
+        except OSError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop, family: int, addr: Any, options: SocketOptions
+) -> socket.socket:
+    sock = _new_socket(family)
+    try:
+        sock.setblocking(False)
+        for level, option, value in options:
+            # An option the kernel refuses is skipped, the others still set (as sockopts does).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
+        await loop.sock_connect(sock, addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _new_socket(family: int) -> socket.socket:
+    try:
+        return socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        # Out of descriptors: idle pooled pipes go before a connection does.
+        if exc.errno in NO_FDS and note_fd_pressure():
+            return socket.socket(family, socket.SOCK_STREAM)
+        raise
+
+
+def _numeric_family(host: str) -> int | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not getattr(exc, "errno", None):
+        return "connect timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's sock_connect puts the address in strerror
+    return type(exc).__name__
