@@ -10,6 +10,7 @@ from tests.support import (
     DaemonProcess,
     EchoUpstream,
     daemon_config,
+    eventually,
     http_request,
     listener_config,
 )
@@ -52,9 +53,13 @@ async def test_two_workers_share_the_listener_and_one_admin_sees_both(tmp_path: 
 
             for _, writer in held:
                 writer.close()
-            await daemon.wait_for("connection_closed", count=40)
-            m = await daemon.metrics()
-            assert m['connwatch_connections_active{listener="app"}'] == 0
+
+            async def all_closed() -> dict[str, float] | None:
+                m = await daemon.metrics()
+                return m if m['connwatch_connections_active{listener="app"}'] == 0 else None
+
+            m = await eventually(all_closed, timeout=10)
+            assert sum(m[k] for k in m if k.startswith("connwatch_connections_closed_total")) == 40
             assert (
                 m['connwatch_connections_closed_total{listener="app",reason="admin_closed"}'] == 1
             )
