@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import os
 import socket
 import time
 from collections import Counter
@@ -107,19 +108,33 @@ class UpstreamPool:
         options: SocketOptions = NODELAY,
     ) -> tuple[asyncio.Transport, Target]:
         """Connect to the first target that answers, trying up to `attempts` targets in order."""
+        loop = asyncio.get_running_loop()
+        return await self.reach(
+            lambda address: open_transport(loop, protocol_factory, address, options),
+            timeout=timeout,
+            attempts=attempts,
+        )
+
+    async def reach(
+        self,
+        opener: Callable[[Address], Coroutine[Any, Any, T]],
+        *,
+        timeout: float,
+        attempts: int,
+    ) -> tuple[T, Target]:
+        """`opener(address)` on the targets in balance order until one succeeds, each try within
+        `timeout`, at most `attempts` tries; counts failures, durations and connects in flight.
+        Data paths differ only in their opener (a transport here, a raw socket for splice)."""
         order = self.candidates()
         if not order:
             raise NoHealthyUpstreamError("every upstream target is DOWN")
-        loop = asyncio.get_running_loop()
         errors: list[str] = []
         out_of_fds = False
         for target in itertools.islice(itertools.cycle(order), attempts):
             started = time.monotonic()
             target.connecting += 1
             try:
-                transport = await _within(
-                    timeout, open_transport(loop, protocol_factory, target.address, options)
-                )
+                opened = await _within(timeout, opener(target.address))
             except (OSError, TimeoutError) as exc:
                 out_of_fds = out_of_fds or getattr(exc, "errno", None) in _NO_FDS
                 target.connect_failures += 1
@@ -128,7 +143,7 @@ class UpstreamPool:
             finally:
                 target.connecting -= 1
             target.connect_duration.observe(time.monotonic() - started)
-            return transport, target
+            return opened, target
         raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
 
 
@@ -176,4 +191,6 @@ async def _within(timeout: float, coro: Coroutine[Any, Any, T]) -> T:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not getattr(exc, "errno", None):
         return "connect timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # sock_connect puts the address into strerror too
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__

@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
-import os
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-from connwatch.exceptions import NoHealthyUpstreamError, UpstreamConnectError
 from connwatch.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
 from connwatch.splice.transport import Leg, SpliceTransport
 
@@ -71,31 +67,14 @@ class SplicePath:
         timeout: float,
         attempts: int,
     ) -> tuple[asyncio.Transport, Target]:
-        """As `UpstreamPool.connect` (kept in step with it): the first target that answers, up to
-        `attempts` tries, with the same failure and duration counts."""
-        order = self._owner.pool.candidates()
-        if not order:
-            raise NoHealthyUpstreamError("every upstream target is DOWN")
-        errors: list[str] = []
-        out_of_fds = False
-        for target in itertools.islice(itertools.cycle(order), attempts):
-            started = time.monotonic()
-            target.connecting += 1
-            try:
-                async with asyncio.timeout(timeout):
-                    sock = await open_socket(target.address, self._owner.upstream_options)
-            except (OSError, TimeoutError) as exc:
-                out_of_fds = out_of_fds or getattr(exc, "errno", None) in NO_FDS
-                target.connect_failures += 1
-                errors.append(f"{target.label}: {_describe(exc)}")
-                continue
-            finally:
-                target.connecting -= 1
-            target.connect_duration.observe(time.monotonic() - started)
-            transport = self._transport(sock, protocol_factory())
-            transport.start()
-            return transport, target
-        raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
+        """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
+        options = self._owner.upstream_options
+        sock, target = await self._owner.pool.reach(
+            lambda address: open_socket(address, options), timeout=timeout, attempts=attempts
+        )
+        transport = self._transport(sock, protocol_factory())
+        transport.start()
+        return transport, target
 
 
 async def open_socket(address: Address, options: SocketOptions = ()) -> socket.socket:
@@ -156,11 +135,3 @@ def _numeric_family(host: str) -> int | None:
             continue
         return family
     return None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not getattr(exc, "errno", None):
-        return "connect timed out"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)  # asyncio's sock_connect puts the address in strerror
-    return type(exc).__name__
