@@ -375,8 +375,10 @@ async def test_bad_headers_close_with_protocol_error_and_the_daemon_serves_on(
     assert (
         metrics['connwatch_connections_closed_total{listener="app",reason="protocol_error"}'] == n
     )
-    assert len(errors) == n
-    assert errors[-1]["error"] == "no PROXY header in time"
+    # Warnings are throttled (one line per 10 s per listener, the rest counted as suppressed);
+    # the metric above counts every one.
+    assert len(errors) == 1
+    assert errors[0]["suppressed"] == 0
     assert echo.accepted == 1  # no garbage connection ever reached the upstream
 
 
