@@ -55,13 +55,19 @@ async def _run(*argv: str) -> None:
 @contextlib.asynccontextmanager
 async def silenced(port: int) -> AsyncIterator[str]:
     """Drop every packet to and from TCP `port` on lo until the block ends; yields the table."""
-    table = f"connwatch_test_{os.getpid()}_{port}"
+    rules = [f"iif lo tcp dport {port} drop", f"iif lo tcp sport {port} drop"]
+    async with nft_table(f"connwatch_test_{os.getpid()}_{port}", rules) as table:
+        yield table
+
+
+@contextlib.asynccontextmanager
+async def nft_table(table: str, rules: list[str]) -> AsyncIterator[str]:
+    """`rules` in an input chain of a table of their own, deleted when the block ends."""
     # Priority -300 runs before conntrack (-200), so nothing upstream of us sees the packet.
     script = (
         f"add table inet {table}\n"
         f"add chain inet {table} drop_in {{ type filter hook input priority -300 ; }}\n"
-        f"add rule inet {table} drop_in iif lo tcp dport {port} drop\n"
-        f"add rule inet {table} drop_in iif lo tcp sport {port} drop\n"
+        + "".join(f"add rule inet {table} drop_in {rule}\n" for rule in rules)
     )
     proc = await asyncio.create_subprocess_exec(
         "nft", "-f", "-", stdin=subprocess.PIPE, stderr=subprocess.PIPE

@@ -124,10 +124,17 @@ async def running_daemon(config: dict[str, Any]) -> AsyncIterator[Any]:
 class DaemonProcess:
     """`python -m connwatch run -c FILE` with its JSON log lines collected as they arrive."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+    ):
         self.config_path = tmp_path / "connwatch.yaml"
         self.write_config(config)
         self.env = {**os.environ, **(env or {})}
+        self.wrapper = wrapper or []  # e.g. prlimit: it execs the daemon, so the PID stays its
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[dict[str, Any]] = []
         self.stderr = b""
@@ -141,6 +148,7 @@ class DaemonProcess:
 
     async def start(self, *args: str) -> DaemonProcess:
         self.proc = await asyncio.create_subprocess_exec(
+            *self.wrapper,
             sys.executable,
             "-m",
             "connwatch",

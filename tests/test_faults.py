@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.nft import nft_table
 from tests.payload import PayloadUpstream, exchange
 from tests.support import (
     LOOPBACK,
@@ -355,24 +356,9 @@ def _nft_missing() -> str | None:
 @contextlib.asynccontextmanager
 async def syn_blackhole(port: int) -> AsyncIterator[str]:
     """Drop SYNs to `port` on lo (table `inet cw_faults_<pid>`, deleted on exit)."""
-    table = f"cw_faults_{os.getpid()}"
-    script = (
-        f"add table inet {table}\n"
-        f"add chain inet {table} input {{ type filter hook input priority -300 ; }}\n"
-        f"add rule inet {table} input iif lo tcp dport {port} tcp flags & (syn | ack) == syn drop\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        "nft", "-f", "-", stdin=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    _, err = await proc.communicate(script.encode())
-    try:
-        assert proc.returncode == 0, f"nft -f failed: {err.decode().strip()}"
+    rule = f"iif lo tcp dport {port} tcp flags & (syn | ack) == syn drop"
+    async with nft_table(f"cw_faults_{os.getpid()}", [rule]) as table:
         yield table
-    finally:
-        delete = await asyncio.create_subprocess_exec(
-            "nft", "delete", "table", "inet", table, stderr=subprocess.DEVNULL
-        )
-        await delete.wait()
 
 
 async def _table_exists(table: str) -> bool:
@@ -435,22 +421,7 @@ class LimitedDaemon(DaemonProcess):
     """The daemon under `prlimit --nofile=N:N` (prlimit execs it: the PID is the daemon's)."""
 
     def __init__(self, tmp_path: Path, config: dict[str, Any], nofile: int) -> None:
-        super().__init__(tmp_path, config)
-        self.nofile = nofile
-
-    async def start(self, *args: str) -> DaemonProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            "prlimit", f"--nofile={self.nofile}:{self.nofile}",
-            sys.executable, "-m", "connwatch", "run", "-c", str(self.config_path), *args,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-        )  # fmt: skip
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        started = await self.wait_for("daemon_started", timeout=15)
-        self.admin_port = int(started["admin_port"])
-        for line in self.lines:
-            if line.get("event") == "listener_started" and line.get("port"):
-                self.ports[line["listener"]] = int(line["port"])
-        return self
+        super().__init__(tmp_path, config, wrapper=["prlimit", f"--nofile={nofile}:{nofile}"])
 
 
 class EchoClient:

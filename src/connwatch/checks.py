@@ -29,7 +29,7 @@ from connwatch import __version__
 from connwatch._types import Address
 from connwatch.config import HealthCheckConfig
 from connwatch.frames import FRAME_SIZE, FrameDecoder, FrameError, FrameType, decode, ping
-from connwatch.heartbeat import exchange
+from connwatch.heartbeat import close_writer, exchange
 
 __all__ = ["MAX_REPLY", "CheckResult", "ProtocolErrorCallback", "run_check"]
 
@@ -148,19 +148,7 @@ async def _connected(
     try:
         yield reader, writer
     finally:
-        await _close(writer)
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        async with asyncio.timeout(_CLOSE_GRACE):
-            await writer.wait_closed()
-    except (OSError, TimeoutError):
-        writer.transport.abort()  # the peer is gone or stuck: do not wait for it
-    except asyncio.CancelledError:
-        writer.transport.abort()
-        raise
+        await close_writer(writer, _CLOSE_GRACE)
 
 
 async def _tcp(address: Address, cfg: HealthCheckConfig, progress: _Progress) -> tuple[str, None]:

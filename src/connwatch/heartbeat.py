@@ -160,7 +160,7 @@ async def exchange(host: str, port: int, *, timeout: float) -> float:
             return await _round_trip(reader, writer)
     finally:
         if writer is not None:
-            await _close(writer)
+            await close_writer(writer)
 
 
 async def _round_trip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
@@ -192,10 +192,14 @@ async def _read_frame(reader: asyncio.StreamReader) -> Frame:
             return frames[0]
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
+async def close_writer(writer: asyncio.StreamWriter, grace: float = _CLOSE_GRACE) -> None:
+    """Close a stream, waiting at most `grace` seconds before aborting it (shared by checks)."""
     writer.close()
     try:
-        async with asyncio.timeout(_CLOSE_GRACE):
+        async with asyncio.timeout(grace):
             await writer.wait_closed()
     except (OSError, TimeoutError):
         writer.transport.abort()  # the peer is gone or stuck; do not wait for it
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise

@@ -27,13 +27,7 @@ from connwatch.exceptions import (
 )
 from connwatch.log import Throttle
 from connwatch.proxy_protocol import ProxyHeader, ProxyProtocolError
-from connwatch.sockopts import (
-    SocketLike,
-    SocketOptions,
-    apply_keepalive,
-    set_nodelay,
-    tcp_options,
-)
+from connwatch.sockopts import SocketOptions, apply_to_fd, tcp_options
 from connwatch.splice import SplicePath, uses_splice
 from connwatch.upstream import UpstreamPool
 
@@ -104,8 +98,8 @@ class Listener:
                 sock = bind_unix(address.path)
             else:
                 sock = bind_tcp(address, reuse_port=self.reuse_port)
-                _keepalive(sock, self.config.keepalive.client)
-                set_nodelay(sock)  # inherited by every accepted socket on Linux
+                # Keep-alive and TCP_NODELAY are inherited by every accepted socket on Linux.
+                apply_to_fd(sock.fileno(), sock.family, _options(self.config.keepalive.client))
         except OSError as exc:
             raise ListenerError(
                 f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
@@ -144,7 +138,7 @@ class Listener:
         self.upstream_options = _options(config.keepalive.upstream)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._sock is not None and config.listen.path is None:
-            _keepalive(self._sock, config.keepalive.client)
+            apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
 
     # -- accepting ------------------------------------------------------------------------------
     def _accepted(self, sock: socket.socket) -> None:
@@ -298,17 +292,6 @@ class Listener:
 
 def _timeouts(config: ListenerConfig) -> Timeouts:
     return Timeouts(config.idle_timeout, config.half_close_timeout, config.max_lifetime)
-
-
-def _keepalive(sock: SocketLike, cfg: KeepaliveConfig) -> None:
-    apply_keepalive(
-        sock,
-        enabled=cfg.enabled,
-        idle=cfg.idle,
-        interval=cfg.interval,
-        count=cfg.count,
-        user_timeout=cfg.user_timeout,
-    )
 
 
 def _options(cfg: KeepaliveConfig) -> SocketOptions:

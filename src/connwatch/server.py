@@ -104,7 +104,7 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind every listener and the admin endpoint; raises ListenerError / OSError."""
-        asyncio.get_running_loop().set_exception_handler(_log_loop_error)
+        asyncio.get_running_loop().set_exception_handler(log_loop_error)
         try:
             for listener in await self._bind_all(list(self.settings.listeners)):
                 self._install(listener)
@@ -319,17 +319,21 @@ class Daemon:
             conn.close(reason, abort=abort)
 
     async def _close_everything(self) -> None:
+        self.close_data_plane()
+        await self.health.close()
+        if self._responder is not None:
+            self._responder.close()
+        await self.admin.stop()
+
+    def close_data_plane(self) -> None:
+        """Stop accepting, timers and the watchdog (what every worker process runs)."""
         if self._progress is not None:
             self._progress.cancel()
         self.events.close()
         for listener in [*self.listeners.values(), *self.retired]:
             listener.stop_accepting()
-        await self.health.close()
         if self.liveness is not None:
             self.liveness.close()
-        if self._responder is not None:
-            self._responder.close()
-        await self.admin.stop()
 
     # -- what admin and metrics read ------------------------------------------------------------
     def statistics(self) -> DaemonStats:
@@ -518,7 +522,7 @@ class Daemon:
         log.info("heartbeat_responder_started", listen=str(address), port=port)
 
 
-def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """Unhandled errors in callbacks and tasks: one structured line instead of stderr noise."""
     exc = context.get("exception")
     log.error(

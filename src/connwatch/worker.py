@@ -13,7 +13,7 @@ import structlog
 from connwatch._types import HealthState
 from connwatch.config import load_settings
 from connwatch.log import configure_logging
-from connwatch.server import Daemon
+from connwatch.server import Daemon, log_loop_error
 from connwatch.snapshots import stats_to_wire
 from connwatch.workers import ControlChannel, inherited_channel_socket, serve_control
 
@@ -30,7 +30,7 @@ class WorkerDaemon(Daemon):
         self.checks_enabled = False
 
     async def start(self) -> None:
-        asyncio.get_running_loop().set_exception_handler(_log_loop_error)
+        asyncio.get_running_loop().set_exception_handler(log_loop_error)
         for listener in await self._bind_all(list(self.settings.listeners)):
             self._install(listener)
         self.started = True
@@ -56,13 +56,7 @@ class WorkerDaemon(Daemon):
             self.channel.close()
 
     async def _close_everything(self) -> None:
-        if self._progress is not None:
-            self._progress.cancel()
-        self.events.close()
-        for listener in [*self.listeners.values(), *self.retired]:
-            listener.stop_accepting()
-        if self.liveness is not None:
-            self.liveness.close()
+        self.close_data_plane()  # no admin, health checks or responder in a worker
 
     def _handlers(self) -> dict[str, Any]:
         return {
@@ -107,11 +101,6 @@ class WorkerDaemon(Daemon):
         if target is not None:
             target.state = state
             self._target_changed(listener, target, state, state)
-
-
-def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    exc = context.get("exception")
-    log.error("loop_error", message=context.get("message"), error=repr(exc))
 
 
 async def run_worker(index: int, fd: int) -> None:
