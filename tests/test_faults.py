@@ -46,6 +46,12 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def slots_used(pid: int) -> int:
+    """Fds numbered below FD_LIMIT: RLIMIT_NOFILE caps fd numbers, and a process may inherit
+    a high-numbered fd from the test runner that takes no slot."""
+    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) < FD_LIMIT)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -479,21 +485,21 @@ async def exhausted(tmp_path: Path) -> AsyncIterator[tuple[LimitedDaemon, list[E
             pid = pid_of(daemon)
             clients = [
                 await EchoClient.open(daemon.port("app"))
-                for _ in range((FD_LIMIT - fd_count(pid) - 4) // 2)
+                for _ in range((FD_LIMIT - slots_used(pid) - 4) // 2)
             ]
             fillers: list[socket.socket] = []
-            while (used := fd_count(pid)) < FD_LIMIT:  # one fd each on the admin side
+            while (used := slots_used(pid)) < FD_LIMIT:  # one fd each on the admin side
                 sock = socket.create_connection((LOOPBACK, daemon.admin_port))
                 fillers.append(sock)
-                await eventually(lambda n=used: fd_count(pid) > n, timeout=5)
-            assert fd_count(pid) == FD_LIMIT
+                await eventually(lambda n=used: slots_used(pid) > n, timeout=5)
+            assert slots_used(pid) == FD_LIMIT
 
             async def release() -> None:
                 for sock in fillers:
                     sock.close()
                 for client in clients[: len(clients) // 2]:
                     client.close()
-                await eventually(lambda: fd_count(pid) < FD_LIMIT - 8, timeout=10)
+                await eventually(lambda: slots_used(pid) < FD_LIMIT - 8, timeout=10)
 
             try:
                 yield daemon, clients, release
@@ -502,6 +508,10 @@ async def exhausted(tmp_path: Path) -> AsyncIterator[tuple[LimitedDaemon, list[E
                     sock.close()
                 for client in clients:
                     client.close()
+
+
+def _closed_series(reason: str) -> str:
+    return f'connwatch_connections_closed_total{{listener="app",reason="{reason}"}}'
 
 
 _NO_PRLIMIT = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit")
@@ -517,6 +527,11 @@ async def test_fd_exhaustion_fails_new_clients_cleanly_and_recovers(tmp_path: Pa
         for client in clients:  # the existing connections never noticed
             await client.roundtrip()
         await release()
+        closed = (await daemon.metrics()).get  # the admin endpoint had no fd either until now
+        turned_away = closed(_closed_series("error"), 0) + closed(
+            _closed_series("upstream_connect_failed"), 0
+        )
+        assert turned_away == 30  # every refused client is counted
         assert [await _attempt(port) for _ in range(5)] == ["served"] * 5
         for client in clients[len(clients) // 2 :]:
             await client.roundtrip()
@@ -554,25 +569,27 @@ async def test_fd_exhaustion_at_upstream_connect_is_not_logged_per_attempt(tmp_p
             pid = pid_of(daemon)
             port = daemon.port("app")
             # Leave exactly one fd: each new client is accepted, its upstream socket() fails.
-            clients = [await EchoClient.open(port) for _ in range((FD_LIMIT - fd_count(pid)) // 2)]
-            filler = None
-            if fd_count(pid) == FD_LIMIT - 2:
-                filler = socket.create_connection((LOOPBACK, daemon.admin_port))
-                await eventually(lambda: fd_count(pid) == FD_LIMIT - 1, timeout=5)
-            outcomes = [await _attempt(port) for _ in range(30)]
-            assert "served" not in outcomes
-            assert "hung" not in outcomes
-            for client in clients:
-                await client.roundtrip()
-            m = await daemon.metrics()
-            closed = m[
-                'connwatch_connections_closed_total{listener="app",reason="upstream_connect_failed"}'
-            ]
-            assert closed == 30  # counted, one by one
-            for client in clients:
-                client.close()
-            if filler is not None:
-                filler.close()
+            clients: list[EchoClient] = []
+            fillers: list[socket.socket] = []
+            try:
+                while slots_used(pid) < FD_LIMIT - 2:
+                    clients.append(await EchoClient.open(port))
+                while (used := slots_used(pid)) < FD_LIMIT - 1:  # one fd on the admin side
+                    fillers.append(socket.create_connection((LOOPBACK, daemon.admin_port)))
+                    await eventually(lambda n=used: slots_used(pid) > n, timeout=5)
+                assert slots_used(pid) == FD_LIMIT - 1
+                outcomes = [await _attempt(port) for _ in range(30)]
+                assert "served" not in outcomes, outcomes
+                assert "hung" not in outcomes, outcomes
+                for client in clients:
+                    await client.roundtrip()
+                m = await daemon.metrics()
+                assert m[_closed_series("upstream_connect_failed")] == 30  # counted, one by one
+            finally:
+                for client in clients:
+                    client.close()
+                for sock in fillers:
+                    sock.close()
             lines = _fd_exhaustion_lines(daemon)
             assert 1 <= len(lines) <= 3, f"{len(lines)} warning lines for 30 refused clients"
 

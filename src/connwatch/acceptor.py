@@ -1,16 +1,19 @@
 """An accept loop that survives running out of file descriptors.
 
 uvloop's own server answers EMFILE by accepting and dropping the waiting clients without telling
-anyone. Here the listening socket is read from the loop directly: on EMFILE/ENFILE accepting
-pauses for a moment, the clients wait in the backlog, and one warning a burst says how many
-attempts failed; a second line says when a client is served again. A burst ends only then, not
-at the next successful accept: with no fd left for the upstream leg, accepting alone is no cure.
+anyone. Here the listening socket is read from the loop directly. One fd is held in reserve: on
+EMFILE/ENFILE it is given up for a moment to accept each waiting client and close it at once, so
+clients fail fast instead of hanging in the backlog while the daemon has no fd to serve them.
+One warning a burst says accepting failed; a second line says when a client is served again. A
+burst ends only then, not at the next successful accept: with no fd left for the upstream leg,
+accepting alone is no cure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Callable
 
@@ -21,6 +24,7 @@ log = structlog.get_logger("connwatch.listener")
 _BATCH = 64  # accepts per readiness callback: fairness with the connections already open
 _RETRY = 0.1  # seconds to wait after EMFILE before trying again
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_NO_FDS = frozenset({errno.EMFILE, errno.ENFILE})
 _PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
@@ -28,11 +32,17 @@ class Acceptor:
     """Calls `on_socket` with each accepted, non-blocking socket."""
 
     def __init__(
-        self, sock: socket.socket, on_socket: Callable[[socket.socket], None], name: str
+        self,
+        sock: socket.socket,
+        on_socket: Callable[[socket.socket], None],
+        name: str,
+        on_shed: Callable[[], None] | None = None,
     ) -> None:
         self.sock = sock
         self.on_socket = on_socket
+        self.on_shed = on_shed  # called for each client turned away for lack of fds
         self.name = name
+        self._reserve = _open_reserve()
         self.failures = 0  # accept attempts that failed for lack of resources, ever
         self._burst = 0  # failures since the last successful accept
         self._loop = asyncio.get_running_loop()
@@ -52,6 +62,9 @@ class Acceptor:
             self._loop.remove_reader(self.sock.fileno())
             self._reading = False
         self.sock.close()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
 
     def _ready(self) -> None:
         for _ in range(_BATCH):
@@ -62,7 +75,8 @@ class Acceptor:
             except OSError as exc:
                 if exc.errno in _PEER_GONE:
                     continue
-                self.exhausted(exc)
+                if exc.errno not in _NO_FDS or not self._shed_backlog(exc):
+                    self.exhausted(exc)
                 return
             conn.setblocking(False)
             self.on_socket(conn)
@@ -75,6 +89,15 @@ class Acceptor:
 
     def exhausted(self, exc: OSError) -> None:
         """Accepting (or a connect for an accepted client) failed: pause, log once a burst."""
+        self.note_failure(exc)
+        if exc.errno in _EXHAUSTED:
+            # Leave the clients in the backlog and look again shortly, instead of spinning.
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+            self._retry = self._loop.call_later(_RETRY, self._resume)
+
+    def note_failure(self, exc: OSError) -> None:
+        """Count a failed attempt; the first of a burst is logged."""
         self.failures += 1
         if not self._burst:
             log.warning(
@@ -85,12 +108,44 @@ class Acceptor:
                 retry_s=_RETRY,
             )
         self._burst += 1
-        if exc.errno in _EXHAUSTED:
-            # Leave the clients in the backlog and look again shortly, instead of spinning.
-            self._loop.remove_reader(self.sock.fileno())
-            self._reading = False
-            self._retry = self._loop.call_later(_RETRY, self._resume)
+
+    def _shed_backlog(self, exc: OSError) -> bool:
+        """Out of fds: give up the reserve fd to accept each waiting client and close it at once.
+
+        False when there is no reserve to give. Each client closed frees the fd it took, so the
+        reserve is taken back afterwards without competing for one.
+        """
+        if self._reserve is None:
+            self._reserve = _open_reserve()  # lost earlier; fds may have been freed since
+            if self._reserve is None:
+                return False
+        os.close(self._reserve)
+        self._reserve = None
+        try:
+            for _ in range(_BATCH):  # more than that: the loop calls again, the socket is ready
+                try:
+                    conn, _ = self.sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as other:
+                    if other.errno in _PEER_GONE:
+                        continue
+                    break
+                conn.close()
+                self.note_failure(exc)
+                if self.on_shed is not None:
+                    self.on_shed()
+        finally:
+            self._reserve = _open_reserve()
+        return True
 
     def _resume(self) -> None:
         self._retry = None
         self.start()
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None

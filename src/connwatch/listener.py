@@ -106,7 +106,9 @@ class Listener:
             ) from exc
         self._sock = sock
         self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
-        self._acceptor = Acceptor(sock, self._accepted, self.name)
+        self._acceptor = Acceptor(
+            sock, self._accepted, self.name, on_shed=lambda: self.tracker.shed(self.name)
+        )
         self._acceptor.start()
         self.accepting = True
         self._log.info(

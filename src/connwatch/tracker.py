@@ -70,6 +70,13 @@ class Tracker:
         self._active[conn.listener] += 1
         self._empty.clear()
 
+    def shed(self, listener: str) -> None:
+        """A client accepted and closed at once because the process had no fd to serve it."""
+        totals = self.totals(listener)
+        totals.accepted += 1
+        totals.closed[CloseReason.ERROR] += 1
+        totals.duration.observe(0.0)
+
     # -- ConnectionObserver ---------------------------------------------------------------------
     def connection_opened(self, conn: MonitoredConnection) -> None:
         if conn.target is not None:
