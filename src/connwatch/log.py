@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import select
 import sys
 import time
 from collections.abc import MutableMapping
@@ -41,6 +43,39 @@ class _Stamper:
         return event
 
 
+class LineLogger:
+    """A structlog logger that writes each line with a single write() call.
+
+    Worker processes share the daemon's stdout. `print()` writes a line and its newline
+    separately, and unbuffered (PYTHONUNBUFFERED, as in the Docker image) that is two write()s
+    another process's line can land between. One write() of a line up to PIPE_BUF bytes is never
+    split on a pipe, and one to a file opened for appending never on a local filesystem.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # StringIO, pytest's capture
+            self._fd = None
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        if self._fd is None:
+            self._stream.write(line)
+            self._stream.flush()
+            return
+        self._stream.flush()  # anything printed to the stream by other means goes first
+        data = memoryview(line.encode())
+        while data:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:  # someone made the descriptor non-blocking: wait for room
+                select.select([], [self._fd], [], 1.0)
+
+    debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+
+
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Configure structlog process-wide. Safe to call again (on reload)."""
     renderer: Any
@@ -56,7 +91,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=lambda *_: LineLogger(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
 
