@@ -24,6 +24,7 @@ from connwatch.exceptions import UpstreamConnectError
 from connwatch.sockopts import read_keepalive, tcp_options
 from connwatch.splice import SPLICE_AVAILABLE, PipePool, SplicePath, uses_splice
 from connwatch.splice import pipes as splice_pipes
+from connwatch.splice.poller import poller
 from connwatch.upstream import UpstreamPool
 from tests.payload import PayloadUpstream, exchange
 from tests.support import eventually
@@ -226,6 +227,7 @@ async def test_bulk_both_ways_at_once_is_byte_exact_and_counted() -> None:
 
 
 async def test_many_short_connections_reuse_pipes_and_return_fds_to_baseline() -> None:
+    poller(asyncio.get_running_loop())  # the loop's one epoll fd: part of the baseline
     async with PayloadUpstream() as upstream:
         baseline = open_fds()
         async with Proxy(upstream.address) as proxy:
@@ -586,6 +588,7 @@ async def test_pipe_pool_gives_back_clean_pipes_and_closes_the_rest() -> None:
 
 
 async def test_idle_pipes_are_closed_when_none_was_taken_for_a_while() -> None:
+    poller(asyncio.get_running_loop())  # the loop's one epoll fd: part of the baseline
     async with PayloadUpstream() as upstream:
         baseline = open_fds()
         pipes = PipePool(256 * 1024, idle_timeout=0.3)

@@ -108,10 +108,12 @@ class _Borrowed(socket.socket):
         self.detach()
 
 
-def _borrow(transport: asyncio.BaseTransport | None) -> _Borrowed | None:
+def _borrow(transport: asyncio.BaseTransport | None) -> socket.socket | None:
     sock = None if transport is None else transport.get_extra_info("socket")
     if sock is None or sock.family not in _TCP_FAMILIES:
         return None  # Unix socket legs have no TCP_INFO: the byte counts are all we judge by
+    if type(sock) is socket.socket:
+        return sock  # the splice path's own socket object: read it directly
     fd = sock.fileno()
     return None if fd < 0 else _Borrowed(sock.family, sock.type, sock.proto, fd)
 
@@ -169,9 +171,9 @@ class _Leg:
         return False
 
     def release(self) -> None:
-        if self.sock is not None:
+        if isinstance(self.sock, _Borrowed):
             self.sock.detach()
-            self.sock = None
+        self.sock = None
 
 
 class _Totals:

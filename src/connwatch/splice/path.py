@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from connwatch.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
+from connwatch.splice.poller import poller
 from connwatch.splice.transport import Leg, SpliceTransport
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ async def _connect(
             # An option the kernel refuses is skipped, the others still set (as sockopts does).
             with contextlib.suppress(OSError):
                 sock.setsockopt(level, option, value)
-        await loop.sock_connect(sock, addr)
+        await poller(loop).connect(sock, addr)
     except BaseException:
         sock.close()
         raise

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from connwatch.splice.pipes import Pipe, PipePool
+from connwatch.splice.poller import poller
 
 if TYPE_CHECKING:
     from connwatch.connection import MonitoredConnection
@@ -67,12 +68,12 @@ class SpliceTransport(asyncio.Transport):
         "_fd",
         "_feeder",
         "_high",
-        "_info",
         "_loop",
         "_paused",
         "_pipe",
         "_piped",
         "_pipes",
+        "_poller",
         "_protocol",
         "_reading",
         "_sink",
@@ -80,6 +81,7 @@ class SpliceTransport(asyncio.Transport):
         "_wbuf",
         "_write_paused",
         "_writing",
+        "polled",
     )
 
     def __init__(
@@ -90,9 +92,10 @@ class SpliceTransport(asyncio.Transport):
         pipes: PipePool,
         chunk: int,
     ) -> None:
-        super().__init__()
-        self._info: dict[str, Any] = {"socket": sock}  # get_extra_info, peer names filled lazily
+        # No super().__init__(): its `_extra` dict would be one more allocation per socket.
         self._loop = loop
+        self._poller = poller(loop)
+        self.polled = 0  # the poller's note of what is registered for this socket
         self._sock = sock
         self._fd = sock.fileno()
         self._protocol = protocol
@@ -107,7 +110,7 @@ class SpliceTransport(asyncio.Transport):
         self._eof = False
         # Writing side: bytes on their way into this socket.
         self._feeder: SpliceTransport | None = None  # whose pipe drains into this socket
-        self._wbuf = bytearray()
+        self._wbuf: bytearray | None = None  # made on the first write that cannot go out at once
         self._writing = False  # registered with add_writer
         self._write_paused = False  # the protocol was told pause_writing()
         self._high = _WRITE_HIGH
@@ -133,13 +136,14 @@ class SpliceTransport(asyncio.Transport):
 
     # -- asyncio.Transport ----------------------------------------------------------------------
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        info = self._info
-        if name in ("peername", "sockname") and name not in info:
+        if name == "socket":
+            return self._sock
+        if name in ("peername", "sockname"):  # asked once or twice a connection: not cached
             try:
-                info[name] = getattr(self._sock, "get" + name)()
+                return getattr(self._sock, "get" + name)()
             except OSError:
                 return default
-        return info.get(name, default)
+        return default
 
     def is_closing(self) -> bool:
         return self._closing
@@ -169,7 +173,8 @@ class SpliceTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         feeder = self._feeder
-        return len(self._wbuf) + (feeder._piped if feeder is not None else 0)
+        queued = len(self._wbuf) if self._wbuf is not None else 0
+        return queued + (feeder._piped if feeder is not None else 0)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._eof_out or not data:
@@ -185,7 +190,10 @@ class SpliceTransport(asyncio.Transport):
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
-        self._wbuf += data
+        if self._wbuf is None:
+            self._wbuf = bytearray(data)
+        else:
+            self._wbuf += data
         self._start_writer()
         if len(self._wbuf) > self._high:
             self._pause_writing()
@@ -224,15 +232,19 @@ class SpliceTransport(asyncio.Transport):
             if isinstance(sink, SpliceTransport):  # set once forwarding starts, then never changes
                 self._sink = sink
                 sink._feeder = self
-        self._loop.add_reader(self._fd, self._on_readable)
         self._reading = True
+        self._poller.update(self._fd, self)
 
     def _stop_reader(self) -> None:
         if self._reading:
-            self._loop.remove_reader(self._fd)
             self._reading = False
+            self._poller.update(self._fd, self)
 
-    def _on_readable(self) -> None:
+    # -- Watched, for the poller ----------------------------------------------------------------
+    def wants(self) -> tuple[bool, bool]:
+        return self._reading, self._writing
+
+    def on_readable(self) -> None:
         sink = self._sink
         if sink is None:
             self._read_copy()  # no sink yet: the leg holds what arrives (PROXY header, ...)
@@ -351,15 +363,15 @@ class SpliceTransport(asyncio.Transport):
 
     def _start_writer(self) -> None:
         if not self._writing and not self._closed:
-            self._loop.add_writer(self._fd, self._on_writable)
             self._writing = True
+            self._poller.update(self._fd, self)
 
     def _stop_writer(self) -> None:
         if self._writing:
-            self._loop.remove_writer(self._fd)
             self._writing = False
+            self._poller.update(self._fd, self)
 
-    def _on_writable(self) -> None:
+    def on_writable(self) -> None:
         if self._wbuf and not self._flush_wbuf():
             return
         feeder = self._feeder
@@ -377,6 +389,7 @@ class SpliceTransport(asyncio.Transport):
             self._finish(None)
 
     def _flush_wbuf(self) -> bool:
+        assert self._wbuf is not None
         try:
             sent = self._sock.send(self._wbuf)
         except (BlockingIOError, InterruptedError):
@@ -385,7 +398,10 @@ class SpliceTransport(asyncio.Transport):
             self._fatal(exc)
             return False
         del self._wbuf[:sent]
-        return not self._wbuf
+        if self._wbuf:
+            return False
+        self._wbuf = None
+        return True
 
     def _shutdown_write(self) -> None:
         # A peer that already reset shows it on the next read, with the right close reason.
@@ -409,6 +425,6 @@ class SpliceTransport(asyncio.Transport):
         sink = self._sink
         if self._pipe is not None and (sink is None or sink._closed):
             self._discard_pipe()  # nobody is left to drain it
-        self._wbuf.clear()
+        self._wbuf = None
         self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)

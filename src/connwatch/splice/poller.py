@@ -1,0 +1,146 @@
+"""One epoll set for all spliced sockets of an event loop, seen by the loop as a single reader.
+
+uvloop's `add_reader`/`add_writer` cost a libuv poll handle and a callback handle per socket,
+about 600 bytes, and an idle proxied connection keeps both of its sockets registered for
+reading. Here a registered socket costs one dict entry and an entry in the kernel's epoll set:
+the difference is most of what an idle spliced connection holds in user space.
+
+Level-triggered like `add_reader`: a socket that stays ready is reported again at the next
+round, so a callback that leaves data unread (flow control) loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+import weakref
+from typing import Final, Protocol
+
+__all__ = ["Poller", "Watched", "poller"]
+
+_IN: Final = select.EPOLLIN
+_OUT: Final = select.EPOLLOUT
+_TROUBLE: Final = select.EPOLLERR | select.EPOLLHUP  # wakes whichever side is registered
+_BATCH: Final = 512  # events per round: the loop's other callbacks get their turn between
+
+
+class Watched(Protocol):
+    """A socket's owner: which directions it waits for, and what to call when one is ready.
+
+    `polled` is the poller's own note of the events registered for it (0: none); keeping it on
+    the owner spares the poller a second dict entry per socket.
+    """
+
+    polled: int
+
+    def wants(self) -> tuple[bool, bool]:
+        """(reading, writing): the events it waits for now."""
+        ...
+
+    def on_readable(self) -> None: ...
+
+    def on_writable(self) -> None: ...
+
+
+class Poller:
+    """The loop watches the epoll fd; `update` keeps each socket's interest in step with its owner."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._epoll = select.epoll()
+        self._owners: dict[int, Watched] = {}
+        self._loop = loop
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    def update(self, fd: int, owner: Watched) -> None:
+        """Register, change or drop `fd` to match `owner.wants()`. Call before closing `fd`."""
+        reading, writing = owner.wants()
+        mask = (_IN if reading else 0) | (_OUT if writing else 0)
+        old = owner.polled
+        if mask == old:
+            return
+        owner.polled = mask
+        if not mask:
+            self._epoll.unregister(fd)
+            del self._owners[fd]
+        elif not old:
+            self._epoll.register(fd, mask)
+            self._owners[fd] = owner
+        else:
+            self._epoll.modify(fd, mask)
+
+    async def connect(self, sock: socket.socket, address: tuple[object, ...] | str) -> None:
+        """`sock.connect` for a non-blocking socket, waiting here instead of in a loop handle."""
+        try:
+            sock.connect(address)
+            return
+        except (BlockingIOError, InterruptedError):
+            pass
+        waiter = _ConnectWaiter(self._loop.create_future())
+        fd = sock.fileno()
+        self.update(fd, waiter)
+        try:
+            await waiter.done
+        finally:
+            waiter.writing = False
+            self.update(fd, waiter)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._owners.clear()
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def _dispatch(self) -> None:
+        owners = self._owners
+        for fd, events in self._epoll.poll(0, _BATCH):
+            owner = owners.get(fd)
+            if owner is None:
+                continue  # dropped by an earlier callback of this round
+            if events & (_IN | _TROUBLE) and owner.polled & _IN:
+                owner.on_readable()
+                if owners.get(fd) is not owner:
+                    continue  # that callback closed it
+            if events & (_OUT | _TROUBLE) and owner.polled & _OUT:
+                owner.on_writable()
+
+
+class _ConnectWaiter:
+    """Interest in one connecting socket's writability."""
+
+    __slots__ = ("done", "polled", "writing")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.writing = True
+        self.polled = 0
+
+    def wants(self) -> tuple[bool, bool]:
+        return False, self.writing
+
+    def on_readable(self) -> None:  # pragma: no cover - never registered for reading
+        pass
+
+    def on_writable(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+# A loop that is gone takes its poller (and the epoll fd) with it.
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def poller(loop: asyncio.AbstractEventLoop) -> Poller:
+    """The loop's poller, made on first use."""
+    found = _pollers.get(loop)
+    if found is None:
+        found = _pollers[loop] = Poller(loop)
+    return found

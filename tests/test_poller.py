@@ -1,0 +1,107 @@
+"""The splice path's epoll poller: readiness, connect, and nothing left registered."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+import pytest
+
+from connwatch.splice.poller import Poller, poller
+from tests.support import free_port
+
+pytestmark = pytest.mark.both_loops
+
+
+class _Owner:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.polled = 0
+        self.reading = False
+        self.writing = False
+        self.readable = asyncio.Event()
+        self.writable = asyncio.Event()
+
+    def wants(self) -> tuple[bool, bool]:
+        return self.reading, self.writing
+
+    def on_readable(self) -> None:
+        self.readable.set()
+
+    def on_writable(self) -> None:
+        self.writable.set()
+
+
+async def test_reports_readable_and_writable_until_dropped() -> None:
+    p = poller(asyncio.get_running_loop())
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    owner = _Owner(a.fileno())
+    try:
+        owner.writing = True
+        p.update(owner.fd, owner)
+        await asyncio.wait_for(owner.writable.wait(), 5)
+        owner.writing, owner.reading = False, True
+        p.update(owner.fd, owner)
+        b.send(b"x")
+        await asyncio.wait_for(owner.readable.wait(), 5)
+        assert len(p) == 1
+        owner.reading = False
+        p.update(owner.fd, owner)
+        assert len(p) == 0
+        assert owner.polled == 0
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_connect_succeeds_refuses_and_unregisters() -> None:
+    loop = asyncio.get_running_loop()
+    p = Poller(loop)
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        for address, expect in (
+            (server.getsockname(), None),
+            (("127.0.0.1", free_port()), errno.ECONNREFUSED),
+        ):
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                if expect is None:
+                    await asyncio.wait_for(p.connect(sock, address), 5)
+                    assert sock.getpeername() == address
+                else:
+                    with pytest.raises(ConnectionRefusedError) as info:
+                        await asyncio.wait_for(p.connect(sock, address), 5)
+                    assert info.value.errno == expect
+            finally:
+                sock.close()
+            assert len(p) == 0
+    finally:
+        server.close()
+        p.close()
+
+
+async def test_a_cancelled_connect_leaves_nothing_registered() -> None:
+    loop = asyncio.get_running_loop()
+    p = Poller(loop)
+    server = socket.create_server(("127.0.0.1", 0), backlog=0)  # never accepts: SYNs pile up
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(20):  # until the backlog is full and a connect stays pending
+            sock = socket.socket()
+            sock.setblocking(False)
+            socks.append(sock)
+            try:
+                await asyncio.wait_for(p.connect(sock, server.getsockname()), 0.3)
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("every connect completed: no pending connect to cancel")
+        assert len(p) == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+        p.close()
