@@ -50,7 +50,8 @@ class Poller:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._epoll = select.epoll()
         self._owners: dict[int, Watched] = {}
-        self._loop = loop
+        # Weak: the loop holds the poller through its reader, and `poller()` must let both go.
+        self._loop = weakref.ref(loop)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def update(self, fd: int, owner: Watched) -> None:
@@ -77,7 +78,7 @@ class Poller:
             return
         except (BlockingIOError, InterruptedError):
             pass
-        waiter = _ConnectWaiter(self._loop.create_future())
+        waiter = _ConnectWaiter(asyncio.get_running_loop().create_future())
         fd = sock.fileno()
         self.update(fd, waiter)
         try:
@@ -90,7 +91,9 @@ class Poller:
             raise OSError(err, os.strerror(err))
 
     def close(self) -> None:
-        self._loop.remove_reader(self._epoll.fileno())
+        loop = self._loop()
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
         self._owners.clear()
 
