@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         args.scrape_repeats,
         args.churn_max,
     )
+    if args.json:  # before any load runs: a missing folder must not cost a finished scenario
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"meta": meta(args), "scenarios": {}}
     refs = ["direct", "haproxy"]
     try:
