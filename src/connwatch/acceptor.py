@@ -69,17 +69,26 @@ class Acceptor:
     def _ready(self) -> None:
         for _ in range(_BATCH):
             try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+                conn = self._accept()
             except OSError as exc:
-                if exc.errno in _PEER_GONE:
-                    continue
                 if exc.errno not in _NO_FDS or not self._shed_backlog(exc):
                     self.exhausted(exc)
                 return
+            if conn is None:
+                return
             conn.setblocking(False)
             self.on_socket(conn)
+
+    def _accept(self) -> socket.socket | None:
+        """The next waiting client; None when there is none. Clients already gone are skipped."""
+        while True:
+            try:
+                return self.sock.accept()[0]
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                if exc.errno not in _PEER_GONE:
+                    raise
 
     def served(self) -> None:
         """A client got its upstream: any burst of failures is over."""
@@ -124,12 +133,10 @@ class Acceptor:
         try:
             for _ in range(_BATCH):  # more than that: the loop calls again, the socket is ready
                 try:
-                    conn, _ = self.sock.accept()
-                except (BlockingIOError, InterruptedError):
+                    conn = self._accept()
+                except OSError:
                     break
-                except OSError as other:
-                    if other.errno in _PEER_GONE:
-                        continue
+                if conn is None:
                     break
                 conn.close()
                 self.note_failure(exc)

@@ -136,9 +136,7 @@ class _ConnectWaiter:
 
 
 # A loop that is gone takes its poller (and the epoll fd) with it.
-_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = (
-    weakref.WeakKeyDictionary()
-)
+_pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
 
 
 def poller(loop: asyncio.AbstractEventLoop) -> Poller:
