@@ -14,6 +14,12 @@ from tests.support import free_port
 pytestmark = pytest.mark.both_loops
 
 
+def _nonblocking() -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    return sock
+
+
 class _Owner:
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -65,8 +71,7 @@ async def test_connect_succeeds_refuses_and_unregisters() -> None:
             (server.getsockname(), None),
             (("127.0.0.1", free_port()), errno.ECONNREFUSED),
         ):
-            sock = socket.socket()
-            sock.setblocking(False)
+            sock = _nonblocking()
             try:
                 if expect is None:
                     await asyncio.wait_for(p.connect(sock, address), 5)
@@ -90,9 +95,7 @@ async def test_a_cancelled_connect_leaves_nothing_registered() -> None:
     socks: list[socket.socket] = []
     try:
         for _ in range(20):  # until the backlog is full and a connect stays pending
-            sock = socket.socket()
-            sock.setblocking(False)
-            socks.append(sock)
+            socks.append(sock := _nonblocking())
             try:
                 await asyncio.wait_for(p.connect(sock, server.getsockname()), 0.3)
             except TimeoutError:

@@ -98,14 +98,14 @@ class Acceptor:
 
     def exhausted(self, exc: OSError) -> None:
         """Accepting (or a connect for an accepted client) failed: pause, log once a burst."""
-        self.note_failure(exc)
+        self._note_failure(exc)
         if exc.errno in _EXHAUSTED:
             # Leave the clients in the backlog and look again shortly, instead of spinning.
             self._loop.remove_reader(self.sock.fileno())
             self._reading = False
             self._retry = self._loop.call_later(_RETRY, self._resume)
 
-    def note_failure(self, exc: OSError) -> None:
+    def _note_failure(self, exc: OSError) -> None:
         """Count a failed attempt; the first of a burst is logged."""
         self.failures += 1
         if not self._burst:
@@ -139,7 +139,7 @@ class Acceptor:
                 if conn is None:
                     break
                 conn.close()
-                self.note_failure(exc)
+                self._note_failure(exc)
                 if self.on_shed is not None:
                     self.on_shed()
         finally:
