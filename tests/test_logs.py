@@ -115,3 +115,36 @@ def test_processes_sharing_stdout_never_split_a_line() -> None:
         assert proc.wait(timeout=60) == 0
     ids = [json.loads(line)["conn_id"] for line in lines]  # a split line would not parse
     assert len(ids) == len(set(ids)) == 3 * count
+
+
+def _rendered(level: str, fmt: str, emit: str) -> list[str]:
+    """Lines one logger writes after `configure_logging(level, fmt)` (the stream is a file)."""
+    import io
+
+    from connwatch.log import configure_logging, get_logger, info_lines
+
+    stream = io.StringIO()
+    configure_logging(level, fmt, stream)
+    try:
+        logger = info_lines("t") if emit == "fast" else get_logger("t")
+        fields = {"conn_id": "0-1", "client": 'odd "name" é', "upstream": None, "duration_s": 0.5}
+        logger.info("connection_closed", **fields, bytes_client_to_upstream=7)
+    finally:
+        configure_logging("warning", "json")  # what the test process runs with
+    return stream.getvalue().splitlines()
+
+
+def test_connection_lines_render_as_the_structlog_chain_does() -> None:
+    """The connection lines skip structlog's chain; an operator's parser sees no difference."""
+    fast, chain = _rendered("info", "json", "fast"), _rendered("info", "json", "chain")
+    assert len(fast) == len(chain) == 1
+    timestamp = re.compile(r'"timestamp": "[^"]+"')
+    assert timestamp.sub("T", fast[0]) == timestamp.sub("T", chain[0])
+    assert RFC3339_UTC.match(json.loads(fast[0])["timestamp"])
+    assert list(json.loads(fast[0]))[-3:] == ["event", "level", "timestamp"]
+    # Lines below the configured level stay off; the console format keeps structlog's renderer.
+    assert _rendered("warning", "json", "fast") == []
+    console = _rendered("info", "console", "fast")
+    assert len(console) == 1
+    assert "connection_closed" in console[0]
+    assert "{" not in console[0]

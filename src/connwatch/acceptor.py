@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -29,12 +30,12 @@ _PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 class Acceptor:
-    """Calls `on_socket` with each accepted, non-blocking socket."""
+    """Calls `on_socket` with each accepted, non-blocking socket and its peer's address."""
 
     def __init__(
         self,
         sock: socket.socket,
-        on_socket: Callable[[socket.socket], None],
+        on_socket: Callable[[socket.socket, Any], None],
         name: str,
         on_shed: Callable[[], None] | None = None,
     ) -> None:
@@ -69,21 +70,23 @@ class Acceptor:
     def _ready(self) -> None:
         for _ in range(_BATCH):
             try:
-                conn = self._accept()
+                accepted = self._accept()
             except OSError as exc:
                 if exc.errno not in _NO_FDS or not self._shed_backlog(exc):
                     self.exhausted(exc)
                 return
-            if conn is None:
+            if accepted is None:
                 return
+            conn, peer = accepted
             conn.setblocking(False)
-            self.on_socket(conn)
+            self.on_socket(conn, peer)
 
-    def _accept(self) -> socket.socket | None:
-        """The next waiting client; None when there is none. Clients already gone are skipped."""
+    def _accept(self) -> tuple[socket.socket, Any] | None:
+        """The next waiting client and its address; None when there is none. Clients already
+        gone are skipped."""
         while True:
             try:
-                return self.sock.accept()[0]
+                return self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -133,12 +136,12 @@ class Acceptor:
         try:
             for _ in range(_BATCH):  # more than that: the loop calls again, the socket is ready
                 try:
-                    conn = self._accept()
+                    accepted = self._accept()
                 except OSError:
                     break
-                if conn is None:
+                if accepted is None:
                     break
-                conn.close()
+                accepted[0].close()
                 self._note_failure(exc)
                 if self.on_shed is not None:
                     self.on_shed()

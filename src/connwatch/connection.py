@@ -351,7 +351,8 @@ class MonitoredConnection:
         assert t is not None
         t.set_write_buffer_limits(high=self.buffer.size)
         if leg is self.client_leg:
-            self.client = format_peer(t.get_extra_info("peername"))
+            if not self.client:  # the listener passes the address accept() gave
+                self.client = format_peer(t.get_extra_info("peername"))
             t.pause_reading()
             self.observer.connection_accepted(self)
         else:

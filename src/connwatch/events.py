@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from connwatch.connection import MonitoredConnection
-from connwatch.log import get_logger
+from connwatch.log import get_logger, info_lines
 
 
 class ConnectionEvents:
@@ -27,7 +27,8 @@ class ConnectionEvents:
         self.refresh_logger()
 
     def refresh_logger(self) -> None:
-        self._log = get_logger("connwatch.connection")
+        self._lines = info_lines("connwatch.connection")  # the connection lines
+        self._log = get_logger("connwatch.connection")  # the rest
 
     def configure(self, *, enabled: bool, limit: int) -> None:
         self.enabled, self.limit = enabled, limit
@@ -35,7 +36,7 @@ class ConnectionEvents:
 
     def opened(self, conn: MonitoredConnection) -> None:
         if self.enabled and self._admit("connection_opened"):
-            self._log.info(
+            self._lines.info(
                 "connection_opened",
                 conn_id=conn.id,
                 listener=conn.listener,
@@ -45,7 +46,7 @@ class ConnectionEvents:
 
     def closed(self, conn: MonitoredConnection, reason: str, duration: float) -> None:
         if self.enabled and self._admit("connection_closed"):
-            self._log.info(
+            self._lines.info(
                 "connection_closed",
                 conn_id=conn.id,
                 listener=conn.listener,
@@ -63,7 +64,7 @@ class ConnectionEvents:
         for conn in conns:
             age = conn.age(now)
             if age >= min_age:
-                self._log.info(
+                self._lines.info(
                     "connection_progress",
                     conn_id=conn.id,
                     listener=conn.listener,

@@ -11,7 +11,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -73,6 +73,7 @@ class Listener:
         self.accepting = False
         self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
         self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop  # the loop start() runs on
         self._acceptor: Acceptor | None = None
         self._splice: SplicePath | None = None  # None: the portable data path
         self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
@@ -105,6 +106,7 @@ class Listener:
                 f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
             ) from exc
         self._sock = sock
+        self._loop = asyncio.get_running_loop()
         self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
         self._acceptor = Acceptor(
             sock, self._accepted, self.name, on_shed=lambda: self.tracker.shed(self.name)
@@ -143,17 +145,18 @@ class Listener:
             apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
 
     # -- accepting ------------------------------------------------------------------------------
-    def _accepted(self, sock: socket.socket) -> None:
+    def _accepted(self, sock: socket.socket, peer: Any) -> None:
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
-        conn.own_task(asyncio.get_running_loop().create_task(self._serve(conn, sock)))
+        conn.client = format_peer(peer)  # as getpeername() would say, without asking again
+        conn.own_task(self._loop.create_task(self._serve(conn, sock)))
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket) -> None:
         """One connection's set-up: take over the accepted socket, then reach an upstream."""
-        loop = asyncio.get_running_loop()
+        wrapper = self._splice or self._loop
         try:
-            await (self._splice or loop).connect_accepted_socket(lambda: conn.client_protocol, sock)
+            await wrapper.connect_accepted_socket(lambda: conn.client_protocol, sock)
         except OSError:
             sock.close()  # the client left before we could wrap its socket
             return

@@ -106,7 +106,6 @@ async def _connect(
 ) -> socket.socket:
     sock = _new_socket(family)
     try:
-        sock.setblocking(False)
         for level, option, value in options:
             # An option the kernel refuses is skipped, the others still set (as sockopts does).
             with contextlib.suppress(OSError):
@@ -119,12 +118,14 @@ async def _connect(
 
 
 def _new_socket(family: int) -> socket.socket:
+    """A non-blocking stream socket (made so: no separate call to make it so)."""
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
     try:
-        return socket.socket(family, socket.SOCK_STREAM)
+        return socket.socket(family, kind)
     except OSError as exc:
         # Out of descriptors: idle pooled pipes go before a connection does.
         if exc.errno in NO_FDS and note_fd_pressure():
-            return socket.socket(family, socket.SOCK_STREAM)
+            return socket.socket(family, kind)
         raise
 
 
