@@ -122,14 +122,15 @@ class _Leg:
     """One socket of a watched connection, and what the watchdog remembers of it between beats."""
 
     __slots__ = (
+        "_sock",
         "acked",
+        "borrowed",
         "in_flight",
         "progress_at",
         "retrans",
         "retransmits",
         "rtt",
         "side",
-        "sock",
         "transport",
     )
 
@@ -138,7 +139,8 @@ class _Leg:
     ) -> None:
         self.side = side
         self.transport = transport
-        self.sock = _borrow(transport)
+        self._sock: socket.socket | None = None
+        self.borrowed = False  # _sock looked up (once, at the first beat)
         self.rtt = totals.rtt[side]
         self.retransmits = totals.retransmits
         self.retrans = 0  # total_retrans already added to the listener's counter
@@ -146,14 +148,23 @@ class _Leg:
         self.in_flight = False  # unacked > 0 at the last beat
         self.progress_at = now  # when ACKs last made progress (or nothing was in flight)
 
+    @property
+    def sock(self) -> socket.socket | None:
+        """The socket to read TCP_INFO from, looked up at the first beat, not when the watch
+        starts: on a churning service most connections end before their first beat."""
+        if not self.borrowed:
+            self.borrowed = True
+            self._sock = _borrow(self.transport)
+        return self._sock
+
     def read(self) -> Core | None:
-        sock = self.sock
         transport = self.transport
         # A closing transport may already have closed the fd, whose number the next accept can
         # reuse: never read through a borrowed fd once its owner is closing.
-        if sock is None or transport is None or transport.is_closing():
+        if transport is None or transport.is_closing():
             return None
-        return read_tcp_core(sock)
+        sock = self.sock
+        return None if sock is None else read_tcp_core(sock)
 
     def observe(self, core: Core, now: float) -> bool:
         """Count RTT and retransmits (SPEC section 8); True when the socket is plainly fine:
@@ -171,9 +182,10 @@ class _Leg:
         return False
 
     def release(self) -> None:
-        if isinstance(self.sock, _Borrowed):
-            self.sock.detach()
-        self.sock = None
+        if isinstance(self._sock, _Borrowed):
+            self._sock.detach()
+        self._sock = None
+        self.borrowed = True
 
 
 class _Totals:
