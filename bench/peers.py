@@ -46,8 +46,9 @@ class Peer:
     label: str
     find: Callable[[], str | None]
     write: Callable[[str, Path, int, int, ConnwatchOptions], Launch]
-    # socat forks a process per connection: 8,000 idle connections would be 8,000 processes.
-    holds_idle: bool = True
+    # Why it sits out the idle scenarios, if it does: socat forks a process per connection
+    # (8,000 idle connections would be 8,000 processes).
+    idle_skip: str | None = None
     connwatch: bool = False
     startup_timeout: float = 10.0
 
@@ -65,6 +66,10 @@ def find_envoy() -> str | None:
             if candidate.is_file():
                 return str(candidate)
     return shutil.which("envoy")
+
+
+def _python_with_uvloop() -> str | None:
+    return sys.executable if importlib.util.find_spec("uvloop") is not None else None
 
 
 def find_connwatch() -> str | None:
@@ -162,6 +167,17 @@ def _pproxy(binary: str, d: Path, listen: int, upstream: int, _o: ConnwatchOptio
     return Launch([binary, shim, "-l", uri], [listen])
 
 
+def _floor(kind: str, workers: int = 1) -> Callable[..., Launch]:
+    """A minimal Python forwarder without monitoring (bench/floors.py): Python's floor here."""
+
+    def write(binary: str, d: Path, listen: int, upstream: int, _o: ConnwatchOptions) -> Launch:
+        script = str(Path(__file__).resolve().parent / "floors.py")
+        argv = [binary, script, kind, str(listen), str(upstream), "--workers", str(workers)]
+        return Launch(argv, [listen])
+
+    return write
+
+
 def connwatch_config(listen: int, upstream: int, admin: int, opts: ConnwatchOptions) -> Config:
     """connwatch as deployed (SPEC §3): heartbeats, keep-alive, health checks, metrics, JSON logs."""
     keepalive = {"enabled": True, "idle": "60s", "interval": "10s", "count": 5}
@@ -216,8 +232,17 @@ PEERS: dict[str, Peer] = {
         ),
         Peer("nginx", "nginx stream", _which("nginx"), _nginx),
         Peer("envoy", "Envoy", find_envoy, _envoy, startup_timeout=20.0),
-        Peer("socat", "socat", _which("socat"), _socat, holds_idle=False),
+        Peer("socat", "socat", _which("socat"), _socat, idle_skip="forks a process per connection"),
         Peer("pproxy", "pproxy", find_pproxy, _pproxy),
+        Peer("py-protocol", "Python Protocol floor", _python_with_uvloop, _floor("protocol")),
+        Peer(
+            "py-splice",
+            "Python splice floor, 2 processes",
+            _python_with_uvloop,
+            _floor("splice", workers=2),
+            # Two pipes a connection kept for its life: 6 fds each, past 20,000 at ~3,300.
+            idle_skip="6 fds per connection (two pipes kept): 8,000 exceed the fd limit",
+        ),
         Peer(
             "connwatch",
             "connwatch",

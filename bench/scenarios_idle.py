@@ -66,11 +66,11 @@ def _warm(running: Running, where: Path) -> None:
 def run_idle(ctx: Context) -> Results:
     results = Results("idle")
     n = ctx.idle_conns
-    targets = [t for t in ctx.targets if t.peer.holds_idle]
+    targets = [t for t in ctx.targets if t.peer.idle_skip is None]
     for t in ctx.targets:
         results.subject(t.name, t.label)
-        if not t.peer.holds_idle:
-            results.fail(t.name, "skipped: forks a process per connection")
+        if t.peer.idle_skip is not None:
+            results.fail(t.name, f"skipped: {t.peer.idle_skip}")
 
     def measure(target: Target, where: Path) -> tuple[Sample, list[str]]:
         redis, redis_port = start_redis(where)
