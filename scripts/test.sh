@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3-venv nftables tcpdump iproute2 redis-server prometheus tmux socat)
+DEBIAN_PACKAGES=(python3-venv nftables tcpdump iproute2 redis-server prometheus tmux socat valgrind)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,3 +67,22 @@ async def test_floor_forwards_byte_exact_with_half_close(kind: str, workers: int
                 break
             await asyncio.sleep(0.05)
         assert up.open == 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (Debian package)")
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="needs redis-benchmark")
+def test_instruction_counts_are_per_unit_and_repeat() -> None:
+    """bench/instructions.py counts only the measured load: twice the load, twice the count."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "instructions.py"
+
+    def counts(conns: int, requests: int) -> list[float]:
+        argv = [sys.executable, str(script), "--proxies", "py-protocol"]
+        argv += ["--conns", str(conns), "--requests", str(requests)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+        row = [line for line in out.stdout.splitlines() if line.startswith("| py-protocol")]
+        return [float(cell) for cell in row[0].strip("| ").split("|")[1:]]
+
+    small, large = counts(100, 2000), counts(200, 4000)
+    assert all(value > 0 for value in small)
+    for a, b in zip(small, large, strict=True):  # per connection / per request: stable
+        assert abs(a - b) / a < 0.15, (small, large)

@@ -1,0 +1,171 @@
+"""User-space instructions per connection and per request, counted by valgrind's callgrind.
+
+Timings on a shared 2-core machine swing ±15 % run to run; instruction counts of the same code
+and load repeat to within ~1 %, whatever else the machine does. This is the tool for an A/B of
+a change to the per-connection or per-request path (kernel work is not counted: syscalls cost
+the same for every proxy, see `strace -c`).
+
+Each subject runs under `valgrind --tool=callgrind` with counting off; after a warm-up (imports,
+first-use caches) counting is switched on for exactly the measured load, then dumped:
+
+- `churn`: `--conns` connections, each connect + PING + reply + close (bench/churn_client.py);
+- `rr`: `--requests` PING_INLINE requests over 50 connections (redis-benchmark).
+
+    python bench/instructions.py --proxies py-protocol,connwatch
+    python bench/instructions.py --proxies connwatch --connwatch-src /tmp/old/src   # A/B
+    python bench/instructions.py --proxies 'connwatch[splice]' \\
+        --connwatch-variant 'splice:listeners.0.data_path=splice'
+
+Needs valgrind (Debian package `valgrind`) besides what bench/run.py needs. Slow: ~15 s a
+subject at the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.peers import PEERS, ConnwatchOptions, parse_variant
+from bench.procs import Child, free_port, spawn, stop, wait_listening
+from bench.runner import python_script
+from bench.upstreams import start_redis
+
+WARMUP_CONNS = 50
+_TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/instructions.py", description=__doc__.splitlines()[0])
+    p.add_argument("--proxies", default="py-protocol,connwatch", help="comma list of peers")
+    p.add_argument(
+        "--connwatch-variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+        help="define connwatch[NAME], as in bench/run.py (repeatable)",
+    )
+    p.add_argument(
+        "--connwatch-src", type=Path, help="import connwatch from this src/ (A/B of a checkout)"
+    )
+    p.add_argument("--conns", type=int, default=1000, help="churn: connections counted")
+    p.add_argument("--requests", type=int, default=20000, help="rr: requests counted")
+    return p.parse_args(argv)
+
+
+def options_for(name: str, variants: dict[str, dict[str, object]]) -> ConnwatchOptions:
+    variant = name.partition("[")[2].rstrip("]")
+    if not variant:
+        return ConnwatchOptions()
+    if variant not in variants:
+        raise SystemExit(f"unknown variant {name!r} (define it with --connwatch-variant)")
+    return ConnwatchOptions(overrides=dict(variants[variant]))
+
+
+def counted(argv: list[str], where: Path) -> list[str]:
+    """argv under callgrind, counting off until switched on; children followed (workers)."""
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--trace-children=yes",
+        f"--callgrind-out-file={where}/callgrind.%p",
+        *argv,
+    ]
+
+
+def control(*args: str) -> None:
+    """callgrind_control for every callgrind run of ours (the subject and its workers)."""
+    subprocess.run(["callgrind_control", *args], capture_output=True, timeout=60, check=False)
+
+
+def dumped_instructions(where: Path) -> int:
+    """Instructions in the dumps made by `callgrind_control -d` (files named callgrind.PID.N)."""
+    total = 0
+    for path in where.glob("callgrind.*.*"):
+        found = _TOTALS.search(path.read_bytes())
+        if found:
+            total += int(found.group(1))
+    return total
+
+
+def churn(port: int, conns: int, concurrency: int) -> None:
+    argv = python_script("churn_client.py")
+    argv += ["--port", str(port), "--concurrency", str(concurrency)]
+    argv += ["--max-conns", str(conns), "--duration", "900"]
+    subprocess.run(argv, capture_output=True, timeout=960, check=True)
+
+
+def rr(port: int, requests: int) -> None:
+    argv = ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(requests)]
+    subprocess.run([*argv, "-t", "ping_inline", "-q"], capture_output=True, timeout=960, check=True)
+
+
+def measure(name: str, opts: ConnwatchOptions, args: argparse.Namespace, root: Path) -> list[int]:
+    """Instructions for the churn load, then for the rr load, each on a fresh subject."""
+    base = name.partition("[")[0]
+    peer = PEERS[base]
+    binary = peer.find()
+    if binary is None:
+        raise SystemExit(f"{name}: not installed")
+    env = dict(os.environ)
+    if peer.connwatch and args.connwatch_src is not None:
+        env["PYTHONPATH"] = str(args.connwatch_src.resolve())
+    counts = []
+    for load in ("churn", "rr"):
+        where = Path(tempfile.mkdtemp(prefix=f"{base}-{load}-", dir=root))  # one per subject
+        redis, redis_port = start_redis(where)
+        subject: Child | None = None
+        try:
+            port = free_port()
+            launch = peer.write(binary, where, port, redis_port, opts)
+            subject = spawn(name, counted(launch.argv, where), where, env=env)
+            why = wait_listening(subject, launch.ready_ports, 120.0)
+            if why:
+                raise SystemExit(f"{name}: failed to start under valgrind: {why}")
+            churn(port, WARMUP_CONNS, 10)  # imports and first-use caches are not counted
+            control("-i", "on")
+            started = time.monotonic()
+            if load == "churn":
+                churn(port, args.conns, 10)
+            else:
+                rr(port, args.requests)
+            control("-d")
+            control("-i", "off")
+            print(f"  {name} {load}: {time.monotonic() - started:.0f} s", file=sys.stderr)
+            counts.append(dumped_instructions(where))
+        finally:
+            if subject is not None:
+                stop(subject, grace=20.0)
+            stop(redis)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("valgrind", "callgrind_control", "redis-server", "redis-benchmark"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found on PATH")
+    variants = dict(parse_variant(v) for v in args.connwatch_variant)
+    names = [n.strip() for n in args.proxies.split(",") if n.strip()]
+    print("| subject | k instructions / connection (churn) | k instructions / request (rr) |")
+    print("| --- | --- | --- |")
+    with tempfile.TemporaryDirectory(prefix="connwatch-instr-") as tmp:
+        for name in names:
+            per_conn, per_req = measure(name, options_for(name, variants), args, Path(tmp))
+            conns, reqs = args.conns, args.requests
+            print(f"| {name} | {per_conn / conns / 1e3:.1f} | {per_req / reqs / 1e3:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
