@@ -410,7 +410,6 @@ class MonitoredConnection:
     def _shut(self, *, abort: bool, reset: bool = False) -> None:
         if self.state is not State.CLOSED:
             self.state = State.CLOSING
-        flushing = False
         for leg in (self.client_leg, self.upstream_leg):
             t = leg.transport
             if t is None or leg.lost:
@@ -420,11 +419,8 @@ class MonitoredConnection:
             if abort:
                 t.abort()
             elif not t.is_closing():
-                flushing = flushing or t.get_write_buffer_size() > 0
                 t.close()
-        if flushing:
-            # A transport with nothing to send closes at once; one still flushing gets
-            # _CLOSE_GRACE, then it is aborted.
+        if not abort:
             self._schedule(_CLOSE_GRACE)
 
     def _maybe_finish(self) -> None:
