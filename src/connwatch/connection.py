@@ -95,7 +95,17 @@ def reason_for_error(side: Side, exc: BaseException | None) -> CloseReason | Non
 class _Leg(asyncio.BufferedProtocol):
     """One side's protocol. Reads land in the shared buffer and go straight to the other leg."""
 
-    __slots__ = ("bytes_in", "conn", "eof", "lost", "other", "side", "sink", "transport")
+    __slots__ = (
+        "bytes_in",
+        "conn",
+        "eof",
+        "lost",
+        "other",
+        "side",
+        "sink",
+        "transport",
+        "write_paused",
+    )
 
     def __init__(self, conn: MonitoredConnection, side: Side) -> None:
         self.conn = conn
@@ -107,6 +117,7 @@ class _Leg(asyncio.BufferedProtocol):
         self.bytes_in = 0  # bytes read from this side and handed to the other
         self.eof = False
         self.lost = False
+        self.write_paused = False  # between pause_writing() and resume_writing()
 
     # -- asyncio callbacks; none of them awaits ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -136,12 +147,14 @@ class _Leg(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         # This leg's socket is full: stop reading from the side that feeds it.
+        self.write_paused = True
         other = self.other
         if other is not None and other.transport is not None and not other.eof:
             other.transport.pause_reading()
             self.conn.observer.flow_paused(self.conn, _direction_into(self.side))
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         other = self.other
         # Only once forwarding has started on the other leg: before that it stays paused.
         if other is not None and other.sink is not None and not other.eof:
@@ -341,7 +354,9 @@ class MonitoredConnection:
         if self.client_leg.eof:  # the client said everything before we got here
             up.write_eof() if up.can_write_eof() else None
             self._note_end(self.client_leg)
-        else:
+        elif not self.upstream_leg.write_paused:
+            # Held bytes that filled the upstream's queue paused the client just now; then its
+            # resume_writing() starts the client, not we (else reading would never pause again).
             client.resume_reading()
         self.observer.connection_opened(self)
         self._arm_timer()

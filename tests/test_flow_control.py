@@ -1,0 +1,102 @@
+"""Back-pressure between the legs of one connection, with transports that record what they are
+told (uvloop calls pause_writing() from inside write(), as these do)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from connwatch._types import Direction
+from connwatch.connection import MonitoredConnection, ReadBuffer, Timeouts
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.paused: list[Direction] = []
+
+    def connection_accepted(self, conn: MonitoredConnection) -> None: ...
+
+    def connection_opened(self, conn: MonitoredConnection) -> None: ...
+
+    def connection_closed(self, conn: MonitoredConnection) -> None: ...
+
+    def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
+        self.paused.append(direction)
+
+
+class Transport:
+    """Queues every write; tells its protocol to pause past the high-water mark, as uvloop does."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.reading = True
+        self.queued = 0
+        self.high = 64 * 1024
+        self.protocol_paused = False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = self.high if high is None else high
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.queued += len(data)
+        if self.queued > self.high and not self.protocol_paused:
+            self.protocol_paused = True
+            self.protocol.pause_writing()
+
+    def drain(self) -> None:
+        """The peer took everything: below the low-water mark, the protocol may resume."""
+        self.queued = 0
+        if self.protocol_paused:
+            self.protocol_paused = False
+            self.protocol.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.queued
+
+    def is_closing(self) -> bool:
+        return False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+
+def test_held_bytes_that_fill_the_upstream_keep_the_client_paused() -> None:
+    """Client bytes held while the upstream connects can fill the upstream's queue at once
+    (seen under CPU load: uvloop reads again after pause_reading). The client must then stay
+    paused until the upstream drains; resuming it there read 256 MiB into memory."""
+    observer = Observer()
+    conn = MonitoredConnection("0-1", "t", ReadBuffer(1024), cast(Any, observer), Timeouts(0, 0, 0))
+    client = Transport(conn.client_leg)
+    conn.client_leg.connection_made(cast(Any, client))
+    assert not client.reading  # paused until the upstream is there
+    conn.hold(b"x" * 4096)  # more than the 1 KiB high-water mark of the upstream leg
+    upstream = Transport(conn.upstream_leg)
+    conn.upstream_leg.connection_made(cast(Any, upstream))
+    conn.upstream_connected(cast(Any, object()))
+    assert upstream.queued == 4096
+    assert not client.reading
+    assert observer.paused == [Direction.CLIENT_TO_UPSTREAM]
+    upstream.drain()
+    assert client.reading
+
+
+def test_client_reads_once_the_upstream_is_there_when_nothing_fills_it() -> None:
+    conn = MonitoredConnection(
+        "0-2", "t", ReadBuffer(1024), cast(Any, Observer()), Timeouts(0, 0, 0)
+    )
+    client = Transport(conn.client_leg)
+    conn.client_leg.connection_made(cast(Any, client))
+    conn.hold(b"hello")
+    upstream = Transport(conn.upstream_leg)
+    conn.upstream_leg.connection_made(cast(Any, upstream))
+    conn.upstream_connected(cast(Any, object()))
+    assert upstream.queued == 5
+    assert client.reading
