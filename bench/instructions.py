@@ -35,9 +35,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import PEERS, ConnwatchOptions, parse_variant
+from bench.cli import build_targets
 from bench.procs import Child, free_port, spawn, stop, wait_listening
-from bench.runner import python_script
+from bench.runner import Target, python_script
 from bench.upstreams import start_redis
 
 WARMUP_CONNS = 50
@@ -60,15 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conns", type=int, default=1000, help="churn: connections counted")
     p.add_argument("--requests", type=int, default=20000, help="rr: requests counted")
     return p.parse_args(argv)
-
-
-def options_for(name: str, variants: dict[str, dict[str, object]]) -> ConnwatchOptions:
-    variant = name.partition("[")[2].rstrip("]")
-    if not variant:
-        return ConnwatchOptions()
-    if variant not in variants:
-        raise SystemExit(f"unknown variant {name!r} (define it with --connwatch-variant)")
-    return ConnwatchOptions(overrides=dict(variants[variant]))
 
 
 def counted(argv: list[str], where: Path) -> list[str]:
@@ -110,10 +101,9 @@ def rr(port: int, requests: int) -> None:
     subprocess.run([*argv, "-t", "ping_inline", "-q"], capture_output=True, timeout=960, check=True)
 
 
-def measure(name: str, opts: ConnwatchOptions, args: argparse.Namespace, root: Path) -> list[int]:
+def measure(target: Target, args: argparse.Namespace, root: Path) -> list[int]:
     """Instructions for the churn load, then for the rr load, each on a fresh subject."""
-    base = name.partition("[")[0]
-    peer = PEERS[base]
+    name, peer = target.name, target.peer
     binary = peer.find()
     if binary is None:
         raise SystemExit(f"{name}: not installed")
@@ -122,12 +112,12 @@ def measure(name: str, opts: ConnwatchOptions, args: argparse.Namespace, root: P
         env["PYTHONPATH"] = str(args.connwatch_src.resolve())
     counts = []
     for load in ("churn", "rr"):
-        where = Path(tempfile.mkdtemp(prefix=f"{base}-{load}-", dir=root))  # one per subject
+        where = Path(tempfile.mkdtemp(prefix=f"{peer.name}-{load}-", dir=root))  # one per subject
         redis, redis_port = start_redis(where)
         subject: Child | None = None
         try:
             port = free_port()
-            launch = peer.write(binary, where, port, redis_port, opts)
+            launch = peer.write(binary, where, port, redis_port, target.opts)
             subject = spawn(name, counted(launch.argv, where), where, env=env)
             why = wait_listening(subject, launch.ready_ports, 120.0)
             if why:
@@ -155,15 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("valgrind", "callgrind_control", "redis-server", "redis-benchmark"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found on PATH")
-    variants = dict(parse_variant(v) for v in args.connwatch_variant)
-    names = [n.strip() for n in args.proxies.split(",") if n.strip()]
+    # The subjects as bench/run.py names them (peers, connwatch[VARIANT]).
+    targets = build_targets(
+        argparse.Namespace(
+            proxies=args.proxies,
+            connwatch_variant=args.connwatch_variant,
+            connwatch_set=[],
+            connwatch_workers=1,
+        )
+    )
     print("| subject | k instructions / connection (churn) | k instructions / request (rr) |")
     print("| --- | --- | --- |")
     with tempfile.TemporaryDirectory(prefix="connwatch-instr-") as tmp:
-        for name in names:
-            per_conn, per_req = measure(name, options_for(name, variants), args, Path(tmp))
+        for target in targets:
+            per_conn, per_req = measure(target, args, Path(tmp))
             conns, reqs = args.conns, args.requests
-            print(f"| {name} | {per_conn / conns / 1e3:.1f} | {per_req / reqs / 1e3:.2f} |")
+            print(f"| {target.name} | {per_conn / conns / 1e3:.1f} | {per_req / reqs / 1e3:.2f} |")
     return 0
 
 

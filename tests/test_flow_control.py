@@ -1,12 +1,19 @@
-"""Back-pressure between the legs of one connection, with transports that record what they are
-told (uvloop calls pause_writing() from inside write(), as these do)."""
+"""Back-pressure between the legs of one connection: with transports that record what they are
+told (uvloop calls pause_writing() from inside write(), as these do), and end to end."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from pathlib import Path
 from typing import Any, cast
 
 from connwatch._types import Direction
 from connwatch.connection import MonitoredConnection, ReadBuffer, Timeouts
+from tests.support import DaemonProcess, daemon_config, listener_config
+
+MiB = 1024 * 1024
+CHUNK = b"w" * (256 * 1024)
 
 
 class Observer:
@@ -100,3 +107,41 @@ def test_client_reads_once_the_upstream_is_there_when_nothing_fills_it() -> None
     conn.upstream_connected(cast(Any, object()))
     assert upstream.queued == 5
     assert client.reading
+
+
+async def test_a_stalled_upstream_holds_back_a_fast_client_under_cpu_load(tmp_path: Path) -> None:
+    """End to end on real sockets. The held-bytes race needs the daemon to fall behind its
+    client, so a second process keeps a core busy meanwhile (killed at the end)."""
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []  # never read
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append((reader, writer))  # the reader too: a collected one drops what arrives
+
+    server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    burner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
+    try:
+        async with (
+            server,
+            DaemonProcess(tmp_path, daemon_config(listener_config("app", [address]))) as daemon,
+        ):
+            for attempt in range(3):  # each a fresh connection: the race is at its start
+                _, writer = await asyncio.open_connection("127.0.0.1", daemon.port("app"))
+                sent = 0
+                try:
+                    while sent < 128 * MiB:
+                        writer.write(CHUNK)
+                        sent += len(CHUNK)
+                        try:
+                            async with asyncio.timeout(0.5):
+                                await writer.drain()
+                        except TimeoutError:
+                            break  # back-pressure reached the client
+                    assert sent < 64 * MiB, f"attempt {attempt}: {sent} bytes taken, none passed on"
+                finally:
+                    writer.transport.abort()
+    finally:
+        burner.kill()
+        await burner.wait()
+        for _, w in held:
+            w.transport.abort()
