@@ -82,7 +82,7 @@ def test_instruction_counts_are_per_unit_and_repeat() -> None:
         row = [line for line in out.stdout.splitlines() if line.startswith("| py-protocol")]
         return [float(cell) for cell in row[0].strip("| ").split("|")[1:]]
 
-    small, large = counts(100, 2000), counts(200, 4000)
+    small, large = counts(100, 5000), counts(200, 10000)  # 50 connection set-ups in rr: amortised
     assert all(value > 0 for value in small)
     for a, b in zip(small, large, strict=True):  # per connection / per request: stable
         assert abs(a - b) / a < 0.15, (small, large)
