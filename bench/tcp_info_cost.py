@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from connwatch.sockopts import SocketLike
-from connwatch.tcp_info import TCP_INFO_SIZE, read_tcp_core, read_tcp_info
+from connwatch._types import SocketLike
+from connwatch.liveness.tcp_info import TCP_INFO_SIZE, read_tcp_core, read_tcp_info
 
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from connwatch import proxy_protocol
-from connwatch.frames import decode, ping, pong_for
+from connwatch.wire import proxy_protocol
+from connwatch.wire.heartbeat_frame import decode, ping, pong_for
 from fuzz.strategies import FULL_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]

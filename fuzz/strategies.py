@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from hypothesis import strategies as st
 
-from connwatch import proxy_protocol
-from connwatch.frames import FRAME_SIZE, Frame, FrameType, encode
+from connwatch.wire import proxy_protocol
+from connwatch.wire.heartbeat_frame import FRAME_SIZE, Frame, FrameType, encode
 
 # -- chunked streams ----------------------------------------------------------------------------
 cut_sizes = st.lists(st.integers(min_value=0, max_value=255), max_size=7)

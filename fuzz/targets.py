@@ -14,11 +14,19 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from connwatch import proxy_protocol
 from connwatch.config import Settings, effective_yaml, load_settings
 from connwatch.exceptions import ConfigError, IncompleteError
-from connwatch.frames import FRAME_SIZE, MAGIC, Frame, FrameDecoder, FrameError, decode, encode
-from connwatch.proxy_protocol import ProxyHeader, ProxyProtocolError
+from connwatch.wire import proxy_protocol
+from connwatch.wire.heartbeat_frame import (
+    FRAME_SIZE,
+    MAGIC,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    decode,
+    encode,
+)
+from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
 
 CATCH_ALL = "cannot load the configuration"  # load_settings' wrapper for unexpected exceptions
 # Catch-all issues to let pass, "|"-separated substrings: keeps a long run going past a finding

@@ -107,8 +107,8 @@ def daemon_config(*listeners: dict[str, Any], **top: Any) -> dict[str, Any]:
 async def running_daemon(config: dict[str, Any]) -> AsyncIterator[Any]:
     """Start a Daemon in the running loop (no signal handlers); shut it down afterwards."""
     from connwatch.config import load_settings
-    from connwatch.log import configure_logging
-    from connwatch.server import Daemon
+    from connwatch.observe.logs import configure_logging
+    from connwatch.runtime.daemon import Daemon
 
     settings = load_settings(None, base=config, env={})
     configure_logging("warning", "json")

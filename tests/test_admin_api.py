@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from connwatch.sockopts import read_keepalive
+from connwatch.proxy.sockopts import read_keepalive
 from tests.support import (
     EchoUpstream,
     daemon_config,

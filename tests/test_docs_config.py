@@ -9,13 +9,13 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from connwatch._configdoc import BEGIN, END, main, render_reference, replace_generated
 from connwatch.config import Settings
+from connwatch.config.reference import BEGIN, END, main, render_reference, replace_generated
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "configuration.md"
 EXAMPLE = REPO / "config" / "connwatch.yaml"
-REGENERATE = "python -m connwatch._configdoc --write docs/configuration.md"
+REGENERATE = "python -m connwatch.config.reference --write docs/configuration.md"
 
 
 def generated_part(text: str) -> str:

@@ -688,7 +688,7 @@ def _all_closed(daemon: DaemonProcess) -> bool:
 async def test_slow_reader_of_a_finished_upstream_gets_every_byte(
     tmp_path: Path, heartbeat: bool
 ) -> None:
-    from connwatch.tcp_info import read_tcp_info
+    from connwatch.liveness.tcp_info import read_tcp_info
 
     chunk = 16 * KiB
     reply = bytearray()

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connwatch import frames
 from connwatch.exceptions import ProtocolError
-from connwatch.frames import (
+from connwatch.wire import heartbeat_frame as frames
+from connwatch.wire.heartbeat_frame import (
     FRAME_SIZE,
     Frame,
     FrameDecoder,

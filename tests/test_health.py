@@ -20,12 +20,12 @@ import structlog
 from structlog.testing import capture_logs
 
 from connwatch._types import Address, HealthState
-from connwatch.checks import CheckResult, run_check
 from connwatch.config import HealthCheckConfig
-from connwatch.frames import FRAME_SIZE, decode, pong_for
-from connwatch.health import HealthMonitor, TargetHealth, Transition
+from connwatch.health.checks import CheckResult, run_check
+from connwatch.health.monitor import HealthMonitor, TargetHealth, Transition
 from connwatch.heartbeat import PongResponder, start_responder
-from connwatch.upstream import Target
+from connwatch.proxy.upstream import Target
+from connwatch.wire.heartbeat_frame import FRAME_SIZE, decode, pong_for
 from tests.support import eventually
 
 LOOPBACK = "127.0.0.1"
@@ -644,9 +644,9 @@ async def test_protocol_errors_reach_the_monitor_callback() -> None:
 
 
 def test_health_re_exports_the_check_layer() -> None:
-    import connwatch.checks
-    import connwatch.health
+    import connwatch.health.checks
+    import connwatch.health.monitor
 
-    assert connwatch.health.run_check is connwatch.checks.run_check
-    assert connwatch.health.CheckResult is connwatch.checks.CheckResult
-    assert connwatch.health.MAX_REPLY == connwatch.checks.MAX_REPLY
+    assert connwatch.health.monitor.run_check is connwatch.health.checks.run_check
+    assert connwatch.health.monitor.CheckResult is connwatch.health.checks.CheckResult
+    assert connwatch.health.monitor.MAX_REPLY == connwatch.health.checks.MAX_REPLY

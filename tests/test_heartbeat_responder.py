@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import connwatch.frames
 import connwatch.heartbeat as hb
+import connwatch.wire.heartbeat_frame
 from connwatch.heartbeat import (
     Frame,
     FrameError,
@@ -72,7 +72,7 @@ def test_module_reexports_the_codec() -> None:
     names = ["encode", "decode", "ping", "pong_for", "FrameDecoder", "Frame", "FrameType"]
     for name in [*names, "FrameError"]:
         assert name in hb.__all__
-        assert getattr(hb, name) is getattr(connwatch.frames, name)
+        assert getattr(hb, name) is getattr(connwatch.wire.heartbeat_frame, name)
     for name in hb.__all__:
         assert hasattr(hb, name)
 

@@ -89,7 +89,7 @@ async def test_connection_events_limit_sums_up_the_rest(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
-from connwatch.log import configure_logging, get_logger
+from connwatch.observe.logs import configure_logging, get_logger
 configure_logging("info", "json")
 log = get_logger("t")
 for i in range(int(sys.argv[1])):
@@ -121,7 +121,7 @@ def _rendered(level: str, fmt: str, emit: str) -> list[str]:
     """Lines one logger writes after `configure_logging(level, fmt)` (the stream is a file)."""
     import io
 
-    from connwatch.log import configure_logging, get_logger, info_lines
+    from connwatch.observe.logs import configure_logging, get_logger, info_lines
 
     stream = io.StringIO()
     configure_logging(level, fmt, stream)

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from connwatch.splice.poller import Poller, poller
+from connwatch.proxy.splice.poller import Poller, poller
 from tests.support import free_port
 
 pytestmark = pytest.mark.both_loops

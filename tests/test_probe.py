@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from connwatch.commands.probe import add_probe_parser, cmd_probe, probe_config
 from connwatch.exceptions import ConfigError
-from connwatch.frames import FRAME_SIZE, Frame, decode, pong_for
 from connwatch.heartbeat import start_responder
-from connwatch.probe import add_probe_parser, cmd_probe, probe_config
+from connwatch.wire.heartbeat_frame import FRAME_SIZE, Frame, decode, pong_for
 from tests.test_health import (
     LOOPBACK,
     Handler,

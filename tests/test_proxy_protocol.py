@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connwatch.exceptions import IncompleteError, ProtocolError
-from connwatch.proxy_protocol import (
+from connwatch.wire.proxy_protocol import (
     MAX_V1,
     V2_SIGNATURE,
     ProxyHeader,

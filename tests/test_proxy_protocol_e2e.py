@@ -1,6 +1,6 @@
 """PROXY protocol end to end through the daemon subprocess (SPEC sections 3 and 8).
 
-`send: v1|v2`: an upstream that parses the header (with connwatch.proxy_protocol.parse) sees
+`send: v1|v2`: an upstream that parses the header (with connwatch.wire.proxy_protocol.parse) sees
 the real client address and port. `accept: true`: the client's header is consumed, the payload
 after it arrives intact, and the header's source is the connection's `client`. Malformed or
 missing headers close with `protocol_error` within `connect_timeout`; the daemon serves on.
@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from connwatch import proxy_protocol
 from connwatch.exceptions import IncompleteError
-from connwatch.proxy_protocol import ProxyHeader, ProxyProtocolError, encode_v1, encode_v2
+from connwatch.wire import proxy_protocol
+from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError, encode_v1, encode_v2
 from tests.support import (
     LOOPBACK,
     DaemonProcess,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from connwatch.sockopts import (
+from connwatch.proxy.sockopts import (
     KeepaliveReadback,
     SocketLike,
     apply_keepalive,

@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 
-from connwatch._types import CloseReason, Direction
+from connwatch._types import CloseReason, ConnectionState, Direction
 from connwatch.config import ListenerConfig
-from connwatch.connection import MonitoredConnection, ReadBuffer, State, Timeouts
 from connwatch.exceptions import UpstreamConnectError
-from connwatch.sockopts import read_keepalive, tcp_options
-from connwatch.splice import SPLICE_AVAILABLE, PipePool, SplicePath, uses_splice
-from connwatch.splice import pipes as splice_pipes
-from connwatch.splice.poller import poller
-from connwatch.upstream import UpstreamPool
+from connwatch.proxy.connection import MonitoredConnection, ReadBuffer, Timeouts
+from connwatch.proxy.sockopts import read_keepalive, tcp_options
+from connwatch.proxy.splice import SPLICE_AVAILABLE, PipePool, SplicePath, uses_splice
+from connwatch.proxy.splice import pipes as splice_pipes
+from connwatch.proxy.splice.poller import poller
+from connwatch.proxy.upstream import UpstreamPool
 from tests.payload import PayloadUpstream, exchange
 from tests.support import eventually
 
@@ -180,7 +180,7 @@ class Proxy:
         if self.held_back:
             await self._release.wait()
         transport, target = await self.path.connect(conn.upstream_protocol, timeout=2, attempts=1)
-        if conn.state is not State.CONNECTING:
+        if conn.state is not ConnectionState.CONNECTING:
             transport.abort()
             return
         conn.upstream_connected(target)
@@ -243,7 +243,7 @@ async def test_many_short_connections_reuse_pipes_and_return_fds_to_baseline() -
             assert stats.reused > stats.created  # pipes go back to the pool and come out again
             assert stats.discarded == 0
             assert stats.idle == stats.created  # every pipe is back, none held by idle legs
-            assert proxy.observer.closed[-1].state is State.CLOSED
+            assert proxy.observer.closed[-1].state is ConnectionState.CLOSED
         await asyncio.sleep(0)
         assert open_fds() == baseline
 
@@ -294,7 +294,7 @@ async def test_half_close_lets_the_upstream_answer_after_client_eof() -> None:
         writer.write_eof()
         await asyncio.wait_for(got_eof.wait(), 5)
         conn = proxy.observer.opened[0]
-        assert conn.state is State.HALF_CLOSED
+        assert conn.state is ConnectionState.HALF_CLOSED
         assert conn.half_closed
         go_on.set()
         assert await asyncio.wait_for(reader.read(), 10) == reply

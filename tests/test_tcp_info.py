@@ -13,8 +13,8 @@ from dataclasses import fields
 import pytest
 import uvloop
 
-from connwatch.sockopts import SocketLike
-from connwatch.tcp_info import (
+from connwatch._types import SocketLike
+from connwatch.liveness.tcp_info import (
     CORE_FIELDS,
     TCP_ESTABLISHED,
     TCP_INFO_SIZE,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connwatch.units import (
+from connwatch.config.units import (
     MAX_DURATION,
     MAX_SIZE,
     format_duration,

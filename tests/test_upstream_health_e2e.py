@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from connwatch._types import Address
-from connwatch.frames import FRAME_SIZE, decode, pong_for
+from connwatch.wire.heartbeat_frame import FRAME_SIZE, decode, pong_for
 from tests.support import (
     DaemonProcess,
     EchoUpstream,

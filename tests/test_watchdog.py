@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from connwatch._types import CloseReason, Liveness
+from connwatch._types import CloseReason, ConnectionState, Liveness
 from connwatch.config import ListenerConfig, load_settings
-from connwatch.connection import MonitoredConnection, State
-from connwatch.listener import Listener
-from connwatch.tcp_info import read_tcp_info
-from connwatch.tracker import Tracker
-from connwatch.watchdog import Watchdog
+from connwatch.liveness.tcp_info import read_tcp_info
+from connwatch.liveness.watchdog import Watchdog
+from connwatch.observe.tracker import Tracker
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.listener import Listener
 from tests.support import (
     LOOPBACK,
     daemon_config,
@@ -254,7 +254,7 @@ async def test_a_client_that_stops_reading_is_zero_window_not_dead(data_path: st
         described = p.wd.describe(p.conn)
         assert described["heartbeat"]["failures"] == 0
         assert described["tcp"]["client"]["unacked"] == 0
-        assert p.conn.state is State.OPEN
+        assert p.conn.state is ConnectionState.OPEN
         assert p.wd.statistics()["wd"].states["zero_window"] == 1
 
 
@@ -278,9 +278,9 @@ async def test_a_leg_reset_while_reading_is_paused_fails_beats_then_closes_both(
             "failures": 1,
             "interval_s": 1.0,
         }
-        assert p.conn.state is State.OPEN
+        assert p.conn.state is ConnectionState.OPEN
         p.wd.beat(p.conn)  # the second failed beat reaches failure_threshold
-        await eventually(lambda: p.conn.state is State.CLOSED)
+        await eventually(lambda: p.conn.state is ConnectionState.CLOSED)
         assert p.conn.reason is CloseReason.UPSTREAM_RESET
         stats = p.wd.statistics()["wd"]
         assert stats.heartbeats["failed"] == 2
@@ -337,7 +337,7 @@ async def test_a_cleanly_finished_leg_with_a_reply_still_queued_is_not_a_failure
     await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, listener.port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
     try:
-        await eventually(lambda: [c for c in tracker.connections() if c.state is State.OPEN])
+        await eventually(lambda: [c for c in tracker.connections() if c.state is ConnectionState.OPEN])
         [conn] = list(tracker.connections())
         # Small buffers toward the client, a fixed roomy window from the upstream: reading pauses
         # early, and what the upstream sends after that (and its FIN) fits into the window.
@@ -348,10 +348,10 @@ async def test_a_cleanly_finished_leg_with_a_reply_still_queued_is_not_a_failure
         await asyncio.wait_for(finished.wait(), 15)
         await eventually(lambda: read_tcp_info(conn.upstream_socket).state == TCP_CLOSE)
         assert wd.beat(conn) is Liveness.HALF_CLOSED  # threshold 1: a failure would close it
-        assert conn.state is State.HALF_CLOSED
+        assert conn.state is ConnectionState.HALF_CLOSED
         got = await asyncio.wait_for(reader.read(), 10)  # now the client reads it all
         assert len(got) == sent
-        await eventually(lambda: conn.state is State.CLOSED)
+        await eventually(lambda: conn.state is ConnectionState.CLOSED)
         assert conn.reason is CloseReason.CLIENT_CLOSED
     finally:
         writer.close()
@@ -399,7 +399,7 @@ async def test_scheduler_beats_every_connection_and_stops_with_it() -> None:
                 conns.append((await stack.enter_async_context(client(listener, tracker)))[2])
             await eventually(lambda: wd.statistics()["wd"].heartbeats["ok"] >= 10, timeout=5)
         up.closing.set()  # the upstream ends its side too
-        await eventually(lambda: all(c.state is State.CLOSED for c in conns))
+        await eventually(lambda: all(c.state is ConnectionState.CLOSED for c in conns))
         settled = wd.statistics()["wd"].heartbeats["ok"]
         await asyncio.sleep(0.2)  # four intervals with nothing watched: no beat may run
         assert wd.statistics()["wd"].heartbeats["ok"] == settled
@@ -526,7 +526,7 @@ async def _value(scrape: Any, key: str, want: float) -> bool:
 
 
 def test_protocol_is_satisfied() -> None:
-    from connwatch.server import Liveness_
+    from connwatch._types import LivenessWatch
 
-    watchdog: Liveness_ = Watchdog()
+    watchdog: LivenessWatch[MonitoredConnection] = Watchdog()
     assert watchdog.statistics() == {}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime
 import enum
 import ipaddress
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, overload
 
 
 class Direction(enum.StrEnum):
@@ -39,6 +40,16 @@ class CloseReason(enum.StrEnum):
     ADMIN_CLOSED = "admin_closed"
     PROTOCOL_ERROR = "protocol_error"
     ERROR = "error"
+
+
+class ConnectionState(enum.StrEnum):
+    """Where a proxied connection is in its life (SPEC section 8)."""
+
+    CONNECTING = "connecting"
+    OPEN = "open"
+    HALF_CLOSED = "half_closed"
+    CLOSING = "closing"
+    CLOSED = "closed"
 
 
 class Liveness(enum.StrEnum):
@@ -125,3 +136,87 @@ def rfc3339(timestamp: float) -> str:
     """Wall-clock seconds as RFC 3339 UTC with milliseconds, e.g. 2026-11-24T23:58:18.123Z."""
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- Protocols between the planes ------------------------------------------------------------------
+# Generic in the connection type so that this bottom module needs no import of the data plane.
+ConnT = TypeVar("ConnT", contravariant=True)
+
+
+class ConnectionObserver(Protocol[ConnT]):
+    """What a connection tells the outside world as it goes; its listener implements it."""
+
+    def connection_accepted(self, conn: ConnT) -> None: ...
+
+    def connection_opened(self, conn: ConnT) -> None: ...
+
+    def connection_closed(self, conn: ConnT) -> None: ...
+
+    def flow_paused(self, conn: ConnT, direction: Direction) -> None: ...
+
+
+class ConnectionLedger(Protocol[ConnT]):
+    """What a listener needs of the process's connection ledger (`observe.tracker.Tracker`):
+    ids, counts for admission, and the events it passes on."""
+
+    def next_id(self) -> str: ...
+
+    def totals(self, listener: str) -> object: ...
+
+    def active(self, listener: str) -> int: ...
+
+    def shed(self, listener: str) -> None: ...
+
+    def accepted(self, conn: ConnT) -> None: ...
+
+    def connection_opened(self, conn: ConnT) -> None: ...
+
+    def connection_closed(self, conn: ConnT) -> None: ...
+
+    def flow_paused(self, conn: ConnT, direction: Direction) -> None: ...
+
+
+class LivenessWatch(Protocol[ConnT]):
+    """The liveness watchdog as the data plane sees it (`liveness.watchdog.Watchdog`)."""
+
+    def watch(self, conn: ConnT) -> None: ...
+
+    def unwatch(self, conn: ConnT) -> None: ...
+
+
+class SocketLike(Protocol):
+    """What connwatch needs from a socket: `socket.socket`, asyncio's `TransportSocket` and
+    uvloop's pseudo-socket (both from `transport.get_extra_info("socket")`) all fit."""
+
+    @property
+    def family(self) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    @overload
+    def getsockopt(self, level: int, optname: int, /) -> int: ...
+    @overload
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
+
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
+
+
+class Throttle:
+    """Lets a repeating warning through at most once per `interval` seconds per key; the next
+    line that passes carries `suppressed`, the number held back in between."""
+
+    __slots__ = ("_interval", "_last", "_suppressed")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None to drop this line; else how many were suppressed before it (to log)."""
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)

@@ -13,10 +13,10 @@ from typing import Any
 import structlog
 
 from connwatch import __version__
-from connwatch.demo import add_demo_parser, cmd_demo
+from connwatch.commands.demo.app import add_demo_parser, cmd_demo
+from connwatch.commands.probe import add_probe_parser, cmd_probe
+from connwatch.commands.top.app import add_top_parser, cmd_top
 from connwatch.exceptions import ConfigError, ListenerError
-from connwatch.probe import add_probe_parser, cmd_probe
-from connwatch.top import add_top_parser, cmd_top
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -80,8 +80,8 @@ def _one_listener_base(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from connwatch.config import config_warnings
-    from connwatch.log import configure_logging
-    from connwatch.server import Daemon, load_for_run
+    from connwatch.observe.logs import configure_logging
+    from connwatch.runtime.daemon import Daemon, load_for_run
 
     base = _one_listener_base(args)
     settings = load_for_run(args.config, base)
@@ -113,7 +113,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from connwatch.worker import run_worker
+    from connwatch.runtime.worker_process import run_worker
 
     run_loop(lambda: run_worker(args.index, args.fd))
     return EXIT_OK

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from connwatch._types import HealthState
-from connwatch.stats import HistogramSnapshot
+from connwatch.histogram import HistogramSnapshot
 
 
 def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:

@@ -1,0 +1,1 @@
+"""The subcommands behind cli.py: run, check-config, probe, top and demo."""

@@ -1,0 +1,1 @@
+"""Upstream health: active checks, the rise/fall monitor, the heartbeat protocol on asyncio."""

@@ -1,0 +1,1 @@
+"""Observability: the tracker, connection log lines, log set-up, metrics and the admin API."""

@@ -1,0 +1,105 @@
+"""The canonical per-connection log lines: `connection_opened`, `connection_progress` and one
+`connection_closed` per connection, with an optional per-second budget so that connection churn
+at thousands a second cannot flood the log (the rest is counted and summed up once a second)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from connwatch.observe.logs import get_logger, info_lines
+from connwatch.proxy.connection import MonitoredConnection
+
+
+class ConnectionEvents:
+    """Writes connection lines; `enabled` and `limit` follow the `log` config (and reloads)."""
+
+    def __init__(self, *, enabled: bool = True, limit: int = 0) -> None:
+        self.enabled = enabled
+        self.limit = limit  # lines a second; 0 = no limit
+        self._second = 0
+        self._written = 0
+        self._suppressed: Counter[str] = Counter()
+        self._summary: asyncio.TimerHandle | None = None
+        self.refresh_logger()
+
+    def refresh_logger(self) -> None:
+        self._lines = info_lines("connwatch.proxy.connection")  # the connection lines
+        self._log = get_logger("connwatch.proxy.connection")  # the rest
+
+    def configure(self, *, enabled: bool, limit: int) -> None:
+        self.enabled, self.limit = enabled, limit
+        self.refresh_logger()
+
+    def opened(self, conn: MonitoredConnection) -> None:
+        if self.enabled and self._admit("connection_opened"):
+            self._lines.info(
+                "connection_opened",
+                conn_id=conn.id,
+                listener=conn.listener,
+                client=conn.client,
+                upstream=conn.upstream,
+            )
+
+    def closed(self, conn: MonitoredConnection, reason: str, duration: float) -> None:
+        if self.enabled and self._admit("connection_closed"):
+            self._lines.info(
+                "connection_closed",
+                conn_id=conn.id,
+                listener=conn.listener,
+                client=conn.client,
+                upstream=conn.upstream,
+                duration_s=round(duration, 6),
+                bytes_client_to_upstream=conn.bytes_client_to_upstream,
+                bytes_upstream_to_client=conn.bytes_upstream_to_client,
+                reason=reason,
+            )
+
+    def progress(self, conns: Iterable[MonitoredConnection], min_age: float) -> None:
+        """One `connection_progress` line for each connection at least `min_age` old."""
+        now = time.monotonic()
+        for conn in conns:
+            age = conn.age(now)
+            if age >= min_age:
+                self._lines.info(
+                    "connection_progress",
+                    conn_id=conn.id,
+                    listener=conn.listener,
+                    client=conn.client,
+                    upstream=conn.upstream,
+                    age_s=round(age, 3),
+                    idle_s=round(conn.idle(now), 3),
+                    bytes_client_to_upstream=conn.bytes_client_to_upstream,
+                    bytes_upstream_to_client=conn.bytes_upstream_to_client,
+                )
+
+    def _admit(self, event: str) -> bool:
+        if not self.limit:
+            return True
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second, self._written = second, 0
+        if self._written < self.limit:
+            self._written += 1
+            return True
+        self._suppressed[event] += 1
+        if self._summary is None:
+            self._summary = asyncio.get_running_loop().call_later(1.0, self._summarize)
+        return False
+
+    def _summarize(self) -> None:
+        self._summary = None
+        counts: dict[str, Any] = {
+            k.removeprefix("connection_"): v for k, v in self._suppressed.items()
+        }
+        self._suppressed.clear()
+        if counts:
+            self._log.warning("connection_events_suppressed", limit_per_s=self.limit, **counts)
+
+    def close(self) -> None:
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summarize()

@@ -1,0 +1,145 @@
+"""structlog set-up: one JSON object a line on stdout (or a console format for humans)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _Stamper:
+    """RFC 3339 UTC timestamps with microseconds; the seconds part is formatted once a second.
+
+    Connection events are logged on the hot path of connection churn, where structlog's own
+    TimeStamper (a datetime per line) is a measurable share of the cost.
+    """
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+        event["timestamp"] = self.now()
+        return event
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+
+
+class LineLogger:
+    """A structlog logger that writes each line with a single write() call.
+
+    Worker processes share the daemon's stdout. `print()` writes a line and its newline
+    separately, and unbuffered (PYTHONUNBUFFERED, as in the Docker image) that is two write()s
+    another process's line can land between. One write() of a line up to PIPE_BUF bytes is never
+    split on a pipe, and one to a file opened for appending never on a local filesystem.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # StringIO, pytest's capture
+            self._fd = None
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        if self._fd is None:
+            self._stream.write(line)
+            self._stream.flush()
+            return
+        self._stream.flush()  # anything printed to the stream by other means goes first
+        data = memoryview(line.encode())
+        while data:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:  # someone made the descriptor non-blocking: wait for room
+                select.select([], [self._fd], [], 1.0)
+
+    debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+
+
+class JsonInfoLines:
+    """Info lines rendered exactly as the JSON chain below renders them (the fields, then
+    `event`, `level`, `timestamp`), without the chain.
+
+    For the per-connection lines, two per connection on the path of connection churn: the
+    structlog chain costs twice what this does there.
+    """
+
+    __slots__ = ("_encode", "_out", "_stamp")
+
+    def __init__(self, out: LineLogger) -> None:
+        self._out = out
+        self._stamp = _Stamper()
+        self._encode = json.JSONEncoder(default=repr).encode
+
+    def info(self, event: str, **fields: Any) -> None:
+        fields["event"] = event
+        fields["level"] = "info"
+        fields["timestamp"] = self._stamp.now()
+        self._out.msg(self._encode(fields))
+
+
+_configured: tuple[str, str, TextIO | None] | None = None  # level, format, stream in force
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Configure structlog process-wide. Safe to call again (on reload)."""
+    global _configured
+    _configured = (level, fmt, stream)
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            _Stamper(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=lambda *_: LineLogger(stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A concrete logger for a hot path: skips the lazy proxy's per-call bind.
+
+    Bound with the configuration in force now; owners re-fetch it after `configure_logging`.
+    """
+    return structlog.get_logger(name).bind()
+
+
+def info_lines(name: str) -> Any:
+    """`get_logger(name)` for info lines on a hot path: `JsonInfoLines` when the format is JSON
+    and info lines are on (the same text, for half the cost), else the structlog logger."""
+    if _configured is not None:
+        level, fmt, stream = _configured
+        if fmt == "json" and LEVELS[level] <= logging.INFO:
+            return JsonInfoLines(LineLogger(stream or sys.stdout))
+    return get_logger(name)

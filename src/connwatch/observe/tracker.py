@@ -1,0 +1,181 @@
+"""Live connections and the running totals of closed ones; the canonical per-connection log lines.
+
+The tracker is the connections' observer. Totals are plain ints updated once per connection (and
+once per flow-control pause); metrics and admin read `statistics()` and `connections()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from connwatch._types import CloseReason, ConnectionState, Direction, rfc3339
+from connwatch.histogram import DURATION_BUCKETS, Histogram
+from connwatch.observe.connection_lines import ConnectionEvents
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.snapshots import ListenerStats
+
+
+class ListenerTotals:
+    """Counters of one listener, as plain ints."""
+
+    __slots__ = (
+        "accepted",
+        "bytes_closed",
+        "closed",
+        "duration",
+        "flow_paused",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.closed: Counter[str] = Counter()
+        self.bytes_closed: Counter[str] = Counter()  # by direction, of connections now closed
+        self.flow_paused: Counter[str] = Counter()
+        self.duration = Histogram(DURATION_BUCKETS)
+
+
+class Tracker:
+    """All connections of this process, by id, and per-listener totals."""
+
+    def __init__(
+        self, *, worker: int = 0, events: ConnectionEvents | None = None, log_events: bool = True
+    ) -> None:
+        self._live: dict[str, MonitoredConnection] = {}
+        self._active: Counter[str] = Counter()  # live connections by listener
+        self._totals: dict[str, ListenerTotals] = {}
+        self._seq = itertools.count(1)
+        self._worker = worker
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.events = events or ConnectionEvents(enabled=log_events)
+
+    # -- ids and registration -------------------------------------------------------------------
+    def next_id(self) -> str:
+        return f"{self._worker}-{next(self._seq)}"
+
+    def totals(self, listener: str) -> ListenerTotals:
+        totals = self._totals.get(listener)
+        if totals is None:
+            totals = self._totals[listener] = ListenerTotals()
+        return totals
+
+    def accepted(self, conn: MonitoredConnection) -> None:
+        """A client was accepted (it counts even if it is refused at once)."""
+        self.totals(conn.listener).accepted += 1
+        self._live[conn.id] = conn
+        self._active[conn.listener] += 1
+        self._empty.clear()
+
+    def shed(self, listener: str) -> None:
+        """A client accepted and closed at once because the process had no fd to serve it."""
+        totals = self.totals(listener)
+        totals.accepted += 1
+        totals.closed[CloseReason.ERROR] += 1
+        totals.duration.observe(0.0)
+
+    # -- ConnectionObserver ---------------------------------------------------------------------
+    def connection_opened(self, conn: MonitoredConnection) -> None:
+        if conn.target is not None:
+            conn.target.active += 1
+        self.events.opened(conn)
+
+    def connection_closed(self, conn: MonitoredConnection) -> None:
+        if self._live.pop(conn.id, None) is None:
+            return
+        self._active[conn.listener] -= 1
+        totals = self.totals(conn.listener)
+        reason = conn.reason or CloseReason.ERROR
+        totals.closed[reason] += 1
+        c2u, u2c = conn.bytes_client_to_upstream, conn.bytes_upstream_to_client
+        totals.bytes_closed[Direction.CLIENT_TO_UPSTREAM] += c2u
+        totals.bytes_closed[Direction.UPSTREAM_TO_CLIENT] += u2c
+        duration = conn.age()
+        totals.duration.observe(duration)
+        if conn.target is not None and conn.target.active > 0:  # a target is set once opened
+            conn.target.active -= 1
+        self.events.closed(conn, str(reason), duration)
+        if not self._live:
+            self._empty.set()
+
+    def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
+        self.totals(conn.listener).flow_paused[direction] += 1
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, conn_id: str) -> MonitoredConnection | None:
+        return self._live.get(conn_id)
+
+    def connections(self, listener: str | None = None) -> Iterator[MonitoredConnection]:
+        for conn in list(self._live.values()):
+            if listener is None or conn.listener == listener:
+                yield conn
+
+    def active(self, listener: str) -> int:
+        return self._active[listener]
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+    def statistics(self) -> dict[str, ListenerStats]:
+        """Per-listener snapshot; bytes include what open connections have moved so far."""
+        live_bytes: dict[str, list[int]] = {}
+        active: Counter[str] = Counter()
+        upstream_active: dict[str, Counter[str]] = {}
+        for conn in self._live.values():
+            name = conn.listener
+            active[name] += 1
+            acc = live_bytes.setdefault(name, [0, 0])
+            acc[0] += conn.bytes_client_to_upstream
+            acc[1] += conn.bytes_upstream_to_client
+            if conn.target is not None and conn.state is not ConnectionState.CONNECTING:
+                upstream_active.setdefault(name, Counter())[conn.target.label] += 1
+        out: dict[str, ListenerStats] = {}
+        for name, totals in self._totals.items():
+            c2u, u2c = live_bytes.get(name, (0, 0))
+            out[name] = ListenerStats(
+                name=name,
+                active=active[name],
+                accepted=totals.accepted,
+                closed=dict(totals.closed),
+                bytes={
+                    Direction.CLIENT_TO_UPSTREAM: totals.bytes_closed[Direction.CLIENT_TO_UPSTREAM]
+                    + c2u,
+                    Direction.UPSTREAM_TO_CLIENT: totals.bytes_closed[Direction.UPSTREAM_TO_CLIENT]
+                    + u2c,
+                },
+                flow_paused=dict(totals.flow_paused),
+                duration=totals.duration.snapshot(),
+                upstream_active=dict(upstream_active.get(name, {})),
+            )
+        return out
+
+
+def connection_record(conn: MonitoredConnection, now: float) -> dict[str, Any]:
+    """The `/connections` fields a connection knows itself (SPEC section 4); liveness is added
+    by the watchdog."""
+    state = conn.state
+    return {
+        "id": conn.id,
+        "listener": conn.listener,
+        "client": conn.client,
+        "upstream": conn.upstream,
+        "opened_at": rfc3339(conn.opened_wall),
+        "age_s": round(conn.age(now), 3),
+        "idle_s": round(conn.idle(now), 3),
+        "bytes_client_to_upstream": conn.bytes_client_to_upstream,
+        "bytes_upstream_to_client": conn.bytes_upstream_to_client,
+        "state": _RECORD_STATE.get(state, "open"),
+    }
+
+
+_RECORD_STATE = {
+    ConnectionState.HALF_CLOSED: "half_closed",
+    ConnectionState.CLOSING: "closing",
+    ConnectionState.CLOSED: "closing",
+}

@@ -1,0 +1,165 @@
+"""An accept loop that survives running out of file descriptors.
+
+uvloop's own server answers EMFILE by accepting and dropping the waiting clients without telling
+anyone. Here the listening socket is read from the loop directly. One fd is held in reserve: on
+EMFILE/ENFILE it is given up for a moment to accept each waiting client and close it at once, so
+clients fail fast instead of hanging in the backlog while the daemon has no fd to serve them.
+One warning a burst says accepting failed; a second line says when a client is served again. A
+burst ends only then, not at the next successful accept: with no fd left for the upstream leg,
+accepting alone is no cure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("connwatch.proxy.listener")
+
+_BATCH = 64  # accepts per readiness callback: fairness with the connections already open
+_RETRY = 0.1  # seconds to wait after EMFILE before trying again
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_NO_FDS = frozenset({errno.EMFILE, errno.ENFILE})
+_PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+class Acceptor:
+    """Calls `on_socket` with each accepted, non-blocking socket and its peer's address."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_socket: Callable[[socket.socket, Any], None],
+        name: str,
+        on_shed: Callable[[], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self._family, self._type = int(sock.family), int(sock.type)
+        self.on_socket = on_socket
+        self.on_shed = on_shed  # called for each client turned away for lack of fds
+        self.name = name
+        self._reserve = _open_reserve()
+        self.failures = 0  # accept attempts that failed for lack of resources, ever
+        self._burst = 0  # failures since the last successful accept
+        self._loop = asyncio.get_running_loop()
+        self._retry: asyncio.TimerHandle | None = None
+        self._reading = False
+
+    def start(self) -> None:
+        if not self._reading:
+            self._loop.add_reader(self.sock.fileno(), self._ready)
+            self._reading = True
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+        self.sock.close()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+
+    def _ready(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                accepted = self._accept()
+            except OSError as exc:
+                if exc.errno not in _NO_FDS or not self._shed_backlog(exc):
+                    self.exhausted(exc)
+                return
+            if accepted is None:
+                return
+            conn, peer = accepted
+            conn.setblocking(False)
+            self.on_socket(conn, peer)
+
+    def _accept(self) -> tuple[socket.socket, Any] | None:
+        """The next waiting client and its address; None when there is none. Clients already
+        gone are skipped."""
+        while True:
+            try:
+                # socket.accept() without its wrapper, which looks up family and type (two enum
+                # conversions) for every client.
+                fd, peer = self.sock._accept()  # type: ignore[attr-defined]
+                return socket.socket(self._family, self._type, 0, fileno=fd), peer
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                if exc.errno not in _PEER_GONE:
+                    raise
+
+    def served(self) -> None:
+        """A client got its upstream: any burst of failures is over."""
+        if self._burst:
+            log.info("accept_recovered", listener=self.name, failed_attempts=self._burst)
+            self._burst = 0
+
+    def exhausted(self, exc: OSError) -> None:
+        """Accepting (or a connect for an accepted client) failed: pause, log once a burst."""
+        self._note_failure(exc)
+        if exc.errno in _EXHAUSTED:
+            # Leave the clients in the backlog and look again shortly, instead of spinning.
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+            self._retry = self._loop.call_later(_RETRY, self._resume)
+
+    def _note_failure(self, exc: OSError) -> None:
+        """Count a failed attempt; the first of a burst is logged."""
+        self.failures += 1
+        if not self._burst:
+            log.warning(
+                "accept_failed",
+                listener=self.name,
+                error=exc.strerror or repr(exc),
+                errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                retry_s=_RETRY,
+            )
+        self._burst += 1
+
+    def _shed_backlog(self, exc: OSError) -> bool:
+        """Out of fds: give up the reserve fd to accept each waiting client and close it at once.
+
+        False when there is no reserve to give. Each client closed frees the fd it took, so the
+        reserve is taken back afterwards without competing for one.
+        """
+        if self._reserve is None:
+            self._reserve = _open_reserve()  # lost earlier; fds may have been freed since
+            if self._reserve is None:
+                return False
+        os.close(self._reserve)
+        self._reserve = None
+        try:
+            for _ in range(_BATCH):  # more than that: the loop calls again, the socket is ready
+                try:
+                    accepted = self._accept()
+                except OSError:
+                    break
+                if accepted is None:
+                    break
+                accepted[0].close()
+                self._note_failure(exc)
+                if self.on_shed is not None:
+                    self.on_shed()
+        finally:
+            self._reserve = _open_reserve()
+        return True
+
+    def _resume(self) -> None:
+        self._retry = None
+        self.start()
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None

@@ -1,0 +1,498 @@
+"""MonitoredConnection: one proxied client stream, its two protocol legs, flow control and counts.
+
+Hot path (per chunk): `_Leg.buffer_updated` writes a view of the shared read buffer to the other
+leg and adds to two plain ints. Everything else (timers, liveness, metrics) reads those ints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from connwatch._types import (
+    CloseReason,
+    ConnectionObserver,
+    ConnectionState,
+    Direction,
+    Side,
+    format_peer,
+)
+from connwatch.exceptions import reason_for_error
+
+if TYPE_CHECKING:
+    from connwatch.proxy.upstream import Target
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0s}: close() sends RST, not FIN
+_CLOSE_GRACE = 5.0  # seconds a graceful close may spend flushing before it is aborted
+_QUIET_RETRY = 0.1  # seconds between looks for a quiet gap (max_lifetime)
+
+
+class ReadBuffer:
+    """One read buffer shared by every leg of a listener.
+
+    Reads are sequential on one loop, so a chunk is written on before the next read lands. When
+    the sink cannot take a chunk at once, uvloop keeps a reference to the view instead of copying
+    it, so the buffer is then handed over and a fresh one made (`renew`).
+    """
+
+    __slots__ = ("size", "view")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.view = memoryview(bytearray(size))
+
+    def renew(self) -> None:
+        self.view = memoryview(bytearray(self.size))
+
+
+class Timeouts:
+    """The per-listener limits a connection enforces (seconds; 0 = off)."""
+
+    __slots__ = ("half_close", "idle", "max_lifetime")
+
+    def __init__(self, idle: float, half_close: float, max_lifetime: float) -> None:
+        self.idle = idle
+        self.half_close = half_close
+        self.max_lifetime = max_lifetime
+
+    @property
+    def any(self) -> bool:
+        return bool(self.idle or self.half_close or self.max_lifetime)
+
+
+class _Leg(asyncio.BufferedProtocol):
+    """One side's protocol. Reads land in the shared buffer and go straight to the other leg."""
+
+    __slots__ = (
+        "bytes_in",
+        "conn",
+        "eof",
+        "lost",
+        "other",
+        "side",
+        "sink",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, conn: MonitoredConnection, side: Side) -> None:
+        self.conn = conn
+        self.side = side
+        self.transport: asyncio.Transport | None = None
+        # Where this leg's bytes go; None until forwarding starts (until then they are held).
+        self.sink: asyncio.Transport | None = None
+        self.other: _Leg | None = None
+        self.bytes_in = 0  # bytes read from this side and handed to the other
+        self.eof = False
+        self.lost = False
+        self.write_paused = False  # between pause_writing() and resume_writing()
+
+    # -- asyncio callbacks; none of them awaits ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.conn.leg_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        buf = conn.buffer
+        conn.last_activity = time.monotonic()
+        self.bytes_in += nbytes
+        sink = self.sink
+        if sink is None:  # the upstream is not connected yet (uvloop may read once after pause)
+            conn.hold(bytes(buf.view[:nbytes]))
+            return
+        sink.write(buf.view[:nbytes])
+        if sink.get_write_buffer_size():
+            buf.renew()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.conn.leg_eof(self)
+
+    def pause_writing(self) -> None:
+        # This leg's socket is full: stop reading from the side that feeds it.
+        self.write_paused = True
+        other = self.other
+        if other is not None and other.transport is not None and not other.eof:
+            other.transport.pause_reading()
+            self.conn.observer.flow_paused(self.conn, _direction_into(self.side))
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        other = self.other
+        # Only once forwarding has started on the other leg: before that it stays paused.
+        if other is not None and other.sink is not None and not other.eof:
+            assert other.transport is not None
+            other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.conn.leg_lost(self, exc)
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def socket(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("socket")
+
+    @property
+    def write_buffer(self) -> int:
+        t = self.transport
+        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
+
+
+def _direction_into(side: Side) -> Direction:
+    return Direction.CLIENT_TO_UPSTREAM if side is Side.UPSTREAM else Direction.UPSTREAM_TO_CLIENT
+
+
+class MonitoredConnection:
+    """One client stream proxied to one upstream target.
+
+    Lifecycle: CONNECTING (client accepted, upstream connect under way) → OPEN → HALF_CLOSED (one
+    direction ended) → CLOSING (we or the peers are closing) → CLOSED (both legs gone). Exactly one
+    close reason is recorded; see `close()` and `_final_reason()` for which one wins.
+    """
+
+    __slots__ = (
+        "_connect_task",
+        "_end_reason",
+        "_pending",
+        "_reason",
+        "_timer",
+        "buffer",
+        "client",
+        "client_leg",
+        "closed_at",
+        "id",
+        "last_activity",
+        "lifetime_deadline",
+        "listener",
+        "observer",
+        "opened_at",
+        "opened_wall",
+        "preamble",
+        "state",
+        "target",
+        "timeouts",
+        "upstream_leg",
+        "watch",
+    )
+
+    def __init__(
+        self,
+        conn_id: str,
+        listener: str,
+        buffer: ReadBuffer,
+        observer: ConnectionObserver[MonitoredConnection],
+        timeouts: Timeouts,
+    ) -> None:
+        self.id = conn_id
+        self.listener = listener
+        self.buffer = buffer
+        self.observer = observer
+        self.timeouts = timeouts
+        self.client = ""
+        self.target: Target | None = None
+        self.client_leg = _Leg(self, Side.CLIENT)
+        self.upstream_leg = _Leg(self, Side.UPSTREAM)
+        self.client_leg.other = self.upstream_leg
+        self.upstream_leg.other = self.client_leg
+        self.state = ConnectionState.CONNECTING
+        self.opened_at = self.last_activity = time.monotonic()
+        self.opened_wall = time.time()
+        self.closed_at = 0.0
+        self.lifetime_deadline = 0.0
+        self._reason: CloseReason | None = None
+        self._end_reason: CloseReason | None = None
+        self._pending: list[bytes] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self.watch: object | None = None  # the liveness watchdog's per-connection record
+        # While set, client bytes are held and offered to it (e.g. a PROXY header parser).
+        self.preamble: Callable[[MonitoredConnection], None] | None = None
+
+    # -- public read-only view ------------------------------------------------------------------
+    @property
+    def bytes_client_to_upstream(self) -> int:
+        return self.client_leg.bytes_in if self.upstream_leg.transport else 0
+
+    @property
+    def bytes_upstream_to_client(self) -> int:
+        return self.upstream_leg.bytes_in
+
+    @property
+    def upstream(self) -> str | None:
+        return None if self.target is None else self.target.label
+
+    @property
+    def reason(self) -> CloseReason | None:
+        return self._final_reason() if self.state is ConnectionState.CLOSED else self._reason
+
+    @property
+    def client_socket(self) -> Any:
+        return self.client_leg.socket
+
+    @property
+    def upstream_socket(self) -> Any:
+        return self.upstream_leg.socket
+
+    @property
+    def half_closed(self) -> bool:
+        return self.client_leg.eof != self.upstream_leg.eof
+
+    def age(self, now: float | None = None) -> float:
+        end = self.closed_at or (time.monotonic() if now is None else now)
+        return end - self.opened_at
+
+    def idle(self, now: float | None = None) -> float:
+        return (time.monotonic() if now is None else now) - self.last_activity
+
+    def unsent(self) -> int:
+        """Bytes connwatch holds that a peer has not taken yet (both directions)."""
+        return self.client_leg.write_buffer + self.upstream_leg.write_buffer
+
+    def __repr__(self) -> str:
+        return (
+            f"<MonitoredConnection {self.id} {self.listener} {self.client}->{self.upstream} "
+            f"{self.state} c2u={self.bytes_client_to_upstream} u2c={self.bytes_upstream_to_client}>"
+        )
+
+    # -- wiring, called by the listener ---------------------------------------------------------
+    @property
+    def client_protocol(self) -> asyncio.BufferedProtocol:
+        return self.client_leg
+
+    def client_transport(self) -> asyncio.Transport | None:
+        return self.client_leg.transport
+
+    def upstream_protocol(self) -> asyncio.BufferedProtocol:
+        return self.upstream_leg
+
+    def own_task(self, task: asyncio.Task[None]) -> None:
+        """The connect task: held strongly, cancelled if the connection goes first."""
+        self._connect_task = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._connect_task is task:
+            self._connect_task = None
+
+    def hold(self, data: bytes) -> None:
+        """Client bytes that arrived before the upstream leg exists (reading is paused by then)."""
+        if self._pending is None:
+            self._pending = []
+        self._pending.append(data)
+        if self.preamble is not None:
+            self.preamble(self)
+
+    def take_held(self) -> bytes:
+        held = b"".join(self._pending) if self._pending else b""
+        self._pending = None
+        return held
+
+    def peek_held(self) -> bytes:
+        if self._pending and len(self._pending) > 1:
+            self._pending = [b"".join(self._pending)]
+        return self._pending[0] if self._pending else b""
+
+    def consume_held(self, nbytes: int) -> None:
+        """Drop the first `nbytes` held bytes (a parsed PROXY header): they are not forwarded
+        and so not counted."""
+        rest = self.peek_held()[nbytes:]
+        self._pending = [rest] if rest else None
+        self.client_leg.bytes_in -= nbytes
+
+    def upstream_connected(self, target: Target, preface: bytes = b"") -> None:
+        """The upstream leg is up: send any preface (PROXY header) and held bytes, start reading."""
+        if self.state is not ConnectionState.CONNECTING:
+            return
+        self.target = target
+        self.state = ConnectionState.OPEN
+        up = self.upstream_leg.transport
+        client = self.client_leg.transport
+        assert up is not None
+        assert client is not None
+        held = preface + self.take_held()
+        if held:
+            up.write(held)
+        self.client_leg.sink = up
+        if self.client_leg.eof:  # the client said everything before we got here
+            up.write_eof() if up.can_write_eof() else None
+            self._note_end(self.client_leg)
+        elif not self.upstream_leg.write_paused:
+            # Held bytes that filled the upstream's queue paused the client just now; then its
+            # resume_writing() starts the client, not we (else reading would never pause again).
+            client.resume_reading()
+        self.observer.connection_opened(self)
+        self._arm_timer()
+
+    def leg_made(self, leg: _Leg) -> None:
+        t = leg.transport
+        assert t is not None
+        t.set_write_buffer_limits(high=self.buffer.size)
+        if leg is self.client_leg:
+            if not self.client:  # the listener passes the address accept() gave
+                self.client = format_peer(t.get_extra_info("peername"))
+            t.pause_reading()
+            self.observer.connection_accepted(self)
+        else:
+            leg.sink = self.client_leg.transport
+
+    # -- events from the legs -------------------------------------------------------------------
+    def leg_eof(self, leg: _Leg) -> bool:
+        sink = leg.sink
+        if sink is None:  # client EOF before forwarding started: passed on by upstream_connected
+            return True
+        if sink.can_write_eof() and not sink.is_closing():
+            sink.write_eof()
+        self._note_end(leg)
+        return True  # keep the transport open: the other direction may still flow
+
+    def _note_end(self, leg: _Leg) -> None:
+        if self._end_reason is None:
+            self._end_reason = _ended_by(leg.side)
+        if self.client_leg.eof and self.upstream_leg.eof:
+            self._shut(abort=False)
+        elif self.state is ConnectionState.OPEN:
+            self.state = ConnectionState.HALF_CLOSED
+            self._arm_timer()
+
+    def leg_lost(self, leg: _Leg, exc: BaseException | None) -> None:
+        reason = reason_for_error(leg.side, exc)
+        if reason is not None and self._reason is None:
+            self._reason = reason
+        elif self._end_reason is None and self._reason is None:
+            # The peer's side vanished without an EOF first (e.g. the transport closed under us).
+            self._end_reason = _ended_by(leg.side)
+        other = leg.other
+        assert other is not None
+        if not other.lost:
+            if other.transport is None:
+                other.lost = True  # never connected
+            else:
+                self._shut(abort=reason is not None, reset=reason in _RESETS)
+        self._maybe_finish()
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, reason: CloseReason, *, abort: bool = False) -> None:
+        """Close both legs for `reason` (the first explicit reason wins)."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        if self._reason is None:
+            self._reason = reason
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        if self.upstream_leg.transport is None:
+            self.upstream_leg.lost = True
+        self._shut(abort=abort)
+        self._maybe_finish()
+
+    def _shut(self, *, abort: bool, reset: bool = False) -> None:
+        if self.state is not ConnectionState.CLOSED:
+            self.state = ConnectionState.CLOSING
+        for leg in (self.client_leg, self.upstream_leg):
+            t = leg.transport
+            if t is None or leg.lost:
+                continue
+            if reset:
+                _set_linger_reset(t)
+            if abort:
+                t.abort()
+            elif not t.is_closing():
+                t.close()
+        if not abort:
+            self._schedule(_CLOSE_GRACE)
+
+    def _maybe_finish(self) -> None:
+        if self.state is ConnectionState.CLOSED or not (self.client_leg.lost and self.upstream_leg.lost):
+            return
+        self.state = ConnectionState.CLOSED
+        self.closed_at = time.monotonic()
+        if self._connect_task is not None:  # e.g. still waiting for a PROXY header
+            self._connect_task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._pending = None
+        self.observer.connection_closed(self)
+
+    def _final_reason(self) -> CloseReason:
+        return self._reason or self._end_reason or CloseReason.ERROR
+
+    # -- timers: one handle for the nearest deadline --------------------------------------------
+    def _arm_timer(self) -> None:
+        if self.timeouts.any and self.state in (ConnectionState.OPEN, ConnectionState.HALF_CLOSED):
+            self._schedule(self._next_check())
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(delay, 0.0), self._on_timer)
+
+    def _next_check(self) -> float:
+        now = time.monotonic()
+        t = self.timeouts
+        waits = []
+        if t.idle:
+            waits.append(self.last_activity + t.idle - now)
+        if t.half_close and self.state is ConnectionState.HALF_CLOSED:
+            waits.append(self.last_activity + t.half_close - now)
+        if self.lifetime_deadline:
+            waits.append(self.lifetime_deadline - now)
+        return min(waits) if waits else 3600.0
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.state is ConnectionState.CLOSING:  # a graceful close that did not finish in time
+            self._shut(abort=True)
+            return
+        if self.state is ConnectionState.CLOSED:
+            return
+        now = time.monotonic()
+        t = self.timeouts
+        idle = now - self.last_activity
+        if t.idle and idle >= t.idle:
+            self.close(CloseReason.IDLE_TIMEOUT)
+        elif t.half_close and self.state is ConnectionState.HALF_CLOSED and idle >= t.half_close:
+            self.close(CloseReason.HALF_CLOSE_TIMEOUT)
+        elif self.lifetime_deadline and now >= self.lifetime_deadline:
+            if self.is_quiet(_QUIET_RETRY, now) or now >= self.lifetime_deadline + self._grace():
+                self.close(CloseReason.MAX_LIFETIME)
+            else:
+                self._schedule(_QUIET_RETRY)
+        else:
+            self._arm_timer()
+
+    def _grace(self) -> float:
+        # How long past max_lifetime we wait for a quiet gap before closing regardless.
+        return max(1.0, self.timeouts.max_lifetime * 0.1)
+
+    def is_quiet(self, period: float, now: float | None = None) -> bool:
+        """No bytes moved for `period` seconds and nothing waiting to be sent either way."""
+        return self.idle(now) >= period and self.unsent() == 0
+
+
+_RESETS = (CloseReason.CLIENT_RESET, CloseReason.UPSTREAM_RESET)
+
+
+def _ended_by(side: Side) -> CloseReason:
+    return CloseReason.CLIENT_CLOSED if side is Side.CLIENT else CloseReason.UPSTREAM_CLOSED
+
+
+def _set_linger_reset(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family != socket.AF_UNIX:
+        with contextlib.suppress(OSError):  # already closed: nothing left to reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+ConnectionFactory = Callable[[], MonitoredConnection]

@@ -1,0 +1,350 @@
+"""One listener: bind, accept, and wire each connection to an upstream, the tracker and liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import random
+import socket
+import stat
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from connwatch._types import (
+    Address,
+    CloseReason,
+    ConnectionLedger,
+    ConnectionState,
+    Direction,
+    LivenessWatch,
+    Throttle,
+    format_peer,
+)
+from connwatch.exceptions import (
+    IncompleteError,
+    ListenerError,
+    NoHealthyUpstreamError,
+    UpstreamConnectError,
+)
+from connwatch.proxy.acceptor import Acceptor
+from connwatch.proxy.connection import MonitoredConnection, ReadBuffer, Timeouts
+from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
+from connwatch.proxy.splice import SplicePath, uses_splice
+from connwatch.proxy.upstream import UpstreamPool
+from connwatch.wire import proxy_protocol
+from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
+
+if TYPE_CHECKING:
+    from connwatch.config import KeepaliveConfig, ListenerConfig
+
+log = structlog.get_logger("connwatch.proxy.listener")
+
+_MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
+_BACKLOG = 4096
+PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
+
+
+class Listener:
+    """Accepts clients on one address and proxies each to a target of its upstream pool."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        tracker: ConnectionLedger[MonitoredConnection],
+        *,
+        liveness: LivenessWatch[MonitoredConnection] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.tracker = tracker
+        self.liveness = liveness
+        self.reuse_port = reuse_port
+        self.pool = UpstreamPool(config.upstreams, config.balance)
+        self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
+        self.timeouts = _timeouts(config)
+        self.upstream_options = _options(config.keepalive.upstream)
+        self.accepting = False
+        self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop  # the loop start() runs on
+        self._acceptor: Acceptor | None = None
+        self._splice: SplicePath | None = None  # None: the portable data path
+        self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
+        self._log = log.bind(listener=self.name)
+        tracker.totals(self.name)  # the listener's series exist from the start, at zero
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful after binding port 0); 0 for a Unix socket."""
+        assert self._sock is not None
+        name = self._sock.getsockname()
+        return int(name[1]) if isinstance(name, tuple) else 0
+
+    @property
+    def bound(self) -> bool:
+        return self._sock is not None
+
+    async def start(self) -> None:
+        address = self.config.listen
+        try:
+            if address.path is not None:
+                sock = bind_unix(address.path)
+            else:
+                sock = bind_tcp(address, reuse_port=self.reuse_port)
+                # Keep-alive and TCP_NODELAY are inherited by every accepted socket on Linux.
+                apply_to_fd(sock.fileno(), sock.family, _options(self.config.keepalive.client))
+        except OSError as exc:
+            raise ListenerError(
+                f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
+            ) from exc
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
+        self._acceptor = Acceptor(
+            sock, self._accepted, self.name, on_shed=lambda: self.tracker.shed(self.name)
+        )
+        self._acceptor.start()
+        self.accepting = True
+        self._log.info(
+            "listener_started",
+            listen=str(address),
+            port=self.port if not address.path else None,
+            data_path="splice" if self._splice else "portable",
+            upstreams=[t.label for t in self.pool.targets],
+        )
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; open connections carry on."""
+        self.accepting = False
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+            if self.config.listen.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.listen.path)
+
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """Apply a reloaded config to new connections (a new address makes a new listener)."""
+        old_targets = {t.label: t for t in self.pool.targets}
+        self.config = config
+        self.pool = UpstreamPool(config.upstreams, config.balance)
+        self.pool.targets = [old_targets.get(t.label, t) for t in self.pool.targets]
+        self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
+        self.timeouts = _timeouts(config)
+        self.upstream_options = _options(config.keepalive.upstream)
+        self._splice = SplicePath(self) if uses_splice(config.data_path) else None
+        if self._sock is not None and config.listen.path is None:
+            apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
+
+    # -- accepting ------------------------------------------------------------------------------
+    def _accepted(self, sock: socket.socket, peer: Any) -> None:
+        conn = MonitoredConnection(
+            self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
+        )
+        conn.client = format_peer(peer)  # as getpeername() would say, without asking again
+        conn.own_task(self._loop.create_task(self._serve(conn, sock)))
+
+    async def _serve(self, conn: MonitoredConnection, sock: socket.socket) -> None:
+        """One connection's set-up: take over the accepted socket, then reach an upstream."""
+        wrapper = self._splice or self._loop
+        try:
+            await wrapper.connect_accepted_socket(lambda: conn.client_protocol, sock)
+        except OSError:
+            sock.close()  # the client left before we could wrap its socket
+            return
+        # Refused only now: a transport closed inside connection_made never reports its loss.
+        if self.tracker.active(self.name) > self.config.max_connections or not self.accepting:
+            reason = CloseReason.MAX_CONNECTIONS if self.accepting else CloseReason.SHUTDOWN
+            conn.close(reason, abort=True)
+        elif conn.state is ConnectionState.CONNECTING:
+            await self._connect(conn)
+
+    # -- ConnectionObserver ---------------------------------------------------------------------
+    def connection_accepted(self, conn: MonitoredConnection) -> None:
+        self.tracker.accepted(conn)
+
+    def connection_opened(self, conn: MonitoredConnection) -> None:
+        self.tracker.connection_opened(conn)
+        if self.liveness is not None:
+            self.liveness.watch(conn)
+
+    def connection_closed(self, conn: MonitoredConnection) -> None:
+        if self.liveness is not None:
+            self.liveness.unwatch(conn)
+        self.tracker.connection_closed(conn)
+
+    def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
+        self.tracker.flow_paused(conn, direction)
+
+    # -- PROXY protocol header from the client ---------------------------------------------------
+    async def _read_proxy_header(self, conn: MonitoredConnection) -> ProxyHeader | None:
+        """Wait for the client's PROXY header (within connect_timeout); None closes the client."""
+        loop = asyncio.get_running_loop()
+        parsed: asyncio.Future[ProxyHeader] = loop.create_future()
+
+        def offer(c: MonitoredConnection) -> None:
+            try:
+                header, used = proxy_protocol.parse(c.peek_held())
+            except IncompleteError:
+                return
+            except ProxyProtocolError as exc:
+                if not parsed.done():
+                    parsed.set_exception(exc)
+                return
+            c.consume_held(used)
+            c.preamble = None
+            transport = c.client_transport()
+            if transport is not None:
+                transport.pause_reading()
+            if not parsed.done():
+                parsed.set_result(header)
+
+        conn.preamble = offer
+        offer(conn)  # the header may have come with the first segment, held before now
+        transport = conn.client_transport()
+        if transport is not None and not parsed.done():
+            transport.resume_reading()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                header = await parsed
+        except (TimeoutError, ProxyProtocolError) as exc:
+            conn.preamble = None
+            self.protocol_errors[PROXY_PROTOCOL] += 1
+            if (suppressed := self._throttle.allow(PROXY_PROTOCOL)) is not None:
+                self._log.warning(
+                    "protocol_error",
+                    conn_id=conn.id,
+                    kind=PROXY_PROTOCOL,
+                    client=conn.client,
+                    error=str(exc) or "no PROXY header in time",
+                    suppressed=suppressed,
+                )
+            conn.close(CloseReason.PROTOCOL_ERROR, abort=True)
+            return None
+        if header.source is not None:
+            conn.client = format_peer(header.source)
+        return header
+
+    def _proxy_preface(self, conn: MonitoredConnection, header: ProxyHeader | None) -> bytes:
+        version = self.config.proxy_protocol.send
+        if version == "none":
+            return b""
+        if header is not None and header.source is not None:  # what the client's proxy said
+            return proxy_protocol.header_for(version, header.source, header.destination)
+        transport = conn.client_transport()
+        peer = transport.get_extra_info("peername") if transport else None
+        local = transport.get_extra_info("sockname") if transport else None
+        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+            return proxy_protocol.header_for(version, None, None)  # Unix socket: UNKNOWN/LOCAL
+        return proxy_protocol.header_for(version, peer[:2], local[:2])
+
+    # -- upstream connect -----------------------------------------------------------------------
+    async def _connect(self, conn: MonitoredConnection) -> None:
+        config = self.config
+        header = None
+        if config.proxy_protocol.accept:
+            header = await self._read_proxy_header(conn)
+            if header is None:
+                return
+        try:
+            if self._splice is not None:  # sets its own socket options before connecting
+                transport, target = await self._splice.connect(
+                    conn.upstream_protocol,
+                    timeout=config.connect_timeout,
+                    attempts=config.connect_attempts,
+                )
+            else:
+                transport, target = await self.pool.connect(
+                    conn.upstream_protocol,
+                    timeout=config.connect_timeout,
+                    attempts=config.connect_attempts,
+                    options=self.upstream_options,
+                )
+        except NoHealthyUpstreamError:
+            conn.close(CloseReason.NO_HEALTHY_UPSTREAM)
+            return
+        except UpstreamConnectError as exc:
+            conn.close(CloseReason.UPSTREAM_CONNECT_FAILED)
+            if exc.out_of_fds and self._acceptor is not None:
+                # No fds left for upstream legs: stop taking clients we cannot serve.
+                self._acceptor.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+            elif (suppressed := self._throttle.allow("upstream_connect_failed")) is not None:
+                self._log.warning(
+                    "upstream_connect_failed",
+                    conn_id=conn.id,
+                    error=str(exc),
+                    suppressed=suppressed,
+                )
+            return
+        if conn.state is not ConnectionState.CONNECTING:  # the client left while we were connecting
+            transport.abort()
+            return
+        if self.timeouts.max_lifetime:
+            jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
+            conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
+        conn.upstream_connected(target, self._proxy_preface(conn, header))
+        if self._acceptor is not None:
+            self._acceptor.served()
+
+
+def _timeouts(config: ListenerConfig) -> Timeouts:
+    return Timeouts(config.idle_timeout, config.half_close_timeout, config.max_lifetime)
+
+
+def _options(cfg: KeepaliveConfig) -> SocketOptions:
+    return tcp_options(
+        enabled=cfg.enabled,
+        idle=cfg.idle,
+        interval=cfg.interval,
+        count=cfg.count,
+        user_timeout=cfg.user_timeout,
+    )
+
+
+def bind_tcp(address: Address, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; host "" means every interface (IPv6 dual-stack where possible)."""
+    host = address.host
+    family = socket.AF_INET6 if (":" in host or (not host and socket.has_ipv6)) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and not host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), address.port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"address {address} is already in use") from exc
+        raise
+    return sock
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening Unix stream socket at `path`, replacing a stale socket file."""
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)

@@ -1,0 +1,139 @@
+"""SplicePath: a listener's splice data path (taking over accepted sockets, reaching targets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from connwatch.proxy.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
+from connwatch.proxy.splice.poller import poller
+from connwatch.proxy.splice.transport import Leg, SpliceTransport
+
+if TYPE_CHECKING:
+    from connwatch._types import Address
+    from connwatch.config import ListenerConfig
+    from connwatch.proxy.sockopts import SocketOptions
+    from connwatch.proxy.upstream import Target, UpstreamPool
+
+__all__ = ["MAX_CHUNK", "SplicePath", "open_socket"]
+
+MAX_CHUNK: Final = 1024 * 1024  # bytes per splice at most: the default pipe-max-size of Linux
+
+
+class _Owner(Protocol):
+    """What SplicePath reads from its listener, live: a reload replaces them."""
+
+    @property
+    def pool(self) -> UpstreamPool: ...
+
+    @property
+    def config(self) -> ListenerConfig: ...
+
+    @property
+    def upstream_options(self) -> SocketOptions: ...
+
+
+class SplicePath:
+    """A listener's splice data path. It stands in for the loop when an accepted socket is taken
+    over (`connect_accepted_socket`) and for the upstream pool when a target is reached
+    (`connect`), with the same signatures, so the listener's own sequence stays as it is."""
+
+    def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
+        self._owner = owner
+        self._pipes = pipes  # None: the process's pool for the listener's chunk size
+
+    def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
+        chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
+        pipes = self._pipes or pipe_pool(chunk)
+        loop = asyncio.get_running_loop()
+        return SpliceTransport(loop, sock, cast(Leg, protocol), pipes, chunk)
+
+    async def connect_accepted_socket(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
+        protocol = protocol_factory()
+        transport = self._transport(sock, protocol)
+        transport.start()
+        return transport, protocol
+
+    async def connect(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        timeout: float,
+        attempts: int,
+    ) -> tuple[asyncio.Transport, Target]:
+        """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
+        options = self._owner.upstream_options
+        sock, target = await self._owner.pool.reach(
+            lambda address: open_socket(address, options), timeout=timeout, attempts=attempts
+        )
+        transport = self._transport(sock, protocol_factory())
+        transport.start()
+        return transport, target
+
+
+async def open_socket(address: Address, options: SocketOptions = ()) -> socket.socket:
+    """A connected non-blocking stream socket to `address`, with `options` (keep-alive,
+    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper."""
+    loop = asyncio.get_running_loop()
+    if address.path is not None:
+        return await _connect(loop, socket.AF_UNIX, address.path, ())
+    host = address.host or "127.0.0.1"
+    family = _numeric_family(host)
+    if family is not None:
+        return await _connect(loop, family, (host, address.port), options)
+    infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, f"{host} has no address")
+    error: OSError | None = None
+    for family, _, _, _, addr in infos:
+        try:
+            return await _connect(loop, family, addr, options)
+        except OSError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop, family: int, addr: Any, options: SocketOptions
+) -> socket.socket:
+    sock = _new_socket(family)
+    try:
+        for level, option, value in options:
+            # An option the kernel refuses is skipped, the others still set (as sockopts does).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
+        await poller(loop).connect(sock, addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _new_socket(family: int) -> socket.socket:
+    """A non-blocking stream socket (made so: no separate call to make it so)."""
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+    try:
+        return socket.socket(family, kind)
+    except OSError as exc:
+        # Out of descriptors: idle pooled pipes go before a connection does.
+        if exc.errno in NO_FDS and note_fd_pressure():
+            return socket.socket(family, kind)
+        raise
+
+
+def _numeric_family(host: str) -> int | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None

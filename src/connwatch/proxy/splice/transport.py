@@ -1,0 +1,430 @@
+"""SpliceTransport: an asyncio.Transport over a raw socket whose reads are spliced, not copied.
+
+It keeps the transport contract the connection legs rely on (pause/resume reading,
+`pause_writing`/`resume_writing` on the protocol, `write_eof`, a `close` that flushes first,
+`abort`, `connection_lost(exc)`), so MonitoredConnection runs on it unchanged. Once a leg has a
+sink, a readable socket is spliced into a pipe and the pipe into the sink's socket; until then
+(a PROXY header being read), or when no pipe can be had, reads go through the leg's
+`get_buffer`/`buffer_updated` as on the portable path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from connwatch.proxy.splice.pipes import Pipe, PipePool
+from connwatch.proxy.splice.poller import poller
+
+if TYPE_CHECKING:
+    from connwatch.proxy.connection import MonitoredConnection
+
+__all__ = ["Leg", "SpliceTransport"]
+
+_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the leg sets its own
+
+
+class Leg(Protocol):
+    """What a SpliceTransport needs of its protocol: MonitoredConnection's `_Leg` fits."""
+
+    sink: asyncio.Transport | None
+    bytes_in: int
+
+    @property
+    def conn(self) -> MonitoredConnection: ...
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+    def eof_received(self) -> bool: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+
+class SpliceTransport(asyncio.Transport):
+    """One proxied socket. Reading side: splice into a pipe, drain the pipe into the sink's socket.
+    Writing side: bytes bound here are the feeder's pipe (plus `_wbuf`, a rare user-space queue
+    for the PROXY preface, held client bytes and the out-of-pipes fallback)."""
+
+    __slots__ = (
+        "_chunk",
+        "_closed",
+        "_closing",
+        "_eof",
+        "_eof_out",
+        "_fd",
+        "_feeder",
+        "_high",
+        "_loop",
+        "_paused",
+        "_pipe",
+        "_piped",
+        "_pipes",
+        "_poller",
+        "_protocol",
+        "_reading",
+        "_sink",
+        "_sock",
+        "_wbuf",
+        "_write_paused",
+        "_writing",
+        "polled",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: Leg,
+        pipes: PipePool,
+        chunk: int,
+    ) -> None:
+        # No super().__init__(): its `_extra` dict would be one more allocation per socket.
+        self._loop = loop
+        self._poller = poller(loop)
+        self.polled = 0  # the poller's note of what is registered for this socket
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._pipes = pipes
+        self._chunk = chunk
+        # Reading side: this socket's bytes, on their way to the sink.
+        self._sink: SpliceTransport | None = None
+        self._pipe: Pipe | None = None  # held only while it holds bytes
+        self._piped = 0  # bytes in the pipe, not yet in the sink's socket
+        self._reading = False  # registered with add_reader
+        self._paused = False  # pause_reading() in force
+        self._eof = False
+        # Writing side: bytes on their way into this socket.
+        self._feeder: SpliceTransport | None = None  # whose pipe drains into this socket
+        self._wbuf: bytearray | None = None  # made on the first write that cannot go out at once
+        self._writing = False  # registered with add_writer
+        self._write_paused = False  # the protocol was told pause_writing()
+        self._high = _WRITE_HIGH
+        self._eof_out = False  # write_eof() asked for
+        self._closing = False
+        self._closed = False  # socket closed, connection_lost scheduled
+
+    def start(self) -> None:
+        """Hand the transport to its protocol and start reading unless the protocol paused it.
+
+        A client leg pauses at once (no upstream yet); the first segment is read all the same,
+        as uvloop does on the portable path: the leg holds it, a PROXY header in it is seen
+        without waiting, and a socket closed before the upstream answers closes with a FIN
+        rather than the RST that unread data would cause.
+        """
+        self._protocol.connection_made(self)
+        if self._paused and self._protocol.sink is None and not self._closing:
+            self._read_copy()
+        self._want_read()
+
+    def __repr__(self) -> str:
+        return f"<SpliceTransport fd={self._fd} piped={self._piped} closing={self._closing}>"
+
+    # -- asyncio.Transport ----------------------------------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name in ("peername", "sockname"):  # asked once or twice a connection: not cached
+            try:
+                return getattr(self._sock, "get" + name)()
+            except OSError:
+                return default
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return cast(asyncio.BaseProtocol, self._protocol)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        raise NotImplementedError("a splice transport keeps its connection leg")
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        self._stop_reader()
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self._want_read()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = _WRITE_HIGH if high is None else high
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return 0, self._high
+
+    def get_write_buffer_size(self) -> int:
+        feeder = self._feeder
+        queued = len(self._wbuf) if self._wbuf is not None else 0
+        return queued + (feeder._piped if feeder is not None else 0)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._eof_out or not data:
+            return
+        if not self._pending():
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fatal(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        if self._wbuf is None:
+            self._wbuf = bytearray(data)
+        else:
+            self._wbuf += data
+        self._start_writer()
+        if len(self._wbuf) > self._high:
+            self._pause_writing()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_out or self._closing:
+            return
+        self._eof_out = True
+        if not self._pending():
+            self._shutdown_write()
+
+    def close(self) -> None:
+        """Stop reading; close once everything bound for this socket has gone out."""
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reader()
+        if self._pending():
+            self._start_writer()
+        else:
+            self._finish(None)
+
+    def abort(self) -> None:
+        self._closing = True
+        self._finish(None)
+
+    # -- reading side ---------------------------------------------------------------------------
+    def _want_read(self) -> None:
+        if self._reading or self._paused or self._closing or self._eof or self._piped:
+            return
+        if self._sink is None:
+            sink = self._protocol.sink
+            if isinstance(sink, SpliceTransport):  # set once forwarding starts, then never changes
+                self._sink = sink
+                sink._feeder = self
+        self._reading = True
+        self._poller.update(self._fd, self)
+
+    def _stop_reader(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._poller.update(self._fd, self)
+
+    # -- Watched, for the poller ----------------------------------------------------------------
+    def wants(self) -> tuple[bool, bool]:
+        return self._reading, self._writing
+
+    def on_readable(self) -> None:
+        sink = self._sink
+        if sink is None:
+            self._read_copy()  # no sink yet: the leg holds what arrives (PROXY header, ...)
+            return
+        if sink._closing:
+            self._stop_reader()  # the connection is closing: nothing more can go there
+            return
+        try:
+            pipe = self._pipe = self._pipes.take()
+        except OSError:
+            self._read_copy()  # out of descriptors: copy this chunk through user space
+            return
+        try:
+            n = os.splice(self._fd, pipe[1], self._chunk, flags=_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            self._give_pipe()
+            return
+        except OSError as exc:
+            self._discard_pipe()
+            self._fatal(exc)
+            return
+        if not n:
+            self._give_pipe()
+            self._read_eof()
+            return
+        self._piped = n
+        self._protocol.conn.last_activity = time.monotonic()
+        if sink._wbuf or not self._drain():
+            self._stop_reader()  # not another byte in until the sink has taken these
+            sink._backlogged()
+
+    def _drain(self) -> bool:
+        """Splice the pipe into the sink's socket; True once it is empty (and back in the pool).
+
+        Bytes count for this leg when they reach the sink's socket, from splice's return values.
+        """
+        sink = self._sink
+        pipe = self._pipe
+        assert sink is not None
+        assert pipe is not None
+        left = self._piped
+        moved = 0
+        try:
+            while left:
+                n = os.splice(pipe[0], sink._fd, left, flags=_FLAGS)
+                if n <= 0:  # cannot happen while we hold the write end; never spin on it
+                    raise OSError(errno.EIO, "splice pipe ran dry")
+                left -= n
+                moved += n
+        except (BlockingIOError, InterruptedError):
+            return self._drained_some(moved, left)
+        except OSError as exc:
+            self._drained_some(moved, left)
+            self._discard_pipe()
+            sink._fatal(exc)
+            return False
+        self._protocol.bytes_in += moved
+        self._piped = 0
+        self._give_pipe()
+        return True
+
+    def _drained_some(self, moved: int, left: int) -> bool:
+        self._protocol.bytes_in += moved
+        self._piped = left
+        return False
+
+    def _read_copy(self) -> None:
+        leg = self._protocol
+        try:
+            n = self._sock.recv_into(leg.get_buffer(-1))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        if n:
+            leg.buffer_updated(n)
+        else:
+            self._read_eof()
+
+    def _read_eof(self) -> None:
+        self._eof = True
+        self._stop_reader()
+        if not self._protocol.eof_received():
+            self.close()
+
+    def _give_pipe(self) -> None:
+        pipe = self._pipe
+        if pipe is not None:
+            self._pipe = None
+            self._pipes.give(pipe)
+
+    def _discard_pipe(self) -> None:
+        pipe = self._pipe
+        if pipe is not None:
+            self._pipe = None
+            self._piped = 0
+            self._pipes.discard(pipe)
+
+    # -- writing side ---------------------------------------------------------------------------
+    def _pending(self) -> bool:
+        feeder = self._feeder
+        return bool(self._wbuf) or (feeder is not None and feeder._piped > 0)
+
+    def _backlogged(self) -> None:
+        """The feeder holds bytes this socket cannot take now: wait for room, pause the feeder."""
+        self._start_writer()
+        self._pause_writing()
+
+    def _pause_writing(self) -> None:
+        if not self._write_paused:
+            self._write_paused = True
+            # The leg pauses reading on the feeding side and counts flow_paused, as on the
+            # portable path when a transport passes its high-water mark.
+            self._protocol.pause_writing()
+
+    def _start_writer(self) -> None:
+        if not self._writing and not self._closed:
+            self._writing = True
+            self._poller.update(self._fd, self)
+
+    def _stop_writer(self) -> None:
+        if self._writing:
+            self._writing = False
+            self._poller.update(self._fd, self)
+
+    def on_writable(self) -> None:
+        if self._wbuf and not self._flush_wbuf():
+            return
+        feeder = self._feeder
+        if feeder is not None and feeder._piped and not feeder._drain():
+            return
+        self._stop_writer()
+        if feeder is not None:
+            feeder._want_read()  # unless something else paused it
+        if self._write_paused:
+            self._write_paused = False
+            self._protocol.resume_writing()
+        if self._eof_out:
+            self._shutdown_write()
+        if self._closing:
+            self._finish(None)
+
+    def _flush_wbuf(self) -> bool:
+        assert self._wbuf is not None
+        try:
+            sent = self._sock.send(self._wbuf)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._fatal(exc)
+            return False
+        del self._wbuf[:sent]
+        if self._wbuf:
+            return False
+        self._wbuf = None
+        return True
+
+    def _shutdown_write(self) -> None:
+        # A peer that already reset shows it on the next read, with the right close reason.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    # -- the end --------------------------------------------------------------------------------
+    def _fatal(self, exc: OSError) -> None:
+        self._closing = True
+        self._finish(exc)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_reader()
+        self._stop_writer()
+        feeder = self._feeder
+        if feeder is not None:  # bytes bound here that can no longer arrive
+            feeder._discard_pipe()
+        sink = self._sink
+        if self._pipe is not None and (sink is None or sink._closed):
+            self._discard_pipe()  # nobody is left to drain it
+        self._wbuf = None
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)

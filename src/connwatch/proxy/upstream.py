@@ -1,0 +1,196 @@
+"""Upstream targets of one listener: health state, balancing, connect with timeout and attempts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from connwatch._types import Address, HealthState
+from connwatch.exceptions import (
+    NO_FDS_ERRNOS,
+    NoHealthyUpstreamError,
+    UpstreamConnectError,
+    describe_error,
+)
+from connwatch.histogram import LATENCY_BUCKETS, Histogram
+from connwatch.proxy.sockopts import SocketOptions, apply_to_fd
+from connwatch.snapshots import TargetStats
+
+T = TypeVar("T")
+NODELAY: SocketOptions = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+
+class Target:
+    """One configured upstream address. Health checks write `state`; connections count `active`."""
+
+    __slots__ = (
+        "active",
+        "address",
+        "check_duration",
+        "checks",
+        "connect_duration",
+        "connect_failures",
+        "connecting",
+        "consecutive_failures",
+        "label",
+        "last_check",
+        "latency_ms",
+        "state",
+    )
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.label = str(address)
+        self.state = HealthState.UNKNOWN
+        self.active = 0
+        self.connecting = 0  # connects in flight: least_connections counts them too
+        self.connect_failures = 0
+        self.connect_duration = Histogram(LATENCY_BUCKETS)
+        # Written by the health checker of this target (health.py).
+        self.checks: Counter[str] = Counter()
+        self.check_duration = Histogram(LATENCY_BUCKETS)
+        self.last_check: float | None = None  # wall clock
+        self.latency_ms: float | None = None
+        self.consecutive_failures = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.state is not HealthState.DOWN
+
+    def statistics(self, listener: str) -> TargetStats:
+        return TargetStats(
+            listener,
+            self.label,
+            self.state,
+            self.connect_failures,
+            self.connect_duration.snapshot(),
+            dict(self.checks),
+            self.check_duration.snapshot(),
+            self.last_check,
+            self.latency_ms,
+            self.consecutive_failures,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Target {self.label} {self.state} active={self.active}>"
+
+
+class UpstreamPool:
+    """Chooses targets in `balance` order among those not DOWN (UNKNOWN counts as usable)."""
+
+    def __init__(self, addresses: tuple[Address, ...], balance: str) -> None:
+        self.targets = [Target(a) for a in addresses]
+        self.balance = balance
+        self._rr = itertools.count()
+
+    def by_label(self, label: str) -> Target | None:
+        return next((t for t in self.targets if t.label == label), None)
+
+    def candidates(self) -> list[Target]:
+        usable = [t for t in self.targets if t.usable]
+        if len(usable) <= 1 or self.balance == "first":
+            return usable
+        if self.balance == "least_connections":
+            # stable: ties keep config order
+            return sorted(usable, key=lambda t: t.active + t.connecting)
+        start = next(self._rr) % len(usable)
+        return usable[start:] + usable[:start]
+
+    async def connect(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        timeout: float,
+        attempts: int,
+        options: SocketOptions = NODELAY,
+    ) -> tuple[asyncio.Transport, Target]:
+        """Connect to the first target that answers, trying up to `attempts` targets in order."""
+        loop = asyncio.get_running_loop()
+        return await self.reach(
+            lambda address: open_transport(loop, protocol_factory, address, options),
+            timeout=timeout,
+            attempts=attempts,
+        )
+
+    async def reach(
+        self,
+        opener: Callable[[Address], Coroutine[Any, Any, T]],
+        *,
+        timeout: float,
+        attempts: int,
+    ) -> tuple[T, Target]:
+        """`opener(address)` on the targets in balance order until one succeeds, each try within
+        `timeout`, at most `attempts` tries; counts failures, durations and connects in flight.
+        Data paths differ only in their opener (a transport here, a raw socket for splice)."""
+        order = self.candidates()
+        if not order:
+            raise NoHealthyUpstreamError("every upstream target is DOWN")
+        errors: list[str] = []
+        out_of_fds = False
+        for target in itertools.islice(itertools.cycle(order), attempts):
+            started = time.monotonic()
+            target.connecting += 1
+            try:
+                opened = await _within(timeout, opener(target.address))
+            except (OSError, TimeoutError) as exc:
+                out_of_fds = out_of_fds or getattr(exc, "errno", None) in NO_FDS_ERRNOS
+                target.connect_failures += 1
+                errors.append(f"{target.label}: {_describe(exc)}")
+                continue
+            finally:
+                target.connecting -= 1
+            target.connect_duration.observe(time.monotonic() - started)
+            return opened, target
+        raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
+
+
+async def open_transport(
+    loop: asyncio.AbstractEventLoop,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    address: Address,
+    options: SocketOptions = NODELAY,
+) -> asyncio.Transport:
+    """Open a stream to `address` (TCP or Unix socket); `options` are set on a TCP socket."""
+    if address.path is not None:
+        transport, _ = await loop.create_unix_connection(protocol_factory, address.path)
+    else:
+        transport, _ = await loop.create_connection(
+            protocol_factory, address.host or "127.0.0.1", address.port
+        )
+        sock = transport.get_extra_info("socket")
+        if sock is not None and options:
+            apply_to_fd(sock.fileno(), sock.family, options)
+    return transport
+
+
+async def _within(timeout: float, coro: Coroutine[Any, Any, T]) -> T:
+    """`coro` bounded by `timeout`; a cheaper asyncio.timeout for the per-connection path."""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
+            raise TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not getattr(exc, "errno", None):
+        return "connect timed out"
+    return describe_error(exc)

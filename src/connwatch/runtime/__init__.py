@@ -1,0 +1,1 @@
+"""The process: the daemon's assembly, signals, reload and shutdown; worker processes."""
