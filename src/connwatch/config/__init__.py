@@ -2,39 +2,37 @@
 
 from __future__ import annotations
 
-from connwatch.config.models import (
-    ENV_PREFIX,
-    NON_OVERRIDE_VARS,
+from connwatch.config.advice import config_warnings
+from connwatch.config.env_overrides import ENV_PREFIX, NON_OVERRIDE_VARS
+from connwatch.config.escapes import decode_escapes, encode_escapes
+from connwatch.config.fields import (
     AddressField,
-    AdminConfig,
     Count,
     Duration,
+    KeepaliveSeconds,
+    Kind,
+    Loc,
+    Port,
+    PositiveDuration,
+    Size,
+    Token,
+    UpstreamAddress,
+    format_loc,
+)
+from connwatch.config.loading import effective_yaml, load_settings, one_listener_config
+from connwatch.config.models import (
+    AdminConfig,
     HealthCheckConfig,
     HeartbeatConfig,
     HttpCheckConfig,
     KeepaliveConfig,
     KeepaliveLegs,
-    KeepaliveSeconds,
-    Kind,
     ListenerConfig,
-    Loc,
     LogConfig,
-    Port,
-    PositiveDuration,
     ProxyProtocolConfig,
     SendExpectConfig,
     Settings,
     ShutdownConfig,
-    Size,
-    Token,
-    UpstreamAddress,
-    config_warnings,
-    decode_escapes,
-    effective_yaml,
-    encode_escapes,
-    format_loc,
-    load_settings,
-    one_listener_config,
 )
 
 __all__ = [

@@ -20,7 +20,8 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from connwatch._types import Address
-from connwatch.config import Kind, Settings
+from connwatch.config.fields import Kind
+from connwatch.config.models import Settings
 from connwatch.config.units import format_duration, format_size
 
 BEGIN = "<!-- BEGIN GENERATED -->"
@@ -124,7 +125,9 @@ def replace_generated(document: str, generated: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m connwatch.config.reference", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m connwatch.config.reference", description=__doc__
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", metavar="FILE", help="replace the reference between markers")
     group.add_argument("--check", metavar="FILE", help="exit 1 when FILE's reference is stale")
