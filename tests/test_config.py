@@ -119,7 +119,7 @@ def test_defaults_equal_spec(tmp_path: Path) -> None:
     assert load_text(tmp_path, SPEC_DEFAULTS) == load_text(tmp_path, MINIMAL)
 
 
-def test_default_values_and_types(tmp_path: Path) -> None:
+def test_minimal_config_gets_the_spec_defaults_as_typed_values(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, MINIMAL)
     assert cfg.admin.listen == Address("127.0.0.1", 9464)
     assert cfg.admin.token is None
@@ -172,21 +172,21 @@ def test_unknown_key_names_path_line_and_allowed_keys(tmp_path: Path) -> None:
     assert "interval, max_interval, failure_threshold, stall_timeout" in issue
 
 
-def test_negative_duration(tmp_path: Path) -> None:
+def test_negative_duration_is_reported_with_line_and_allowed_units(tmp_path: Path) -> None:
     (issue,) = issues_of(tmp_path, MINIMAL + "    heartbeat:\n      interval: -5s\n")
     assert ":6: listeners[0].heartbeat.interval = '-5s':" in issue
     assert "negative" in issue
     assert "250ms, 5s, 2m, 1h" in issue
 
 
-def test_bad_address(tmp_path: Path) -> None:
+def test_unparsable_address_is_reported_with_the_allowed_forms(tmp_path: Path) -> None:
     text = MINIMAL.replace('"0.0.0.0:7000"', "localhost")
     (issue,) = issues_of(tmp_path, text)
     assert ":3: listeners[0].listen = 'localhost':" in issue
     assert "HOST:PORT, [IPv6]:PORT, :PORT or unix:/path" in issue
 
 
-def test_duplicate_listener_name(tmp_path: Path) -> None:
+def test_duplicate_listener_name_is_reported_naming_the_first_use(tmp_path: Path) -> None:
     second = '  - name: app\n    listen: ":7001"\n    upstreams: ["127.0.0.1:6380"]\n'
     (issue,) = issues_of(tmp_path, MINIMAL + second)
     assert ":5: listeners[1].name = 'app': duplicate listener name" in issue
@@ -201,7 +201,7 @@ def test_duplicate_name_is_reported_with_other_errors(tmp_path: Path) -> None:
     assert "listeners[1].rise: unknown key" in issues[1]
 
 
-def test_duplicate_name_from_python_objects() -> None:
+def test_duplicate_listener_name_in_python_objects_fails_validation() -> None:
     listener = ListenerConfig.model_validate(yaml.safe_load(MINIMAL)["listeners"][0])
     with pytest.raises(ValidationError, match="duplicate listener name"):
         Settings(listeners=(listener, listener.model_copy(update={"listen": Address("", 1)})))
@@ -218,24 +218,26 @@ def test_yaml_syntax_error_shows_where_the_construct_starts(tmp_path: Path) -> N
     assert "(while parsing a flow sequence that starts at line 5, column 14)" in issue
 
 
-def test_yaml_syntax_error_position(tmp_path: Path) -> None:
+def test_yaml_syntax_error_points_at_the_offending_line(tmp_path: Path) -> None:
     (issue,) = issues_of(tmp_path, "admin:\n  listen: a: b\n")
     assert "connwatch.yaml:2:" in issue
 
 
-def test_missing_file(tmp_path: Path) -> None:
+def test_missing_file_is_a_config_error_naming_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found") as info:
         load_settings(tmp_path / "absent.yaml", env={})
     assert info.value.source == str(tmp_path / "absent.yaml")
 
 
-def test_directory_instead_of_file(tmp_path: Path) -> None:
+def test_directory_instead_of_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path, env={})
 
 
 @pytest.mark.parametrize(("text", "given"), [("- a\n- b\n", "a list"), ("42\n", "42")])
-def test_top_level_not_a_mapping(tmp_path: Path, text: str, given: str) -> None:
+def test_top_level_that_is_not_a_mapping_is_reported_with_what_was_given(
+    tmp_path: Path, text: str, given: str
+) -> None:
     (issue,) = issues_of(tmp_path, text)
     assert "top level must be a mapping" in issue
     assert given in issue
@@ -267,7 +269,9 @@ def test_empty_file_says_listeners_are_required(tmp_path: Path) -> None:
         ("    proxy_protocol: {send: v3}", "expected one of 'none', 'v1' or 'v2'"),
     ],
 )
-def test_wrong_values(tmp_path: Path, line: str, expected: str) -> None:
+def test_each_wrong_value_gives_one_issue_saying_what_is_allowed(
+    tmp_path: Path, line: str, expected: str
+) -> None:
     key = line.split(":")[0]
     text = "\n".join(x for x in MINIMAL.splitlines() if not x.startswith(key + ":")) + "\n" + line
     issues = issues_of(tmp_path, text + "\n")
@@ -275,7 +279,7 @@ def test_wrong_values(tmp_path: Path, line: str, expected: str) -> None:
     assert expected in issues[0]
 
 
-def test_listener_name_syntax(tmp_path: Path) -> None:
+def test_listener_name_with_uppercase_is_rejected(tmp_path: Path) -> None:
     (issue,) = issues_of(tmp_path, MINIMAL.replace("name: app", "name: App"))
     assert "listeners[0].name = 'App': use only lowercase letters" in issue
 
@@ -297,7 +301,7 @@ def test_every_problem_is_listed_in_line_order(tmp_path: Path) -> None:
     assert [int(i.split(":")[1]) for i in issues] == [1, 2, 3, 8]
 
 
-def test_missing_required_fields(tmp_path: Path) -> None:
+def test_missing_required_fields_are_each_reported_at_their_parent_line(tmp_path: Path) -> None:
     issues = issues_of(tmp_path, "listeners:\n  - name: a\n")
     assert {i.split(": ", 1)[1] for i in issues} == {
         "listeners[0].listen: required, but missing",
@@ -306,17 +310,17 @@ def test_missing_required_fields(tmp_path: Path) -> None:
     assert all(":2:" in i for i in issues)
 
 
-def test_non_text_key(tmp_path: Path) -> None:
+def test_non_text_key_is_reported_as_must_be_text(tmp_path: Path) -> None:
     (issue,) = issues_of(tmp_path, MINIMAL + "    3: x\n")
     assert ":2: listeners[0]: the key 3 must be text" in issue
 
 
-def test_duplicate_yaml_key(tmp_path: Path) -> None:
+def test_duplicate_yaml_key_is_reported_with_the_first_line(tmp_path: Path) -> None:
     (issue,) = issues_of(tmp_path, "workers: 2\nworkers: 3\n" + MINIMAL)
     assert ":2: workers: duplicate key (first at line 1)" in issue
 
 
-def test_duplicate_listen_address(tmp_path: Path) -> None:
+def test_duplicate_listen_address_is_reported_naming_the_other_use(tmp_path: Path) -> None:
     second = '  - name: two\n    listen: "0.0.0.0:7000"\n    upstreams: ["127.0.0.1:6380"]\n'
     (issue,) = issues_of(tmp_path, MINIMAL + second)
     assert (
@@ -340,7 +344,7 @@ def test_admin_token_is_not_echoed_in_errors(tmp_path: Path) -> None:
 # --- environment overrides ----------------------------------------------------------------------
 
 
-def test_env_overrides(tmp_path: Path) -> None:
+def test_env_overrides_set_nested_fields_and_skip_non_override_vars(tmp_path: Path) -> None:
     env = {
         "CONNWATCH_LISTENERS__0__HEARTBEAT__INTERVAL": "1s",
         "CONNWATCH_ADMIN__LISTEN": "0.0.0.0:9464",
@@ -422,7 +426,7 @@ def test_env_override_of_a_missing_path(tmp_path: Path, name: str, expected: str
 # --- workers, escapes, expected_status ----------------------------------------------------------
 
 
-def test_workers_auto(tmp_path: Path) -> None:
+def test_workers_auto_means_one_per_cpu_and_other_text_is_rejected(tmp_path: Path) -> None:
     assert load_text(tmp_path, "workers: auto\n" + MINIMAL).workers == (os.cpu_count() or 1)
     cfg = load_text(tmp_path, MINIMAL, {"CONNWATCH_WORKERS": "auto"})
     assert cfg.workers == (os.cpu_count() or 1)
@@ -442,7 +446,9 @@ def test_workers_auto(tmp_path: Path) -> None:
         ("''", b""),
     ],
 )
-def test_send_escapes(tmp_path: Path, yaml_value: str, wire: bytes) -> None:
+def test_send_escapes_decode_to_the_wire_bytes(
+    tmp_path: Path, yaml_value: str, wire: bytes
+) -> None:
     text = MINIMAL + f"    health_check: {{send_expect: {{send: {yaml_value}}}}}\n"
     check = load_text(tmp_path, text).listeners[0].health_check.send_expect
     assert check.send_bytes == wire
@@ -454,17 +460,17 @@ def test_both_yaml_spellings_of_send_are_equal() -> None:
 
 
 @given(st.binary(max_size=64))
-def test_escape_round_trip(data: bytes) -> None:
+def test_encoded_escapes_decode_back_to_the_same_bytes(data: bytes) -> None:
     assert decode_escapes(encode_escapes(data)) == data
 
 
 @pytest.mark.parametrize("bad", [r"\q", "\\", r"\x4", r"a\xZZ"])
-def test_bad_escapes(bad: str) -> None:
+def test_unknown_escapes_are_rejected(bad: str) -> None:
     with pytest.raises(ValidationError, match="unknown escape"):
         SendExpectConfig(send=bad)
 
 
-def test_expect_prefix_and_regex() -> None:
+def test_expect_matches_a_prefix_or_a_regex() -> None:
     prefix = SendExpectConfig()
     assert prefix.matches(b"+PONG\r\n")
     assert not prefix.matches(b"-ERR\r\n")
@@ -479,7 +485,7 @@ def test_expect_prefix_and_regex() -> None:
     assert SendExpectConfig(expect=r"\x00\x01").matches(b"\x00\x01\x02")
 
 
-def test_bad_regex(tmp_path: Path) -> None:
+def test_uncompilable_expect_regex_is_reported_at_its_field(tmp_path: Path) -> None:
     text = MINIMAL + "    health_check: {send_expect: {expect: 're:(unclosed'}}\n"
     (issue,) = issues_of(tmp_path, text)
     assert "listeners[0].health_check.send_expect.expect" in issue
@@ -495,14 +501,16 @@ def test_bad_regex(tmp_path: Path) -> None:
         (200, [200], [201]),
     ],
 )
-def test_expected_status(spec: str | int, ok: list[int], not_ok: list[int]) -> None:
+def test_expected_status_accepts_codes_in_its_ranges_only(
+    spec: str | int, ok: list[int], not_ok: list[int]
+) -> None:
     check = HttpCheckConfig.model_validate({"expected_status": spec})
     assert all(check.status_ok(code) for code in ok)
     assert not any(check.status_ok(code) for code in not_ok)
 
 
 @pytest.mark.parametrize("bad", ["", "2xx", "399-200", "200-", "99", "600", "200,,300", True])
-def test_bad_expected_status(bad: object) -> None:
+def test_malformed_expected_status_is_rejected(bad: object) -> None:
     with pytest.raises(ValidationError, match="expected_status"):
         HttpCheckConfig.model_validate({"expected_status": bad})
 
@@ -550,7 +558,7 @@ listeners:
 """
 
 
-def test_effective_yaml_round_trip(tmp_path: Path) -> None:
+def test_effective_yaml_loads_back_to_equal_settings(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, FULL)
     text = effective_yaml(cfg, show_secrets=True)
     assert load_settings(write(tmp_path, text, "effective.yaml"), env={}) == cfg
@@ -577,7 +585,7 @@ def test_effective_yaml_fills_in_defaults_as_text(tmp_path: Path) -> None:
     assert load_settings(None, env={}, base=data) == cfg
 
 
-def test_one_listener_config() -> None:
+def test_one_listener_config_loads_as_listener_default_and_reports_bad_input() -> None:
     base = one_listener_config(":7000", ["127.0.0.1:6379", "127.0.0.1:6380"])
     cfg = load_settings(None, env={}, base=base)
     assert cfg.listeners[0].name == "default"
@@ -598,7 +606,7 @@ def test_no_warnings_by_default(tmp_path: Path) -> None:
     assert config_warnings(load_text(tmp_path, MINIMAL)) == []
 
 
-def test_path_idle_limit_warning(tmp_path: Path) -> None:
+def test_path_idle_limit_not_above_idle_warns_when_keepalive_is_enabled(tmp_path: Path) -> None:
     (warning,) = config_warnings(with_keepalive(tmp_path, "{path_idle_limit: 60s}"))
     assert warning.startswith("listeners[0].keepalive.client: path_idle_limit 1m <= idle 1m")
     assert "before the first keep-alive probe" in warning
@@ -607,13 +615,13 @@ def test_path_idle_limit_warning(tmp_path: Path) -> None:
     assert config_warnings(disabled) == []
 
 
-def test_user_timeout_shorter_than_the_probes(tmp_path: Path) -> None:
+def test_user_timeout_shorter_than_the_probes_warns_of_fewer_probes(tmp_path: Path) -> None:
     (warning,) = config_warnings(with_keepalive(tmp_path, "{user_timeout: 80s}"))
     assert "user_timeout 80s < idle + interval x count (110s)" in warning
     assert "after 2 of 5 probes (80s)" in warning
 
 
-def test_user_timeout_longer_than_the_probes(tmp_path: Path) -> None:
+def test_user_timeout_longer_than_the_probes_warns_it_replaces_count(tmp_path: Path) -> None:
     (warning,) = config_warnings(with_keepalive(tmp_path, "{user_timeout: 10m}"))
     assert "replaces count" in warning
     assert "after 54 probes (10m)" in warning

@@ -68,7 +68,9 @@ def assert_token_hidden(result: Settings | list[str]) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=mutated_configs())
-def test_edited_full_config_as_python_objects(config: dict[str, Any]) -> None:
+def test_edited_full_config_as_python_objects_gives_settings_or_config_error(
+    config: dict[str, Any],
+) -> None:
     before = copy.deepcopy(config)
     result = outcome(lambda: load_settings(None, env={}, base=config))
     assert config == before or config != config  # the base is not changed (NaN aside)
@@ -81,7 +83,9 @@ def test_edited_full_config_as_python_objects(config: dict[str, Any]) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(config=mutated_configs())
-def test_edited_full_config_as_yaml(tmp_path: Path, config: dict[str, Any]) -> None:
+def test_edited_full_config_as_yaml_gives_settings_or_config_error(
+    tmp_path: Path, config: dict[str, Any]
+) -> None:
     path = tmp_path / "edited.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), errors="surrogatepass")
     result = outcome(lambda: load_settings(path, env={}))
@@ -107,7 +111,9 @@ ENV_NAMES = st.sampled_from(PATHS).map(
         ENV_NAMES, SCALARS.map(lambda v: "" if v is None else str(v)), min_size=1, max_size=4
     )
 )
-def test_environment_overrides_of_real_fields(tmp_path: Path, env: dict[str, str]) -> None:
+def test_environment_overrides_of_real_fields_give_settings_or_config_error(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
     path = tmp_path / "full.yaml"
     if not path.exists():
         path.write_text(yaml.safe_dump(FULL_CONFIG))

@@ -75,7 +75,9 @@ def test_replace_generated_keeps_the_hand_written_text() -> None:
         replace_generated("no markers", "new\n")
 
 
-def test_write_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_write_makes_a_stale_reference_current_and_check_tells_them_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     doc = tmp_path / "configuration.md"
     doc.write_text(f"# Configuration\n{BEGIN}\nstale\n{END}\n", encoding="utf-8")
     assert main(["--check", str(doc)]) == 1

@@ -35,7 +35,9 @@ from connwatch.config.units import (
         (2.5, 2.5),
     ],
 )
-def test_parse_duration(text: str | int | float, seconds: float) -> None:
+def test_durations_parse_from_units_and_plain_numbers(
+    text: str | int | float, seconds: float
+) -> None:
     assert parse_duration(text) == seconds
 
 
@@ -61,7 +63,7 @@ def test_parse_duration(text: str | int | float, seconds: float) -> None:
         [1],
     ],
 )
-def test_parse_duration_rejects(bad: object) -> None:
+def test_invalid_durations_are_rejected_with_value_error(bad: object) -> None:
     with pytest.raises(ValueError, match=r"duration|too long"):
         parse_duration(bad)  # type: ignore[arg-type]
 
@@ -91,18 +93,18 @@ def test_duration_error_says_what_is_allowed() -> None:
         (5400, "90m"),
     ],
 )
-def test_format_duration(seconds: float, text: str) -> None:
+def test_durations_format_in_the_largest_whole_unit(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
-def test_format_duration_rejects(bad: float) -> None:
+def test_formatting_negative_or_non_finite_durations_is_rejected(bad: float) -> None:
     with pytest.raises(ValueError, match="cannot format"):
         format_duration(bad)
 
 
 @given(st.floats(min_value=0, max_value=MAX_DURATION, allow_nan=False))
-def test_duration_round_trip(seconds: float) -> None:
+def test_formatted_durations_parse_back_to_the_same_seconds(seconds: float) -> None:
     text = format_duration(seconds)
     assert parse_duration(text) == seconds
     assert format_duration(parse_duration(text)) == text
@@ -118,7 +120,7 @@ def test_whole_units_format_as_whole_units(count: int, unit: str) -> None:
 
 
 @given(st.text(max_size=30))
-def test_random_text_duration_only_value_error(text: str) -> None:
+def test_random_text_parses_as_a_duration_or_raises_value_error(text: str) -> None:
     try:
         seconds = parse_duration(text)
     except ValueError:
@@ -142,7 +144,7 @@ def test_random_text_duration_only_value_error(text: str) -> None:
         (0, 0),
     ],
 )
-def test_parse_size(text: str | int, size: int) -> None:
+def test_sizes_parse_from_units_and_plain_numbers(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
@@ -150,7 +152,7 @@ def test_parse_size(text: str | int, size: int) -> None:
     "bad",
     ["-1", -1, "1.5B", "abc", "5 xb", "", "KiB", "1e3", True, 1.5, None, "9" * 5000, str(2**63)],
 )
-def test_parse_size_rejects(bad: object) -> None:
+def test_invalid_sizes_are_rejected_with_value_error(bad: object) -> None:
     with pytest.raises(ValueError, match=r"size|bytes|too large"):
         parse_size(bad)  # type: ignore[arg-type]
 
@@ -172,17 +174,17 @@ def test_one_letter_size_units_are_ambiguous() -> None:
         (10**9, "1GB"),
     ],
 )
-def test_format_size(size: int, text: str) -> None:
+def test_sizes_format_in_the_largest_whole_unit(size: int, text: str) -> None:
     assert format_size(size) == text
 
 
 @given(st.integers(min_value=0, max_value=MAX_SIZE))
-def test_size_round_trip(size: int) -> None:
+def test_formatted_sizes_parse_back_to_the_same_bytes(size: int) -> None:
     assert parse_size(format_size(size)) == size
 
 
 @given(st.text(max_size=30))
-def test_random_text_size_only_value_error(text: str) -> None:
+def test_random_text_parses_as_a_size_or_raises_value_error(text: str) -> None:
     try:
         size = parse_size(text)
     except ValueError:
