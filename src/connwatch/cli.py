@@ -13,9 +13,9 @@ from typing import Any
 import structlog
 
 from connwatch import __version__
-from connwatch.commands.demo.app import add_demo_parser, cmd_demo
+from connwatch.commands.demo.traffic import add_demo_parser, cmd_demo
 from connwatch.commands.probe import add_probe_parser, cmd_probe
-from connwatch.commands.top.app import add_top_parser, cmd_top
+from connwatch.commands.top.view import add_top_parser, cmd_top
 from connwatch.exceptions import ConfigError, ListenerError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

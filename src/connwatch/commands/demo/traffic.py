@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, cast
 
-from connwatch.commands.top.app import (
+from connwatch.commands.top.view import (
     Keys,
     Snapshot,
     Totals,
