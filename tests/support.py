@@ -300,3 +300,19 @@ async def eventually(check: Callable[[], Any], timeout: float = 10, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: last value {result!r}")
         await asyncio.sleep(interval)
+
+
+# -- the probe command ----------------------------------------------------------------------------
+async def run_probe(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m connwatch probe ARGV` in a subprocess: exit code, stdout and stderr.
+
+    Awaited, not blocking, so that the servers a test runs on this loop keep answering the probe.
+    """
+    args = [sys.executable, "-m", "connwatch", "probe", *argv]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())

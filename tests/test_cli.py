@@ -80,7 +80,7 @@ def test_check_config_prints_effective_config_with_env_overrides(tmp_path: Path)
     assert "s3cret-token" not in result.stdout
 
 
-def test_check_config_uses_connwatch_config_env(tmp_path: Path) -> None:
+def test_check_config_without_c_reads_the_file_in_connwatch_config(tmp_path: Path) -> None:
     path = tmp_path / "good.yaml"
     path.write_text(GOOD)
     result = connwatch_cmd("check-config", env={"CONNWATCH_CONFIG": str(path)})
@@ -102,7 +102,7 @@ def test_usage_errors_exit_2() -> None:
     assert connwatch_cmd().returncode == 2
 
 
-def test_version() -> None:
+def test_version_prints_the_package_version() -> None:
     result = connwatch_cmd("--version")
     assert result.returncode == 0
     assert connwatch.__version__ in result.stdout

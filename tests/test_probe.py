@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +13,7 @@ from connwatch.commands.probe import add_probe_parser, cmd_probe, probe_config
 from connwatch.exceptions import ConfigError
 from connwatch.heartbeat import start_responder
 from connwatch.wire.heartbeat_frame import FRAME_SIZE, Frame, decode, pong_for
+from tests.support import run_probe
 from tests.test_health import (
     LOOPBACK,
     Handler,
@@ -52,14 +52,18 @@ def refused() -> Iterator[str]:
         yield f"{LOOPBACK}:{sock.getsockname()[1]}"
 
 
-async def test_tcp(capsys: pytest.CaptureFixture[str], refused: str) -> None:
+async def test_tcp_probe_is_healthy_when_connected_and_unhealthy_when_refused(
+    capsys: pytest.CaptureFixture[str], refused: str
+) -> None:
     async with serving(silent) as address:
         assert await probe(capsys, str(address)) == (0, "connected")
         assert await probe(capsys, refused, "--port", str(address.port)) == (0, "connected")
     assert await probe(capsys, refused, "--type", "tcp") == (1, "Connection refused")
 
 
-async def test_http(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_http_probe_is_healthy_only_within_the_expected_status(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     async with serving(http_handler(503)) as address:
         code, detail = await probe(capsys, str(address), "--type", "http", "--path", "/ready")
         assert (code, detail) == (1, "HTTP 503 Whatever; expected 200-399")
@@ -67,7 +71,9 @@ async def test_http(capsys: pytest.CaptureFixture[str]) -> None:
         assert await probe(capsys, str(address), *args) == (0, "HTTP 503 Whatever")
 
 
-async def test_send_expect(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_send_expect_probe_is_healthy_only_when_the_reply_matches(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     async with serving(reply_handler(b"+PONG\r\n")) as address:
         args = (str(address), "--type", "send-expect", "--send", "PING\\r\\n")
         assert (await probe(capsys, *args, "--expect", "+PONG"))[0] == 0
@@ -77,7 +83,9 @@ async def test_send_expect(capsys: pytest.CaptureFixture[str]) -> None:
         assert "expected '-ERR'" in detail
 
 
-async def test_heartbeat(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_heartbeat_probe_is_healthy_on_a_pong_and_unhealthy_on_a_bad_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     server = await start_responder(LOOPBACK, 0)
     try:
         port = server.sockets[0].getsockname()[1]
@@ -99,7 +107,9 @@ async def test_heartbeat(capsys: pytest.CaptureFixture[str]) -> None:
     assert detail.startswith("bad heartbeat frame")
 
 
-async def test_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_probe_past_its_timeout_is_unhealthy_naming_the_wait(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     async with serving(silent) as address:
         args = (str(address), "--type", "http", "--timeout", "150ms")
         code, detail = await probe(capsys, *args)
@@ -107,7 +117,7 @@ async def test_timeout(capsys: pytest.CaptureFixture[str]) -> None:
     assert detail == "timed out after 0.15s while waiting for the status line"
 
 
-def test_config_built_from_options() -> None:
+def test_probe_options_build_the_health_check_config() -> None:
     address, cfg = probe_config(
         parse("[::1]:8443", "--type", "http", "--scheme", "https", "--port", "9000")
     )
@@ -138,29 +148,17 @@ def test_unknown_type_is_a_usage_error() -> None:
     assert caught.value.code == 2
 
 
-async def run(*argv: str) -> tuple[int, str, str]:
-    """`python -m connwatch probe ARGV` in a subprocess: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "connwatch", "probe", *argv,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-async def test_command_line(refused: str) -> None:
+async def test_probe_command_exits_0_healthy_1_unhealthy_2_bad_option(refused: str) -> None:
     async with serving(http_handler(200)) as address:
-        code, out, _ = await run(str(address), "--type", "http")
-        assert code == 0
-        assert RESULT.match(out.strip()), out
-    code, out, _ = await run(refused)
-    assert code == 1
-    assert out.startswith("unhealthy ")
-    code, _, err = await run(refused, "--timeout", "never")
-    assert code == 2
-    assert "--timeout = 'never'" in err
+        result = await run_probe(str(address), "--type", "http")
+        assert result.returncode == 0
+        assert RESULT.match(result.stdout.strip()), result.stdout
+    result = await run_probe(refused)
+    assert result.returncode == 1
+    assert result.stdout.startswith("unhealthy ")
+    result = await run_probe(refused, "--timeout", "never")
+    assert result.returncode == 2
+    assert "--timeout = 'never'" in result.stderr
 
 
 async def heartbeat_responder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -184,20 +182,20 @@ CASES: dict[str, tuple[tuple[str, ...], Handler, Handler, str]] = {
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
-async def test_command_line_exit_codes_for_each_type(kind: str, refused: str) -> None:
+async def test_probe_command_exits_0_and_1_for_each_check_type(kind: str, refused: str) -> None:
     options, healthy, unhealthy, detail = CASES[kind]
     args = ("--type", kind, "--timeout", "1s", *options)
     async with serving(healthy) as address:
-        code, out, err = await run(str(address), *args)
-    assert (code, err) == (0, ""), out
-    assert out.startswith("healthy "), out
+        result = await run_probe(str(address), *args)
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout
+    assert result.stdout.startswith("healthy "), result.stdout
     if kind == "tcp":
-        code, out, err = await run(refused, *args)
+        result = await run_probe(refused, *args)
     else:
         async with serving(unhealthy) as address:
-            code, out, err = await run(str(address), *args)
-    assert (code, err) == (1, ""), out
-    match = RESULT.match(out.strip())
-    assert match is not None, out
+            result = await run_probe(str(address), *args)
+    assert (result.returncode, result.stderr) == (1, ""), result.stdout
+    match = RESULT.match(result.stdout.strip())
+    assert match is not None, result.stdout
     assert match.group(1) == "unhealthy"
-    assert match.group(3).startswith(detail), out
+    assert match.group(3).startswith(detail), result.stdout

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tests.support import (
     daemon_config,
     eventually,
     listener_config,
+    run_probe,
 )
 from tests.test_health import Handler, bad_checksum_pong, serving, silent
 
@@ -62,17 +62,6 @@ async def readyz(daemon: DaemonProcess) -> tuple[int, dict[str, Any]]:
     status, body = await daemon.get("/readyz")
     parsed: dict[str, Any] = json.loads(body)
     return status, parsed
-
-
-async def run_probe(*argv: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "connwatch", "probe", *argv,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, (out + err).decode()
 
 
 # -- targets whose answer a test can flip -----------------------------------------------------
@@ -318,8 +307,9 @@ async def test_heartbeat_listen_answers_probe_and_counts_garbage(tmp_path: Path)
             started = daemon.find("heartbeat_responder_started")
             assert len(started) == 1
             port = int(started[0]["port"])
-            code, out = await run_probe(f"127.0.0.1:{port}", "--type", "heartbeat")
-            assert code == 0, out
+            probed = await run_probe(f"127.0.0.1:{port}", "--type", "heartbeat")
+            out = probed.stdout + probed.stderr
+            assert probed.returncode == 0, out
             assert out.startswith("healthy "), out
             assert "PONG in " in out
 
@@ -333,6 +323,6 @@ async def test_heartbeat_listen_answers_probe_and_counts_garbage(tmp_path: Path)
             assert "magic" in line["error"]
             assert (await daemon.metrics())[HEARTBEAT_ERRORS] == 1
 
-            code, out = await run_probe(f"127.0.0.1:{port}", "--type", "heartbeat")
-            assert code == 0, out  # still answering
+            probed = await run_probe(f"127.0.0.1:{port}", "--type", "heartbeat")
+            assert probed.returncode == 0, probed.stdout + probed.stderr  # still answering
             assert await daemon.get("/healthz") == (200, b'{"status":"UP"}')

@@ -1,0 +1,242 @@
+"""How `connwatch top` draws a `Snapshot`: sort order, byte rates, the rich header and table.
+
+Rendering is kept apart from fetching (`Snapshot` -> `View`), so `connwatch demo` draws the same
+table from its in-process daemon. rich is imported when used: the CLI starts faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from connwatch.commands.top.keys import QUIT_KEYS, SORT_KEYS
+from connwatch.commands.top.model import SORT_FUNCS, SORTS, Snapshot, row_rtts
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
+__all__ = ["View", "is_unicode"]
+
+_HEADER_LINES: Final = 5
+_TABLE_CHROME: Final = 4  # the table's header row, its rule, a caption and a spare line
+
+
+_LIVENESS_STYLE: Final = {
+    "ok": "green",
+    "idle": "dim",
+    "half_closed": "cyan",
+    "zero_window": "yellow",
+    "stalled": "bold red",
+    "failing": "red",
+}
+_STATUS_STYLE: Final = {"UP": "green", "DOWN": "bold red", "UNKNOWN": "yellow"}
+_C2U, _U2C = "client_to_upstream", "upstream_to_client"
+
+
+class View:
+    """How the table is drawn: sort order, listener filter, byte rates between refreshes."""
+
+    def __init__(
+        self, *, source: str, sort: str = "bytes", listener: str | None = None, keys: bool = True
+    ) -> None:
+        if sort not in SORTS:
+            raise ValueError(f"sort must be one of {', '.join(SORTS)}")
+        self.source = source
+        self.sort = sort
+        self.listener = listener
+        self.keys = keys
+        self.rates: dict[str, float] = {}
+        self._previous: Snapshot | None = None
+
+    def observe(self, snapshot: Snapshot) -> None:
+        """Take a new snapshot in: byte rates are the growth since the previous one."""
+        previous, self._previous = self._previous, snapshot
+        if previous is None or snapshot.taken <= previous.taken:
+            return
+        elapsed = snapshot.taken - previous.taken
+        self.rates = {
+            d: max(0.0, (snapshot.totals.bytes.get(d, 0) - previous.totals.bytes.get(d, 0)))
+            / elapsed
+            for d in (_C2U, _U2C)
+        }
+
+    def press(self, keys: str) -> str | None:
+        """Apply typed keys: "quit", "sort" (the order changed) or None."""
+        action = None
+        for key in keys:
+            if key in QUIT_KEYS:
+                return "quit"
+            wanted = SORT_KEYS.get(key.lower())
+            if wanted is not None and wanted != self.sort:
+                self.sort = wanted
+                action = "sort"
+        return action
+
+    def sorted_rows(self, snapshot: Snapshot) -> list[dict[str, Any]]:
+        key = SORT_FUNCS[self.sort]
+        return sorted(snapshot.connections, key=key, reverse=True)
+
+    # -- rich rendering -----------------------------------------------------------------------
+    def render(
+        self,
+        snapshot: Snapshot,
+        *,
+        height: int | None = None,
+        stale: str | None = None,
+        unicode: bool = True,
+    ) -> RenderableType:
+        """Header and table; with `height`, rows are cut to fit that many terminal lines."""
+        from rich.console import Group
+
+        rows = self.sorted_rows(snapshot)
+        limit = None if height is None else max(1, height - _HEADER_LINES - _TABLE_CHROME)
+        header = self._header(snapshot, stale, unicode)
+        return Group(*header, self._table(rows, limit, unicode))
+
+    def _header(self, snap: Snapshot, stale: str | None, unicode: bool) -> list[Text]:
+        from rich.text import Text
+
+        arrow = "▼" if unicode else "v"
+        dot = " · " if unicode else ", "
+        to = "→" if unicode else "->"
+        t = snap.totals
+        title = Text.assemble(
+            ("connwatch top", "bold"),
+            f"  {self.source}",
+            f"  listener {self.listener}" if self.listener else "",
+            "  ",
+            (f"sort: {self.sort} {arrow}", "bold cyan"),
+        )
+        if self.keys:
+            title.append("   keys: b a i r sort, q quit", style="dim")
+        closed_total = sum(t.closed.values())
+        top3 = sorted(((n, r) for r, n in t.closed.items() if n), reverse=True)[:3]
+        reasons = dot.join(f"{r} {n}" for n, r in top3)
+        counts = Text.assemble(
+            ("connections  ", "bold"),
+            f"{t.active} active{dot}{t.accepted} accepted{dot}{closed_total} closed",
+            f" ({reasons})" if reasons else "",
+        )
+        rates = Text.assemble(
+            ("bytes/s      ", "bold"),
+            f"c{to}u {_size(self.rates.get(_C2U, 0.0))}/s{dot}",
+            f"u{to}c {_size(self.rates.get(_U2C, 0.0))}/s",
+            "    ",
+            ("liveness ", "bold"),
+        )
+        states = [(s, n) for s, n in t.liveness.items() if n]
+        if not states:
+            rates.append("-")
+        for i, (state, n) in enumerate(sorted(states)):
+            rates.append(dot if i else "")
+            rates.append(f"{state} {n}", style=_LIVENESS_STYLE.get(state, ""))
+        upstreams = Text("upstreams    ", style="bold")
+        for i, up in enumerate(snap.upstreams):
+            upstreams.append(dot if i else "")
+            upstreams.append(f"{up.listener}/{up.address} ")
+            upstreams.append(up.status, style=_STATUS_STYLE.get(up.status, ""))
+        upstreams.append("    ")
+        if snap.ready:
+            upstreams.append("ready", style="green")
+        else:
+            upstreams.append("NOT READY", style="bold red")
+        lines = [title, counts, rates, upstreams]
+        if stale:
+            lines.append(Text(f"stale: {stale}", style="yellow"))
+        return lines
+
+    def _table(self, rows: list[dict[str, Any]], limit: int | None, unicode: bool) -> Table:
+        from rich import box
+        from rich.table import Table
+
+        arrow = " ▼" if unicode else " v"
+        to = "→" if unicode else "->"
+        marks = {name: arrow if self.sort == name else "" for name in SORTS}
+        table = Table(box=box.SIMPLE_HEAD if unicode else box.ASCII2, pad_edge=False, expand=False)
+        table.add_column("ID", no_wrap=True)
+        table.add_column("LISTENER", no_wrap=True)
+        table.add_column("CLIENT", no_wrap=True)
+        table.add_column("UPSTREAM", no_wrap=True)
+        table.add_column("AGE" + marks["age"], justify="right", no_wrap=True)
+        table.add_column("IDLE" + marks["idle"], justify="right", no_wrap=True)
+        table.add_column(f"C{to}U" + marks["bytes"], justify="right", no_wrap=True)
+        table.add_column(f"U{to}C" + marks["bytes"], justify="right", no_wrap=True)
+        table.add_column("STATE", no_wrap=True)
+        table.add_column("LIVENESS", no_wrap=True)
+        table.add_column("RTT ms c/u" + marks["rtt"], justify="right", no_wrap=True)
+        table.add_column("HB", justify="right", no_wrap=True)
+        shown = rows if limit is None else rows[:limit]
+        for row in shown:
+            table.add_row(*_cells(row))
+        if len(shown) < len(rows):
+            table.caption = f"... and {len(rows) - len(shown)} more (sorted by {self.sort})"
+        elif not rows:
+            table.caption = "no open connections"
+        return table
+
+    # -- plain text (no terminal) -------------------------------------------------------------
+    def summary(self, snapshot: Snapshot) -> str:
+        """One plain line of totals, for logs and pipes."""
+        t = snapshot.totals
+        states = " ".join(f"{s}={n}" for s, n in sorted(t.liveness.items()) if n) or "-"
+        ups = " ".join(f"{u.address}={u.status}" for u in snapshot.upstreams) or "-"
+        return (
+            f"active={t.active} accepted={t.accepted} closed={sum(t.closed.values())} "
+            f"c2u={_size(self.rates.get(_C2U, 0.0))}/s u2c={_size(self.rates.get(_U2C, 0.0))}/s "
+            f"liveness: {states} upstreams: {ups} {'ready' if snapshot.ready else 'NOT-READY'}"
+        )
+
+
+def _cells(row: Mapping[str, Any]) -> Iterator[str | Text]:
+    from rich.text import Text
+
+    yield str(row.get("id", ""))
+    yield str(row.get("listener", ""))
+    yield str(row.get("client", ""))
+    yield str(row.get("upstream") or "-")
+    yield _duration(float(row.get("age_s", 0.0)))
+    yield _duration(float(row.get("idle_s", 0.0)))
+    yield _size(row.get("bytes_client_to_upstream", 0))
+    yield _size(row.get("bytes_upstream_to_client", 0))
+    yield str(row.get("state", ""))
+    liveness = str(row.get("liveness", ""))
+    yield Text(liveness, style=_LIVENESS_STYLE.get(liveness, ""))
+    client, upstream = row_rtts(row)
+    yield f"{_ms(client)}/{_ms(upstream)}"
+    failures = int((row.get("heartbeat") or {}).get("failures", 0))
+    yield Text(str(failures), style="red" if failures else "dim")
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def _size(n: float) -> str:
+    """1536 -> '1.5KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    """Compact ages: 4.2s, 42s, 3m07s, 2h05m, 3d04h."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def is_unicode(console: Console) -> bool:
+    return console.encoding.lower().startswith("utf")
