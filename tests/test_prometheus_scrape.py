@@ -194,7 +194,7 @@ class PromAPI:
 async def test_prometheus_scrapes_connwatch(tmp_path: Path) -> None:
     assert PROMETHEUS is not None
     listen_port, admin_port, prom_port = free_port(), free_port(), free_port()
-    daemon_log, prom_log = tmp_path / "connwatch.observe.logs", tmp_path / "prometheus.log"
+    daemon_log, prom_log = tmp_path / "connwatch.log", tmp_path / "prometheus.log"
     prom_config = tmp_path / "prometheus.yml"
     prometheus_config(prom_config, admin_port)
     timeout = aiohttp.ClientTimeout(total=5)

@@ -40,7 +40,7 @@ from connwatch.wire.heartbeat_frame import (
 
 __all__ = ["MAX_REPLY", "CheckResult", "ProtocolErrorCallback", "run_check"]
 
-log = structlog.get_logger("connwatch.health.checks")
+log = structlog.get_logger("connwatch.checks")
 
 MAX_REPLY = 64 * 1024  # bytes read from a send_expect reply, or of an HTTP status line + headers
 _MAX_HEADERS = 100

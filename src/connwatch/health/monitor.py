@@ -39,7 +39,7 @@ __all__ = [
     "run_check",
 ]
 
-log = structlog.get_logger("connwatch.health.monitor")
+log = structlog.get_logger("connwatch.health")
 
 ADAPTIVE_FACTOR = 1.5  # SPEC section 8: each passing check stretches the interval by this
 JITTER = 0.1  # ±10% on each wait, so sidecars started together do not probe in lockstep

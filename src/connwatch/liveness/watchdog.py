@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Watchdog"]
 
-log = structlog.get_logger("connwatch.liveness.watchdog")
+log = structlog.get_logger("connwatch.watchdog")
 
 _TICK: Final = 0.01  # seconds: beats due within one tick run in one timer callback
 _TIMER_SLACK: Final = 0.002  # seconds: loop timers (uvloop: whole ms) may fire this early

@@ -19,7 +19,7 @@ _IDLE_TIMEOUT = 10.0  # seconds a connection may wait for a complete request (sl
 
 # aiohttp logs every malformed request with a traceback through stdlib logging, which would go
 # to stderr unformatted: a local client could flood it. The client gets its 400; we log nothing.
-_quiet = logging.getLogger("connwatch.observe.admin.http")
+_quiet = logging.getLogger("connwatch.admin.http")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 

@@ -28,7 +28,7 @@ class ConnectionEvents:
 
     def refresh_logger(self) -> None:
         self._lines = info_lines("connwatch.proxy.connection")  # the connection lines
-        self._log = get_logger("connwatch.proxy.connection")  # the rest
+        self._log = get_logger("connwatch.connection")  # the rest
 
     def configure(self, *, enabled: bool, limit: int) -> None:
         self.enabled, self.limit = enabled, limit

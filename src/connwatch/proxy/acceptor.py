@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("connwatch.proxy.listener")
+log = structlog.get_logger("connwatch.listener")
 
 _BATCH = 64  # accepts per readiness callback: fairness with the connections already open
 _RETRY = 0.1  # seconds to wait after EMFILE before trying again

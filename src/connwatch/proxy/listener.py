@@ -42,7 +42,7 @@ from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
 if TYPE_CHECKING:
     from connwatch.config import KeepaliveConfig, ListenerConfig
 
-log = structlog.get_logger("connwatch.proxy.listener")
+log = structlog.get_logger("connwatch.listener")
 
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
 _BACKLOG = 4096

@@ -44,7 +44,7 @@ from connwatch.wire.heartbeat_frame import FrameError
 
 HEARTBEAT_FRAME = "heartbeat_frame"  # the `kind` of connwatch_protocol_errors_total
 
-log = structlog.get_logger("connwatch.runtime.daemon")
+log = structlog.get_logger("connwatch.server")
 
 _FINAL_CLOSE_WAIT = 5.0  # seconds to let closed connections finish after the drain deadline
 

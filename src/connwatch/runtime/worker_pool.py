@@ -23,7 +23,7 @@ import structlog
 
 from connwatch.snapshots import DaemonStats, stats_from_wire
 
-log = structlog.get_logger("connwatch.runtime.worker_pool")
+log = structlog.get_logger("connwatch.workers")
 
 _CALL_TIMEOUT = 10.0  # seconds a worker may take to answer one control request
 _MAX_LINE = 64 * 1024 * 1024  # bytes: a full /connections of one worker fits easily

@@ -17,7 +17,7 @@ from connwatch.runtime.daemon import Daemon, log_loop_error
 from connwatch.runtime.worker_pool import ControlChannel, inherited_channel_socket, serve_control
 from connwatch.snapshots import stats_to_wire
 
-log = structlog.get_logger("connwatch.runtime.worker_process")
+log = structlog.get_logger("connwatch.worker")
 
 
 class WorkerDaemon(Daemon):
