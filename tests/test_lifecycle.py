@@ -76,7 +76,7 @@ async def test_new_connections_are_refused_while_draining(tmp_path: Path) -> Non
         held.close()
 
 
-async def test_second_signal_forces_exit(tmp_path: Path) -> None:
+async def test_second_stop_signal_skips_the_drain_and_exits_0(tmp_path: Path) -> None:
     async with EchoUpstream() as up:
         cfg = daemon_config(listener_config("app", [up.address]))
         cfg["shutdown"] = {"drain_timeout": "60s", "quiet_close": False}
@@ -115,7 +115,7 @@ async def test_sighup_adds_a_listener_without_cutting_connections(tmp_path: Path
             w2.close()
 
 
-async def test_invalid_sighup_config_keeps_the_running_one(tmp_path: Path) -> None:
+async def test_invalid_config_on_sighup_keeps_serving_and_counts_a_failure(tmp_path: Path) -> None:
     async with EchoUpstream() as up:
         cfg = daemon_config(listener_config("app", [up.address]))
         async with DaemonProcess(tmp_path, cfg) as daemon:

@@ -26,7 +26,7 @@ async def _hold(port: int, n: int) -> list[tuple[asyncio.StreamReader, asyncio.S
     return held
 
 
-async def test_two_workers_share_the_listener_and_one_admin_sees_both(tmp_path: Path) -> None:
+async def test_two_workers_split_connections_and_one_admin_serves_both(tmp_path: Path) -> None:
     async with EchoUpstream() as up:
         cfg = daemon_config(listener_config("app", [up.address]), workers=2)
         async with DaemonProcess(tmp_path, cfg) as daemon:
@@ -68,7 +68,7 @@ async def test_two_workers_share_the_listener_and_one_admin_sees_both(tmp_path: 
         assert len(daemon.find("shutdown_complete")) == 2
 
 
-async def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+async def test_sighup_binds_the_new_listener_in_every_worker_on_one_port(tmp_path: Path) -> None:
     async with EchoUpstream() as up:
         cfg = daemon_config(listener_config("app", [up.address]), workers=2)
         async with DaemonProcess(tmp_path, cfg) as daemon:

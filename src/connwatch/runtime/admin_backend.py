@@ -1,0 +1,150 @@
+"""DaemonBackend: what the admin endpoint and the metrics ask of the daemon (observe.admin's
+AdminBackend): statistics merged over the workers, connection records, readiness, closing one
+connection; and the concrete settings the primary hands its workers."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from connwatch._types import Address, CloseReason, ConnectionState, HealthState, Liveness, rfc3339
+from connwatch.observe.metrics import build_registry
+from connwatch.observe.tracker import connection_record
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.runtime.state import DaemonState
+from connwatch.snapshots import DaemonStats, TargetStats
+
+
+class DaemonBackend:
+    """Reads the daemon's state for admin and metrics; in the primary, also asks the workers."""
+
+    def __init__(self, state: DaemonState) -> None:
+        self._state = state
+        self._merged: DaemonStats | None = None  # all workers, taken just before a scrape
+        self._registry = build_registry(lambda: self._merged or self.statistics())
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def statistics(self) -> DaemonStats:
+        state = self._state
+        targets: dict[tuple[str, str], TargetStats] = {}
+        for listener in state.listeners.values():
+            for target in listener.pool.targets:
+                targets[(listener.name, target.label)] = target.statistics(listener.name)
+        return DaemonStats(
+            listeners=state.tracker.statistics(),
+            targets=targets,
+            liveness=state.liveness.statistics() if state.liveness is not None else {},
+            protocol_errors=self._protocol_errors(),
+            reloads=dict(state.reloads),
+        )
+
+    async def refresh_metrics(self) -> None:
+        """Before a scrape: merge every worker's snapshot (one process reads live state)."""
+        pool = self._state.pool
+        if not pool.workers:
+            self._merged = None
+            return
+        self._merged = DaemonStats.merge_all([self.statistics(), *await pool.statistics()])
+
+    async def connection_records(
+        self, listener: str | None, min_idle: float | None, limit: int | None
+    ) -> list[dict[str, Any]]:
+        records = self.local_records(listener, min_idle, limit)
+        pool = self._state.pool
+        if pool.workers and (limit is None or len(records) < limit):
+            more = await pool.connection_records(listener=listener, min_idle=min_idle, limit=limit)
+            records.extend(more[: None if limit is None else limit - len(records)])
+        return records
+
+    def local_records(
+        self, listener: str | None, min_idle: float | None, limit: int | None
+    ) -> list[dict[str, Any]]:
+        """The connections of this process (a worker answers the primary with these)."""
+        now = time.monotonic()
+        out: list[dict[str, Any]] = []
+        for conn in self._state.tracker.connections(listener):
+            if limit is not None and len(out) >= limit:
+                break
+            if conn.state is ConnectionState.CONNECTING:
+                continue
+            if min_idle is not None and conn.idle(now) < min_idle:
+                continue
+            record = connection_record(conn, now)
+            record.update(self._describe(conn, now))
+            out.append(record)
+        return out
+
+    def _describe(self, conn: MonitoredConnection, now: float) -> dict[str, Any]:
+        if self._state.liveness is not None:
+            return self._state.liveness.describe(conn)
+        liveness = Liveness.HALF_CLOSED if conn.half_closed else Liveness.OK
+        return {
+            "liveness": str(liveness),
+            "heartbeat": {"state": "ok", "failures": 0, "interval_s": None},
+            "tcp": None,
+        }
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        listeners: dict[str, Any] = {}
+        ready = not self._state.draining
+        for name, listener in self._state.listeners.items():
+            checks_on = listener.config.health_check.enabled
+            upstreams = {
+                t.label: {
+                    "status": str(t.state),
+                    "last_check": rfc3339(t.last_check) if t.last_check is not None else None,
+                    "latency_ms": t.latency_ms,
+                    "consecutive_failures": t.consecutive_failures,
+                }
+                for t in listener.pool.targets
+            }
+            up = (
+                listener.bound
+                and listener.accepting
+                and (not checks_on or any(t.state is HealthState.UP for t in listener.pool.targets))
+            )
+            ready = ready and up
+            listeners[name] = {"status": "UP" if up else "DOWN", "upstreams": upstreams}
+        return ready, {"status": "UP" if ready else "DOWN", "listeners": listeners}
+
+    async def close_connection(self, conn_id: str) -> bool:
+        state = self._state
+        conn = state.tracker.get(conn_id)
+        if conn is None:
+            return await state.pool.close_connection(conn_id) if state.pool.workers else False
+        conn.close(CloseReason.ADMIN_CLOSED)
+        return True
+
+    def _protocol_errors(self) -> dict[str, int]:
+        total = Counter(self._state.protocol_errors)
+        for listener in self._state.all_listeners():
+            total.update(listener.protocol_errors)
+        return dict(total)
+
+
+def concrete_settings(state: DaemonState) -> dict[str, Any]:
+    """The settings as JSON-safe data with port-0 listeners pinned to the ports we got,
+    so that every worker binds the same ones."""
+    data: dict[str, Any] = state.settings.model_dump(mode="json")
+    data["admin"]["token"] = None  # workers serve no admin endpoint
+    for raw in data["listeners"]:
+        listener = state.listeners.get(raw["name"])
+        address = listener.config.listen if listener is not None else None
+        if listener is not None and address is not None and address.path is None:
+            raw["listen"] = str(Address(address.host, listener.port))
+    return data
+
+
+def worker_init(state: DaemonState) -> dict[str, Any]:
+    """The `init` message of a new worker: the concrete settings and every target's state."""
+    states = {
+        name: {t.label: str(t.state) for t in listener.pool.targets}
+        for name, listener in state.listeners.items()
+    }
+    return {"settings": concrete_settings(state), "states": states}

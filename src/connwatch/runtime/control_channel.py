@@ -1,0 +1,86 @@
+"""The control channel between the primary and one worker process: JSON lines, one request and
+one answer at a time per worker: `{"op": ..., ...}` → `{"ok": true, "result": ...}` or
+`{"ok": false, "error": "..."}`. The primary calls (`ControlChannel.call`); a worker answers
+(`serve_control`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+_CALL_TIMEOUT = 10.0  # seconds a worker may take to answer one control request
+_MAX_LINE = 64 * 1024 * 1024  # bytes: a full /connections of one worker fits easily
+
+
+class ControlChannel:
+    """One end of a control socket: request/response over JSON lines."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> ControlChannel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_MAX_LINE)
+        return cls(reader, writer)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        await self.writer.drain()
+
+    async def receive(self) -> dict[str, Any] | None:
+        line = await self.reader.readline()
+        if not line:
+            return None
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def call(self, op: str, **args: Any) -> Any:
+        async with self._lock, asyncio.timeout(_CALL_TIMEOUT):
+            await self.send({"op": op, **args})
+            answer = await self.receive()
+        if answer is None:
+            raise ConnectionError("worker closed its control socket")
+        if not answer.get("ok"):
+            raise RuntimeError(f"worker failed {op}: {answer.get('error')}")
+        return answer.get("result")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+async def serve_control(channel: ControlChannel, handlers: dict[str, Handler]) -> None:
+    """Answer the primary's requests until it says stop or goes away."""
+    while (message := await channel.receive()) is not None:
+        op = str(message.pop("op", ""))
+        handler = handlers.get(op)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown op {op!r}")
+            result = await handler(message)
+        except Exception as exc:  # answered to the primary, which logs it
+            await channel.send({"ok": False, "error": repr(exc)})
+            continue
+        await channel.send({"ok": True, "result": result})
+        if op == "stop":
+            return
+
+
+def inherited_channel_socket(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    return sock
+
+
+def close_quietly(channel: ControlChannel) -> None:
+    with contextlib.suppress(Exception):
+        channel.close()
