@@ -20,7 +20,7 @@ from connwatch.wire.heartbeat_frame import FrameError
 
 HEARTBEAT_FRAME = "heartbeat_frame"  # the `kind` of connwatch_protocol_errors_total
 
-log = structlog.get_logger("connwatch.runtime.health_events")
+log = structlog.get_logger("connwatch.server")
 
 
 class HealthEvents:

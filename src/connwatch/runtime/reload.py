@@ -19,7 +19,7 @@ from connwatch.runtime.admin_backend import concrete_settings
 from connwatch.runtime.progress import ProgressLines
 from connwatch.runtime.state import DaemonState
 
-log = structlog.get_logger("connwatch.runtime.reload")
+log = structlog.get_logger("connwatch.server")
 
 
 class Reloader:

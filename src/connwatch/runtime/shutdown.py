@@ -15,7 +15,7 @@ import structlog
 from connwatch._types import CloseReason, ConnectionState
 from connwatch.runtime.state import DaemonState
 
-log = structlog.get_logger("connwatch.runtime.shutdown")
+log = structlog.get_logger("connwatch.server")
 
 _FINAL_CLOSE_WAIT = 5.0  # seconds to let closed connections finish after the drain deadline
 _WORKER_GRACE = 5.0  # seconds more a worker gets to exit than its own drain and final wait

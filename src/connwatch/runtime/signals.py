@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import structlog
 
-log = structlog.get_logger("connwatch.runtime.signals")
+log = structlog.get_logger("connwatch.server")
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
