@@ -302,6 +302,11 @@ async def test_a_cleanly_finished_leg_with_a_reply_still_queued_is_not_a_failure
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal sent
         handlers.append(writer)
+        [proxying] = list(tracker.connections())
+
+        def caught_up() -> bool:  # the daemon read all we sent, or stopped reading us
+            return reading_paused() or proxying.bytes_upstream_to_client >= sent
+
         with contextlib.suppress(OSError):
             assert await reader.read() == b"question"  # up to the client's EOF
             for _ in range(4096):  # bounded: until the daemon stops reading us, then once more
@@ -310,7 +315,7 @@ async def test_a_cleanly_finished_leg_with_a_reply_still_queued_is_not_a_failure
                 if reading_paused():
                     break
                 await writer.drain()
-                await asyncio.sleep(0.001)  # the daemon shares this loop: let it read
+                await eventually(caught_up, interval=0.001)  # the daemon shares this loop
             sock = writer.get_extra_info("socket")
 
             def all_taken() -> bool:  # in the daemon's kernel, so our FIN goes right out
@@ -337,7 +342,9 @@ async def test_a_cleanly_finished_leg_with_a_reply_still_queued_is_not_a_failure
     await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, listener.port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
     try:
-        await eventually(lambda: [c for c in tracker.connections() if c.state is ConnectionState.OPEN])
+        await eventually(
+            lambda: [c for c in tracker.connections() if c.state is ConnectionState.OPEN]
+        )
         [conn] = list(tracker.connections())
         # Small buffers toward the client, a fixed roomy window from the upstream: reading pauses
         # early, and what the upstream sends after that (and its FIN) fits into the window.
@@ -382,7 +389,7 @@ async def test_interval_grows_by_half_per_passing_beat_and_resets_on_a_state_cha
         assert interval_of(p.wd, p.conn) == 1.5
 
 
-async def test_fixed_interval_when_max_equals_interval() -> None:
+async def test_interval_stays_fixed_when_max_interval_equals_interval() -> None:
     async with proxied({**SLOW, "max_interval": "1s"}) as p:
         for _ in range(3):
             p.wd.beat(p.conn)
@@ -390,7 +397,7 @@ async def test_fixed_interval_when_max_equals_interval() -> None:
 
 
 # -- scheduling and configuration ----------------------------------------------------------------
-async def test_scheduler_beats_every_connection_and_stops_with_it() -> None:
+async def test_scheduler_beats_every_open_connection_and_none_once_they_close() -> None:
     heartbeat = {"enabled": True, "interval": "50ms", "max_interval": "50ms"}
     async with Upstream() as up, watched(up.address, heartbeat) as (wd, listener, tracker):
         conns = []
@@ -455,7 +462,7 @@ async def test_unix_socket_legs_have_no_tcp_figures(tmp_path: Path) -> None:
             writer.close()
 
 
-async def test_a_connection_accepted_before_configure_is_adopted() -> None:
+async def test_a_connection_accepted_before_configure_starts_beating_once_configured() -> None:
     async with Upstream() as up:
         wd = Watchdog(clock=FakeClock())
         tracker = Tracker(log_events=False)
@@ -525,7 +532,7 @@ async def _value(scrape: Any, key: str, want: float) -> bool:
     return bool((await scrape())[key] == want)
 
 
-def test_protocol_is_satisfied() -> None:
+def test_watchdog_satisfies_the_liveness_watch_protocol() -> None:
     from connwatch._types import LivenessWatch
 
     watchdog: LivenessWatch[MonitoredConnection] = Watchdog()

@@ -7,7 +7,10 @@ import enum
 import ipaddress
 import time
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Protocol, TypeVar, overload
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class Direction(enum.StrEnum):
@@ -182,6 +185,61 @@ class LivenessWatch(Protocol[ConnT]):
     def watch(self, conn: ConnT) -> None: ...
 
     def unwatch(self, conn: ConnT) -> None: ...
+
+
+class WatchedLeg(Protocol):
+    """One leg of a `WatchedConnection`: its transport (None until connected) and the bytes
+    connwatch holds for its peer."""
+
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
+
+    @property
+    def write_buffer(self) -> int: ...
+
+
+class WatchedConnection(Protocol):
+    """A connection as the liveness watchdog reads it (`proxy.connection.MonitoredConnection`):
+    what it judges, logs and closes, and `watch`, where it keeps its record of the connection."""
+
+    watch: object | None
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def listener(self) -> str: ...
+
+    @property
+    def client(self) -> str: ...
+
+    @property
+    def upstream(self) -> str | None: ...
+
+    @property
+    def state(self) -> ConnectionState: ...
+
+    @property
+    def last_activity(self) -> float: ...
+
+    @property
+    def half_closed(self) -> bool: ...
+
+    @property
+    def client_leg(self) -> WatchedLeg: ...
+
+    @property
+    def upstream_leg(self) -> WatchedLeg: ...
+
+    @property
+    def client_socket(self) -> SocketLike | None: ...
+
+    @property
+    def upstream_socket(self) -> SocketLike | None: ...
+
+    def idle(self, now: float | None = None) -> float: ...
+
+    def close(self, reason: CloseReason, *, abort: bool = False) -> None: ...
 
 
 class SocketLike(Protocol):

@@ -41,10 +41,21 @@ from typing import Final
 from connwatch._types import SocketLike
 
 __all__ = [
+    "CORE_ACKED",
     "CORE_FIELDS",
+    "CORE_LAST_ACK_MS",
+    "CORE_LAST_SENT_MS",
+    "CORE_NOTSENT",
+    "CORE_PROBES",
+    "CORE_RTT_US",
+    "CORE_SND_WND",
+    "CORE_STATE",
+    "CORE_TOTAL_RETRANS",
+    "CORE_UNACKED",
     "TCP_ESTABLISHED",
     "TCP_INFO_SIZE",
     "TCP_STATES",
+    "TcpCore",
     "TcpInfo",
     "parse_tcp_info",
     "read_tcp_core",
@@ -240,6 +251,18 @@ CORE_FIELDS: Final = (
     "snd_wnd",
     "bytes_acked",
 )
+TcpCore = tuple[int, ...]  # what read_tcp_core() returns
+# Positions in read_tcp_core()'s tuple; -1 there means "this kernel does not report it".
+CORE_STATE: Final = CORE_FIELDS.index("state")
+CORE_PROBES: Final = CORE_FIELDS.index("probes")
+CORE_UNACKED: Final = CORE_FIELDS.index("unacked")
+CORE_RTT_US: Final = CORE_FIELDS.index("rtt_us")
+CORE_LAST_SENT_MS: Final = CORE_FIELDS.index("last_data_sent_ms")
+CORE_LAST_ACK_MS: Final = CORE_FIELDS.index("last_ack_recv_ms")
+CORE_TOTAL_RETRANS: Final = CORE_FIELDS.index("total_retrans")
+CORE_NOTSENT: Final = CORE_FIELDS.index("notsent_bytes")
+CORE_SND_WND: Final = CORE_FIELDS.index("snd_wnd")
+CORE_ACKED: Final = CORE_FIELDS.index("bytes_acked")
 _CORE_AT: Final = {
     "state": ("B", 0), "retransmits": ("B", 2), "probes": ("B", 3), "unacked": ("I", 24),
     "last_data_sent_ms": ("I", 44), "last_data_recv_ms": ("I", 52),
@@ -263,7 +286,7 @@ _CORE_LAYOUT, _CORE_MEMORY_ORDER = _sparse_struct(_CORE_AT)
 _CORE_REORDER: Final = operator.itemgetter(*(_CORE_MEMORY_ORDER.index(n) for n in CORE_FIELDS))
 
 
-def read_tcp_core(sock: SocketLike) -> tuple[int, ...] | None:
+def read_tcp_core(sock: SocketLike) -> TcpCore | None:
     """The watchdog's fields, in `CORE_FIELDS` order, as a plain tuple: cheaper than a TcpInfo.
 
     A field an older kernel does not return is -1 (snd_wnd needs Linux 5.4 or later).
@@ -276,7 +299,7 @@ def read_tcp_core(sock: SocketLike) -> tuple[int, ...] | None:
     except (OSError, ValueError):
         return None
     if len(data) >= _CORE_LAYOUT.size:
-        core: tuple[int, ...] = _CORE_REORDER(_CORE_LAYOUT.unpack_from(data))
+        core: TcpCore = _CORE_REORDER(_CORE_LAYOUT.unpack_from(data))
         return core
     info = parse_tcp_info(data)
     if info is None:

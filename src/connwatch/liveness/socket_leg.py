@@ -1,0 +1,136 @@
+"""One socket of a watched connection: the fd the watchdog borrows from its transport to read
+TCP_INFO through, and what the watchdog remembers of the socket between beats.
+
+`SocketLeg.read` and `SocketLeg.observe` run at every beat for every socket: plain attribute
+reads and one `read_tcp_core()` system call, nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Final
+
+from connwatch._types import Side
+from connwatch.histogram import Histogram
+from connwatch.liveness.tcp_info import (
+    CORE_ACKED,
+    CORE_RTT_US,
+    CORE_SND_WND,
+    CORE_STATE,
+    CORE_TOTAL_RETRANS,
+    CORE_UNACKED,
+    TCP_ESTABLISHED,
+    TcpCore,
+    read_tcp_core,
+)
+
+__all__ = ["BorrowedSocket", "SocketLeg", "borrow_socket"]
+
+_TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
+
+
+class BorrowedSocket(socket.socket):
+    """A socket object over a file descriptor its transport owns: for getsockopt only.
+
+    Reading TCP_INFO through it costs about half of going through uvloop's pseudo-socket, which
+    wraps its fd in a new `socket.socket` for every call. It never closes the fd, not even when
+    garbage-collected without `detach()`: closing would pull the socket from under the transport.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
+def borrow_socket(transport: asyncio.BaseTransport | None) -> socket.socket | None:
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None or sock.family not in _TCP_FAMILIES:
+        return None  # Unix socket legs have no TCP_INFO: the byte counts are all we judge by
+    if type(sock) is socket.socket:
+        return sock  # the splice path's own socket object: read it directly
+    fd = sock.fileno()
+    return None if fd < 0 else BorrowedSocket(sock.family, sock.type, sock.proto, fd)
+
+
+class SocketLeg:
+    """One socket of a watched connection, and what the watchdog remembers of it between beats.
+
+    `rtt` and `retransmits` are the listener's counters (`ListenerTotals`) this socket adds to.
+    """
+
+    __slots__ = (
+        "_sock",
+        "acked",
+        "borrowed",
+        "in_flight",
+        "progress_at",
+        "retrans",
+        "retransmits",
+        "rtt",
+        "side",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        side: Side,
+        transport: asyncio.BaseTransport | None,
+        rtt: Histogram,
+        retransmits: dict[Side, int],
+        now: float,
+    ) -> None:
+        self.side = side
+        self.transport = transport
+        self._sock: socket.socket | None = None
+        self.borrowed = False  # _sock looked up (once, at the first beat)
+        self.rtt = rtt
+        self.retransmits = retransmits
+        self.retrans = 0  # total_retrans already added to the listener's counter
+        self.acked = -1  # bytes_acked at the last beat
+        self.in_flight = False  # unacked > 0 at the last beat
+        self.progress_at = now  # when ACKs last made progress (or nothing was in flight)
+
+    @property
+    def sock(self) -> socket.socket | None:
+        """The socket to read TCP_INFO from, looked up at the first beat, not when the watch
+        starts: on a churning service most connections end before their first beat."""
+        if not self.borrowed:
+            self.borrowed = True
+            self._sock = borrow_socket(self.transport)
+        return self._sock
+
+    def read(self) -> TcpCore | None:
+        transport = self.transport
+        # A closing transport may already have closed the fd, whose number the next accept can
+        # reuse: never read through a borrowed fd once its owner is closing.
+        if transport is None or transport.is_closing():
+            return None
+        sock = self.sock
+        return None if sock is None else read_tcp_core(sock)
+
+    def observe(self, core: TcpCore, now: float) -> bool:
+        """Count RTT and retransmits (SPEC section 8); True when the socket is plainly fine:
+        established, nothing in flight, window open. Anything else needs `verdicts.judge`."""
+        self.rtt.observe(core[CORE_RTT_US] / 1e6)
+        total = core[CORE_TOTAL_RETRANS]
+        if total > self.retrans:
+            self.retransmits[self.side] += total - self.retrans
+            self.retrans = total
+        if (
+            core[CORE_STATE] == TCP_ESTABLISHED
+            and not core[CORE_UNACKED]
+            and core[CORE_SND_WND] > 0
+        ):
+            self.progress_at = now
+            self.acked = core[CORE_ACKED]
+            self.in_flight = False
+            return True
+        return False
+
+    def release(self) -> None:
+        if isinstance(self._sock, BorrowedSocket):
+            self._sock.detach()
+        self._sock = None
+        self.borrowed = True

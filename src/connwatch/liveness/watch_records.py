@@ -1,0 +1,124 @@
+"""What the watchdog keeps: per listener the beat counters (`ListenerTotals`: plain ints and
+histograms, snapshotted at scrape time), per connection its record (`WatchRecord`, kept in
+`conn.watch`: config, interval, failures, last verdict and both sockets)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Final
+
+from connwatch._types import Liveness, Side, WatchedConnection
+from connwatch.config import HeartbeatConfig
+from connwatch.histogram import LATENCY_BUCKETS, Histogram
+from connwatch.liveness.socket_leg import SocketLeg
+from connwatch.liveness.verdicts import judge_by_bytes
+from connwatch.snapshots import LivenessStats
+
+__all__ = ["ListenerTotals", "WatchRecord"]
+
+_SIDES: Final = (Side.CLIENT, Side.UPSTREAM)
+
+
+class ListenerTotals:
+    """One listener's config and counters: plain ints, snapshotted at scrape time."""
+
+    __slots__ = (
+        "config",
+        "failed",
+        "members",
+        "ok",
+        "retransmits",
+        "rtt",
+        "states",
+        "unbeaten",
+    )
+
+    def __init__(self, config: HeartbeatConfig | None) -> None:
+        self.config = config
+        self.ok = 0
+        self.failed = 0
+        self.rtt = {side: Histogram(LATENCY_BUCKETS) for side in _SIDES}
+        self.retransmits = dict.fromkeys(_SIDES, 0)
+        self.states: Counter[Liveness] = Counter()  # connections with beats, by last verdict
+        self.members: set[WatchRecord] = set()
+        self.unbeaten: set[WatchRecord] = set()  # heartbeats off, or not configured yet
+
+    def add(self, rec: WatchRecord) -> None:
+        self.members.add(rec)
+        if rec.beating:
+            self.states[rec.liveness] += 1
+        else:
+            self.unbeaten.add(rec)
+
+    def remove(self, rec: WatchRecord) -> None:
+        self.members.discard(rec)
+        if rec in self.unbeaten:
+            self.unbeaten.discard(rec)
+        else:
+            self.states[rec.liveness] -= 1
+
+    def snapshot(self, name: str, now: float) -> LivenessStats:
+        states = self.states
+        if self.unbeaten:
+            # No beats to judge these by: count what their byte counters show (no system calls).
+            states = states.copy()
+            states.update(judge_by_bytes(r.conn, r.config, now) for r in self.unbeaten)
+        return LivenessStats(
+            listener=name,
+            heartbeats={"ok": self.ok, "failed": self.failed},
+            rtt={str(side): h.snapshot() for side, h in self.rtt.items()},
+            retransmits={str(side): n for side, n in self.retransmits.items()},
+            states={str(state): states.get(state, 0) for state in Liveness},
+        )
+
+
+class WatchRecord:
+    """The watchdog's state for one connection (kept in `conn.watch`)."""
+
+    __slots__ = (
+        "client",
+        "config",
+        "configured",
+        "conn",
+        "failures",
+        "interval",
+        "liveness",
+        "scheduled",
+        "slot",
+        "totals",
+        "upstream",
+    )
+
+    def __init__(self, conn: WatchedConnection, totals: ListenerTotals, now: float) -> None:
+        self.conn = conn
+        self.totals = totals
+        self.configured = totals.config is not None
+        self.config = totals.config or HeartbeatConfig()
+        self.interval = self.config.interval
+        self.failures = 0
+        self.liveness = Liveness.OK
+        self.slot = 0  # the timer wheel's slot this record is due in
+        self.scheduled = False
+        self.client = SocketLeg(
+            Side.CLIENT,
+            conn.client_leg.transport,
+            totals.rtt[Side.CLIENT],
+            totals.retransmits,
+            now,
+        )
+        self.upstream = SocketLeg(
+            Side.UPSTREAM,
+            conn.upstream_leg.transport,
+            totals.rtt[Side.UPSTREAM],
+            totals.retransmits,
+            now,
+        )
+
+    @property
+    def beating(self) -> bool:
+        return self.configured and self.config.enabled
+
+    def release(self) -> None:
+        self.scheduled = False
+        self.client.release()
+        self.upstream.release()
