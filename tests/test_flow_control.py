@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from connwatch._types import Direction
-from connwatch.proxy.connection import MonitoredConnection, ReadBuffer, Timeouts
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.legs import ReadBuffer, Timeouts
 from tests.support import DaemonProcess, daemon_config, listener_config
 
 MiB = 1024 * 1024

@@ -32,7 +32,8 @@ from connwatch.exceptions import (
     UpstreamConnectError,
 )
 from connwatch.proxy.acceptor import Acceptor
-from connwatch.proxy.connection import MonitoredConnection, ReadBuffer, Timeouts
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
 from connwatch.proxy.splice import SplicePath, uses_splice
 from connwatch.proxy.upstream import UpstreamPool
