@@ -23,6 +23,7 @@ from connwatch._types import (
 )
 from connwatch.exceptions import reason_for_error
 from connwatch.proxy.legs import Leg, ReadBuffer, Timeouts
+from connwatch.snapshots import ConnectionStats
 
 if TYPE_CHECKING:
     from connwatch.proxy.upstream import Target
@@ -137,6 +138,26 @@ class MonitoredConnection:
     def unsent(self) -> int:
         """Bytes connwatch holds that a peer has not taken yet (both directions)."""
         return self.client_leg.write_buffer + self.upstream_leg.write_buffer
+
+    def statistics(self, now: float | None = None) -> ConnectionStats:
+        """A frozen record as of `now` (monotonic; default the clock): built only when asked
+        (a scrape, /connections, a log line), never on the per-read path."""
+        if now is None:
+            now = time.monotonic()
+        return ConnectionStats(
+            self.id,
+            self.listener,
+            self.client,
+            self.upstream,
+            self.state,
+            self.reason,
+            self.opened_wall,
+            (self.closed_at or now) - self.opened_at,
+            now - self.last_activity,
+            self.bytes_client_to_upstream,
+            self.bytes_upstream_to_client,
+            self.client_leg.eof != self.upstream_leg.eof,
+        )
 
     def __repr__(self) -> str:
         return (
