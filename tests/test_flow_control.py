@@ -4,12 +4,17 @@ told (uvloop calls pause_writing() from inside write(), as these do), and end to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, cast
 
-from connwatch._types import Direction
-from connwatch.proxy.connection import MonitoredConnection, ReadBuffer, Timeouts
+import pytest
+
+from connwatch._types import Address, ConnectionState, Direction
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.legs import ReadBuffer, Timeouts
+from connwatch.proxy.upstream import Target
 from tests.support import DaemonProcess, daemon_config, listener_config
 
 MiB = 1024 * 1024
@@ -107,6 +112,35 @@ def test_client_reads_once_the_upstream_is_there_when_nothing_fills_it() -> None
     conn.upstream_connected(cast(Any, object()))
     assert upstream.queued == 5
     assert client.reading
+
+
+def test_statistics_is_a_frozen_record_of_the_connection() -> None:
+    conn = MonitoredConnection(
+        "0-3", "t", ReadBuffer(1024), cast(Any, Observer()), Timeouts(0, 0, 0)
+    )
+    conn.client_leg.connection_made(cast(Any, Transport(conn.client_leg)))
+    conn.upstream_leg.connection_made(cast(Any, Transport(conn.upstream_leg)))
+    conn.upstream_connected(Target(Address("127.0.0.1", 9)))
+    conn.client_leg.buffer_updated(4)
+    conn.upstream_leg.buffer_updated(2)
+    now = conn.last_activity + 1.5
+    stats = conn.statistics(now)
+    assert (stats.id, stats.listener, stats.client, stats.upstream) == (
+        "0-3",
+        "t",
+        "127.0.0.1:40000",
+        "127.0.0.1:9",
+    )
+    assert (stats.bytes_client_to_upstream, stats.bytes_upstream_to_client) == (4, 2)
+    assert stats.state is ConnectionState.OPEN
+    assert stats.reason is None
+    assert not stats.half_closed
+    assert stats.age == conn.age(now)
+    assert stats.idle == 1.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.id = "other"  # type: ignore[misc]
+    conn.client_leg.buffer_updated(1)
+    assert stats.bytes_client_to_upstream == 4  # a snapshot: later reads do not change it
 
 
 async def test_a_stalled_upstream_holds_back_a_fast_client_under_cpu_load(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ import pytest
 from connwatch._types import CloseReason, ConnectionState, Direction
 from connwatch.config import ListenerConfig
 from connwatch.exceptions import UpstreamConnectError
-from connwatch.proxy.connection import MonitoredConnection, ReadBuffer, Timeouts
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.sockopts import read_keepalive, tcp_options
 from connwatch.proxy.splice import SPLICE_AVAILABLE, PipePool, SplicePath, uses_splice
 from connwatch.proxy.splice import pipes as splice_pipes

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from connwatch._types import HealthState
+from connwatch._types import CloseReason, ConnectionState, HealthState
 from connwatch.histogram import HistogramSnapshot
 
 
@@ -28,6 +28,47 @@ def _merge_hist(
     for k, v in b.items():
         out[k] = out[k].merged(v) if k in out else v
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStats:
+    """One connection as `MonitoredConnection.statistics(now)` saw it; `age` and `idle` are
+    seconds as of that `now` (a closed connection's age stops at its close)."""
+
+    id: str
+    listener: str
+    client: str
+    upstream: str | None  # the target's label; None until an upstream is chosen
+    state: ConnectionState
+    reason: CloseReason | None  # final once CLOSED; before that the first explicit reason
+    opened_wall: float  # wall-clock seconds
+    age: float
+    idle: float
+    bytes_client_to_upstream: int
+    bytes_upstream_to_client: int
+    half_closed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSnapshot:
+    """The state of one `Listener` object: its socket, admission and upstream targets.
+
+    Connection counts are not here: the tracker keeps them per listener (`ListenerStats`)."""
+
+    name: str
+    bound: bool
+    accepting: bool
+    health_checks: bool  # whether active health checks are configured
+    protocol_errors: dict[str, int]  # kind -> count
+    targets: tuple[TargetStats, ...]  # in config order
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorStats:
+    """The health monitor's check tasks."""
+
+    checking: dict[str, int]  # listener -> targets with a check task running
+    stopping: int  # tasks cancelled and not yet finished
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from connwatch._types import HealthState
 from connwatch.config import HealthCheckConfig
 from connwatch.health.checks import MAX_REPLY, CheckResult, ProtocolErrorCallback, run_check
 from connwatch.proxy.upstream import Target
+from connwatch.snapshots import MonitorStats
 
 __all__ = [
     "ADAPTIVE_FACTOR",
@@ -150,6 +151,13 @@ class HealthMonitor:
 
     def running(self, listener: str) -> bool:
         return bool(self._tasks.get(listener))
+
+    def statistics(self) -> MonitorStats:
+        """The check tasks now; the targets' own figures are `Target.statistics()`."""
+        return MonitorStats(
+            {name: len(tasks) for name, tasks in self._tasks.items() if tasks},
+            len(self._stopping),
+        )
 
     def start(self, listener: str, cfg: HealthCheckConfig, targets: list[Target]) -> None:
         """(Re)start checking `targets`; with checks disabled, the targets return to UNKNOWN."""

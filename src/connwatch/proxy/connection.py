@@ -1,7 +1,7 @@
-"""MonitoredConnection: one proxied client stream, its two protocol legs, flow control and counts.
+"""MonitoredConnection: one proxied client stream, its lifecycle, close reason and timers.
 
-Hot path (per chunk): `_Leg.buffer_updated` writes a view of the shared read buffer to the other
-leg and adds to two plain ints. Everything else (timers, liveness, metrics) reads those ints.
+Its two protocol legs (the per-chunk hot path), the shared read buffer and the limits live in
+legs.py; this module wires them and decides when and why the connection ends.
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from connwatch._types import (
     CloseReason,
     ConnectionObserver,
     ConnectionState,
-    Direction,
     Side,
     format_peer,
 )
 from connwatch.exceptions import reason_for_error
+from connwatch.proxy.legs import Leg, ReadBuffer, Timeouts
+from connwatch.snapshots import ConnectionStats
 
 if TYPE_CHECKING:
     from connwatch.proxy.upstream import Target
@@ -30,127 +31,6 @@ if TYPE_CHECKING:
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER {on, 0s}: close() sends RST, not FIN
 _CLOSE_GRACE = 5.0  # seconds a graceful close may spend flushing before it is aborted
 _QUIET_RETRY = 0.1  # seconds between looks for a quiet gap (max_lifetime)
-
-
-class ReadBuffer:
-    """One read buffer shared by every leg of a listener.
-
-    Reads are sequential on one loop, so a chunk is written on before the next read lands. When
-    the sink cannot take a chunk at once, uvloop keeps a reference to the view instead of copying
-    it, so the buffer is then handed over and a fresh one made (`renew`).
-    """
-
-    __slots__ = ("size", "view")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.view = memoryview(bytearray(size))
-
-    def renew(self) -> None:
-        self.view = memoryview(bytearray(self.size))
-
-
-class Timeouts:
-    """The per-listener limits a connection enforces (seconds; 0 = off)."""
-
-    __slots__ = ("half_close", "idle", "max_lifetime")
-
-    def __init__(self, idle: float, half_close: float, max_lifetime: float) -> None:
-        self.idle = idle
-        self.half_close = half_close
-        self.max_lifetime = max_lifetime
-
-    @property
-    def any(self) -> bool:
-        return bool(self.idle or self.half_close or self.max_lifetime)
-
-
-class _Leg(asyncio.BufferedProtocol):
-    """One side's protocol. Reads land in the shared buffer and go straight to the other leg."""
-
-    __slots__ = (
-        "bytes_in",
-        "conn",
-        "eof",
-        "lost",
-        "other",
-        "side",
-        "sink",
-        "transport",
-        "write_paused",
-    )
-
-    def __init__(self, conn: MonitoredConnection, side: Side) -> None:
-        self.conn = conn
-        self.side = side
-        self.transport: asyncio.Transport | None = None
-        # Where this leg's bytes go; None until forwarding starts (until then they are held).
-        self.sink: asyncio.Transport | None = None
-        self.other: _Leg | None = None
-        self.bytes_in = 0  # bytes read from this side and handed to the other
-        self.eof = False
-        self.lost = False
-        self.write_paused = False  # between pause_writing() and resume_writing()
-
-    # -- asyncio callbacks; none of them awaits ------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.conn.leg_made(self)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.buffer.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        conn = self.conn
-        buf = conn.buffer
-        conn.last_activity = time.monotonic()
-        self.bytes_in += nbytes
-        sink = self.sink
-        if sink is None:  # the upstream is not connected yet (uvloop may read once after pause)
-            conn.hold(bytes(buf.view[:nbytes]))
-            return
-        sink.write(buf.view[:nbytes])
-        if sink.get_write_buffer_size():
-            buf.renew()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return self.conn.leg_eof(self)
-
-    def pause_writing(self) -> None:
-        # This leg's socket is full: stop reading from the side that feeds it.
-        self.write_paused = True
-        other = self.other
-        if other is not None and other.transport is not None and not other.eof:
-            other.transport.pause_reading()
-            self.conn.observer.flow_paused(self.conn, _direction_into(self.side))
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        other = self.other
-        # Only once forwarding has started on the other leg: before that it stays paused.
-        if other is not None and other.sink is not None and not other.eof:
-            assert other.transport is not None
-            other.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.conn.leg_lost(self, exc)
-
-    # -- helpers --------------------------------------------------------------------------------
-    @property
-    def socket(self) -> Any:
-        return None if self.transport is None else self.transport.get_extra_info("socket")
-
-    @property
-    def write_buffer(self) -> int:
-        t = self.transport
-        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
-
-
-def _direction_into(side: Side) -> Direction:
-    return Direction.CLIENT_TO_UPSTREAM if side is Side.UPSTREAM else Direction.UPSTREAM_TO_CLIENT
 
 
 class MonitoredConnection:
@@ -201,8 +81,8 @@ class MonitoredConnection:
         self.timeouts = timeouts
         self.client = ""
         self.target: Target | None = None
-        self.client_leg = _Leg(self, Side.CLIENT)
-        self.upstream_leg = _Leg(self, Side.UPSTREAM)
+        self.client_leg = Leg(self, Side.CLIENT)
+        self.upstream_leg = Leg(self, Side.UPSTREAM)
         self.client_leg.other = self.upstream_leg
         self.upstream_leg.other = self.client_leg
         self.state = ConnectionState.CONNECTING
@@ -258,6 +138,26 @@ class MonitoredConnection:
     def unsent(self) -> int:
         """Bytes connwatch holds that a peer has not taken yet (both directions)."""
         return self.client_leg.write_buffer + self.upstream_leg.write_buffer
+
+    def statistics(self, now: float | None = None) -> ConnectionStats:
+        """A frozen record as of `now` (monotonic; default the clock): built only when asked
+        (a scrape, /connections, a log line), never on the per-read path."""
+        if now is None:
+            now = time.monotonic()
+        return ConnectionStats(
+            self.id,
+            self.listener,
+            self.client,
+            self.upstream,
+            self.state,
+            self.reason,
+            self.opened_wall,
+            (self.closed_at or now) - self.opened_at,
+            now - self.last_activity,
+            self.bytes_client_to_upstream,
+            self.bytes_upstream_to_client,
+            self.client_leg.eof != self.upstream_leg.eof,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -334,7 +234,7 @@ class MonitoredConnection:
         self.observer.connection_opened(self)
         self._arm_timer()
 
-    def leg_made(self, leg: _Leg) -> None:
+    def leg_made(self, leg: Leg) -> None:
         t = leg.transport
         assert t is not None
         t.set_write_buffer_limits(high=self.buffer.size)
@@ -347,7 +247,7 @@ class MonitoredConnection:
             leg.sink = self.client_leg.transport
 
     # -- events from the legs -------------------------------------------------------------------
-    def leg_eof(self, leg: _Leg) -> bool:
+    def leg_eof(self, leg: Leg) -> bool:
         sink = leg.sink
         if sink is None:  # client EOF before forwarding started: passed on by upstream_connected
             return True
@@ -356,7 +256,7 @@ class MonitoredConnection:
         self._note_end(leg)
         return True  # keep the transport open: the other direction may still flow
 
-    def _note_end(self, leg: _Leg) -> None:
+    def _note_end(self, leg: Leg) -> None:
         if self._end_reason is None:
             self._end_reason = _ended_by(leg.side)
         if self.client_leg.eof and self.upstream_leg.eof:
@@ -365,7 +265,7 @@ class MonitoredConnection:
             self.state = ConnectionState.HALF_CLOSED
             self._arm_timer()
 
-    def leg_lost(self, leg: _Leg, exc: BaseException | None) -> None:
+    def leg_lost(self, leg: Leg, exc: BaseException | None) -> None:
         reason = reason_for_error(leg.side, exc)
         if reason is not None and self._reason is None:
             self._reason = reason
@@ -412,7 +312,9 @@ class MonitoredConnection:
             self._schedule(_CLOSE_GRACE)
 
     def _maybe_finish(self) -> None:
-        if self.state is ConnectionState.CLOSED or not (self.client_leg.lost and self.upstream_leg.lost):
+        if self.state is ConnectionState.CLOSED or not (
+            self.client_leg.lost and self.upstream_leg.lost
+        ):
             return
         self.state = ConnectionState.CLOSED
         self.closed_at = time.monotonic()

@@ -32,10 +32,12 @@ from connwatch.exceptions import (
     UpstreamConnectError,
 )
 from connwatch.proxy.acceptor import Acceptor
-from connwatch.proxy.connection import MonitoredConnection, ReadBuffer, Timeouts
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
 from connwatch.proxy.splice import SplicePath, uses_splice
 from connwatch.proxy.upstream import UpstreamPool
+from connwatch.snapshots import ListenerSnapshot
 from connwatch.wire import proxy_protocol
 from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
 
@@ -90,6 +92,18 @@ class Listener:
     @property
     def bound(self) -> bool:
         return self._sock is not None
+
+    def statistics(self) -> ListenerSnapshot:
+        """Socket, admission, protocol errors and upstream targets, frozen (read at scrape time
+        and by /readyz)."""
+        return ListenerSnapshot(
+            self.name,
+            self._sock is not None,
+            self.accepting,
+            self.config.health_check.enabled,
+            dict(self.protocol_errors),
+            tuple(t.statistics(self.name) for t in self.pool.targets),
+        )
 
     async def start(self) -> None:
         address = self.config.listen
