@@ -270,14 +270,15 @@ _IMPORT_EACH = textwrap.dedent(
         if pid == 0:
             try:
                 importlib.import_module(name)
-            except BaseException:
-                traceback.print_exc()
+            except BaseException as exc:
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                what = traceback.format_exception_only(exc)[-1].strip()
+                print(f"{name}: {what} (at {where.filename}:{where.lineno})", flush=True)
                 os._exit(1)
             os._exit(0)
         running[pid] = name
     while running:
         reap()
-    print("\\n".join(sorted(failed)))
     sys.exit(1 if failed else 0)
     """
 )
