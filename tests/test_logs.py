@@ -48,7 +48,7 @@ async def test_every_line_is_json_with_timestamp_level_event(tmp_path: Path) -> 
         assert key in closed
 
 
-async def test_progress_lines_for_long_lived_connections(tmp_path: Path) -> None:
+async def test_long_lived_connection_logs_progress_lines_at_the_interval(tmp_path: Path) -> None:
     async with EchoUpstream() as up:
         cfg = daemon_config(listener_config("app", [up.address]))
         cfg["log"]["progress_interval"] = "300ms"
