@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -19,25 +21,61 @@ from typing import Any
 import yaml
 
 LOOPBACK = "127.0.0.1"
+UPSTREAM_CHUNK = 4096
 
 
 # -- upstream servers -----------------------------------------------------------------------------
 class EchoUpstream:
-    """Echoes every byte; answers EOF with EOF. Counts connections it has seen."""
+    """The one test upstream: a loopback (or unix) server that echoes.
 
-    def __init__(self) -> None:
+    By default it echoes every byte and answers EOF with EOF. With `greet_only` it echoes just the
+    first chunk (the greeting), then streams `u` chunks if `stream` is set (seconds between chunks,
+    0 for as fast as the daemon takes them, at most `chunks` of them), then reads until EOF, and
+    with `hold_open` keeps its side open until `closing` is set; greet-only legs never close first,
+    so they are aborted at exit. `blocked` is set when a write had to queue (the daemon stopped
+    reading us); `ended` when a leg ends (EOF, reset or write failure). `reset_all()` resets every
+    leg.
+    """
+
+    def __init__(
+        self,
+        *,
+        greet_only: bool = False,
+        stream: float | None = None,
+        chunks: int = 1_000_000,  # bounded: far past any test's end
+        hold_open: bool = False,
+        unix_path: Path | None = None,
+    ) -> None:
+        self.greet_only = greet_only
+        self.stream = stream
+        self.chunks = chunks
+        self.hold_open = hold_open
+        self.unix_path = unix_path
         self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.blocked = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.closing = asyncio.Event()
         self.accepted = 0
         self.open = 0
         self.received = 0
 
     async def __aenter__(self) -> EchoUpstream:
-        self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        if self.unix_path is not None:
+            self.server = await asyncio.start_unix_server(self._handle, str(self.unix_path))
+        else:
+            self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        self.closing.set()
+        if self.greet_only:
+            for writer in self.writers:  # legs whose close never reached us (dropped, held)
+                writer.transport.abort()
+            await eventually(lambda: self.open == 0, timeout=5)
+            return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.server.wait_closed()
@@ -49,24 +87,64 @@ class EchoUpstream:
 
     @property
     def address(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
         return f"{LOOPBACK}:{self.port}"
+
+    def reset_all(self) -> None:
+        """Close every leg with a RST (SO_LINGER 0)."""
+        for writer in self.writers:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self.open += 1
+        self.writers.append(writer)
         try:
-            while data := await reader.read(65536):
-                self.received += len(data)
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-            await writer.drain()
+            if self.greet_only:
+                await self._greet(reader, writer)
+            else:
+                await self._echo(reader, writer)
         except (ConnectionError, OSError):
             pass
         finally:
-            self.open -= 1
+            self.ended.set()
             writer.close()
+            self.open -= 1
+
+    async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            self.received += len(data)
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await writer.drain()
+
+    async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        greeting = await reader.read(UPSTREAM_CHUNK)
+        self.received += len(greeting)
+        writer.write(greeting)
+        await writer.drain()
+        if self.stream is not None:
+            await self._send(writer, self.stream)
+        while data := await reader.read(UPSTREAM_CHUNK):
+            self.received += len(data)
+        if self.hold_open:
+            await self.closing.wait()  # hold our side open after the client's EOF
+
+    async def _send(self, writer: asyncio.StreamWriter, interval: float) -> None:
+        for _ in range(self.chunks):
+            if writer.transport.is_closing():  # aborted by reset_all() or at exit
+                return
+            writer.write(b"u" * UPSTREAM_CHUNK)
+            if writer.transport.get_write_buffer_size():
+                self.blocked.set()
+            # Blocks while the daemon has paused reading us; raises once it has closed our leg.
+            await writer.drain()
+            await asyncio.sleep(interval)
 
 
 def free_port() -> int:

@@ -86,7 +86,7 @@ REDIS7_CSV = """\
 """
 
 
-def test_redis_benchmark_csv_v7_has_latency() -> None:
+def test_redis_benchmark_csv_v7_rows_carry_latency() -> None:
     rows = parsers.parse_redis_benchmark_csv(REDIS7_CSV)
     assert list(rows) == ["PING_INLINE", "SET", "GET"]
     ping = rows["PING_INLINE"]
@@ -95,7 +95,7 @@ def test_redis_benchmark_csv_v7_has_latency() -> None:
     assert ping.p99_ms == pytest.approx(0.775)
 
 
-def test_redis_benchmark_csv_old_format_and_noise() -> None:
+def test_redis_benchmark_csv_old_format_parses_past_noise_and_errors_raise() -> None:
     # redis-benchmark 6.0 and older: no header, two columns; stray lines are not CSV rows.
     text = 'Warning: could not fetch server CONFIG\n"PING_INLINE","41152.26"\n"SET","40983.61"\n'
     rows = parsers.parse_redis_benchmark_csv(text)
@@ -117,7 +117,7 @@ def test_redis_benchmark_quiet_skips_progress() -> None:
     assert rows["SET"].p50_ms is None
 
 
-def test_proc_stat_with_awkward_command_name() -> None:
+def test_proc_stat_parses_past_an_awkward_command_name() -> None:
     fields = ["S", "41"] + ["0"] * 9 + ["120", "30", "7", "3"] + ["0"] * 30
     st = parsers.parse_proc_stat(f"4242 (nginx: worker) (x)) {' '.join(fields)}\n")
     assert (st.pid, st.ppid, st.cpu_ticks) == (4242, 41, 160)
@@ -132,12 +132,12 @@ PROC_NET_TCP = """\
 """
 
 
-def test_proc_net_tcp_listen_and_established() -> None:
+def test_proc_net_tcp_yields_listening_ports_and_established_count() -> None:
     assert parsers.listening_ports(PROC_NET_TCP) == {0x858F}
     assert parsers.established_to(PROC_NET_TCP, 0x18EB) == 2
 
 
-def test_redis_info_and_client_json_line() -> None:
+def test_redis_info_and_client_json_line_parse_and_garbage_raises() -> None:
     info = parsers.parse_redis_info("# Clients\r\nconnected_clients:8001\r\nblocked_clients:0\r\n")
     assert info["connected_clients"] == "8001"
     out = 'progress\n{"open": 4000, "failed": 0}\n'
@@ -168,7 +168,7 @@ def test_generated_connwatch_yaml_parses_back() -> None:
     assert loaded["workers"] == 2
 
 
-def test_variant_spec() -> None:
+def test_variant_spec_parses_into_a_name_and_typed_overrides() -> None:
     name, overrides = peers.parse_variant("splice:listeners.0.data_path=splice;workers=2")
     assert name == "splice"
     assert overrides == {"listeners.0.data_path": "splice", "workers": 2}

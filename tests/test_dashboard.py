@@ -198,7 +198,7 @@ def promtool_check_expressions(exprs: dict[str, str], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr + path.read_text()
 
 
-def test_metric_name_extraction() -> None:
+def test_expressions_yield_their_metric_names_and_spec_violations() -> None:
     expr = (
         'histogram_quantile(0.95, sum by (le, side) (rate(connwatch_tcp_rtt_seconds_bucket{side="'
         'client", listener=~"a|b"}[5m] offset 1h))) / on (listener) group_left () up or vector(1e3)'
@@ -242,7 +242,9 @@ def dashboard_expressions(dashboard: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
+def test_dashboard_panels_have_unique_ids_fit_the_grid_and_use_the_datasource(
+    dashboard: dict[str, Any],
+) -> None:
     assert dashboard["uid"] == "connwatch"
     assert dashboard["title"]
     ids = [panel["id"] for panel in all_panels(dashboard)]

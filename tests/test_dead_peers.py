@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 
 from tests.nft import ACK_ONLY, captured, missing_for_root_tests, read_pcap, silenced, table_exists
-from tests.support import LOOPBACK, DaemonProcess, daemon_config, eventually, listener_config
+from tests.support import (
+    LOOPBACK,
+    DaemonProcess,
+    EchoUpstream,
+    daemon_config,
+    eventually,
+    listener_config,
+)
 
 _SKIP = missing_for_root_tests("nft", "tcpdump")
 pytestmark = [
@@ -35,71 +42,7 @@ KEEPALIVE_OFF = {"client": {"enabled": False}, "upstream": {"enabled": False}}
 HEARTBEATS_OFF = {"enabled": False}
 CHUNK = 4096
 HELLO = b"hello\n"
-
-
-class Upstream:
-    """Greets each connection by echoing its first chunk; optionally keeps sending after that.
-
-    `ended` is set when the daemon's leg to it ends (EOF, reset or write failure).
-    """
-
-    def __init__(self, *, stream: bool, flood: bool = False) -> None:
-        self.stream = stream
-        self.flood = flood  # send as fast as the daemon takes it, not every 20 ms
-        self.blocked = asyncio.Event()  # our writes queue up: the daemon has stopped reading us
-        self.ended = asyncio.Event()
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.handlers = 0
-
-    async def __aenter__(self) -> Upstream:
-        self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:  # legs the daemon's RST never reached (it was dropped)
-            writer.transport.abort()
-        await eventually(lambda: self.handlers == 0, timeout=5)
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.handlers += 1
-        self.writers.append(writer)
-        try:
-            writer.write(await reader.read(CHUNK))
-            await writer.drain()
-            if self.stream:
-                await self._send(writer)
-            else:
-                while await reader.read(CHUNK):
-                    pass
-        except OSError:
-            pass
-        finally:
-            self.ended.set()
-            writer.close()
-            self.handlers -= 1
-
-    async def _send(self, writer: asyncio.StreamWriter) -> None:
-        for _ in range(1_000_000):  # bounded: far past any test's end
-            if writer.transport.is_closing():
-                return
-            writer.write(b"u" * CHUNK)
-            if writer.transport.get_write_buffer_size():
-                self.blocked.set()
-            # Blocks while the daemon has paused reading us; raises once it has closed our leg.
-            await writer.drain()
-            await asyncio.sleep(0 if self.flood else 0.02)
+STREAM_INTERVAL = 0.02  # a streaming upstream sends a chunk every 20 ms
 
 
 @contextlib.asynccontextmanager
@@ -133,7 +76,7 @@ async def test_keepalive_finds_a_silent_idle_client_and_probes_are_on_the_wire(
 ) -> None:
     idle, interval, count = 1.0, 1.0, 2
     keepalive = {"enabled": True, "idle": "1s", "interval": "1s", "count": count}
-    async with Upstream(stream=False) as upstream:
+    async with EchoUpstream(greet_only=True) as upstream:
         cfg = daemon_config(
             listener_config(
                 "app",
@@ -187,7 +130,7 @@ async def test_heartbeat_closes_a_dead_client_with_data_in_flight(tmp_path: Path
         "failure_threshold": threshold,
         "stall_timeout": "1s",
     }
-    async with Upstream(stream=True) as upstream:
+    async with EchoUpstream(greet_only=True, stream=STREAM_INTERVAL) as upstream:
         cfg = daemon_config(
             listener_config("app", [upstream.address], keepalive=KEEPALIVE_OFF, heartbeat=heartbeat)
         )
@@ -230,7 +173,7 @@ async def test_a_client_that_stops_reading_is_zero_window_and_stays_open(tmp_pat
         "failure_threshold": 2,
         "stall_timeout": "1s",
     }
-    async with Upstream(stream=True) as upstream:
+    async with EchoUpstream(greet_only=True, stream=STREAM_INTERVAL) as upstream:
         cfg = daemon_config(
             listener_config("app", [upstream.address], keepalive=KEEPALIVE_OFF, heartbeat=heartbeat)
         )
@@ -269,7 +212,7 @@ async def test_idle_connection_lives_through_beats_growing_to_max_interval(
         "failure_threshold": 2,
         "stall_timeout": "1s",
     }
-    async with Upstream(stream=False) as upstream:
+    async with EchoUpstream(greet_only=True) as upstream:
         cfg = daemon_config(listener_config("app", [upstream.address], heartbeat=heartbeat))
         async with DaemonProcess(tmp_path, cfg) as daemon, proxied_client(daemon) as (_, _, rec):
             assert rec["heartbeat"]["interval_s"] in (0.2, 0.3)  # at most one beat so far
@@ -305,7 +248,7 @@ async def test_user_timeout_finds_a_dead_client_with_data_in_flight(tmp_path: Pa
         "client": {"enabled": False, "user_timeout": "2s"},
         "upstream": {"enabled": False},
     }
-    async with Upstream(stream=True) as upstream:
+    async with EchoUpstream(greet_only=True, stream=STREAM_INTERVAL) as upstream:
         cfg = daemon_config(
             listener_config(
                 "app", [upstream.address], keepalive=keepalive, heartbeat=HEARTBEATS_OFF
@@ -338,7 +281,7 @@ async def test_adaptive_heartbeat_at_max_interval_finds_a_dead_client(tmp_path: 
         "failure_threshold": threshold,
         "stall_timeout": "1s",
     }
-    async with Upstream(stream=True) as upstream:
+    async with EchoUpstream(greet_only=True, stream=STREAM_INTERVAL) as upstream:
         cfg = daemon_config(
             listener_config("app", [upstream.address], keepalive=KEEPALIVE_OFF, heartbeat=heartbeat)
         )
@@ -390,7 +333,7 @@ async def test_dead_upstream_behind_paused_reading_closes_as_keepalive_timeout(
         "max_interval": "500ms",
         "failure_threshold": 2,
     }
-    async with Upstream(stream=True, flood=True) as upstream:
+    async with EchoUpstream(greet_only=True, stream=0) as upstream:
         cfg = daemon_config(
             listener_config("app", [upstream.address], keepalive=keepalive, heartbeat=heartbeat)
         )

@@ -147,7 +147,9 @@ def test_dockerfile_runs_as_non_root(dockerfile: str) -> None:
     assert user.isdigit()
 
 
-def test_dockerfile_command_healthcheck_and_ports(dockerfile: str) -> None:
+def test_dockerfile_runs_connwatch_with_a_healthz_healthcheck_and_exposes_admin(
+    dockerfile: str,
+) -> None:
     runtime = dict(dockerfile_stages(dockerfile)[-1])
     command = exec_form(runtime.get("ENTRYPOINT", "[]")) + exec_form(runtime["CMD"])
     assert command == ["connwatch", "run", "-c", CONFIG_PATH]
@@ -279,7 +281,7 @@ def test_kubernetes_core_objects_validate(path: Path, document: dict[str, Any]) 
     kubernetes_validate.validate(document, version, strict=True)
 
 
-def test_sidecar_pod_shape() -> None:
+def test_sidecar_pod_pairs_connwatch_with_an_app_and_probes_admin() -> None:
     deployment = k8s_object("Deployment")
     template = deployment["spec"]["template"]
     containers = pod_containers()

@@ -251,7 +251,9 @@ async def killable_upstream() -> AsyncIterator[tuple[asyncio.subprocess.Process,
         await proc.wait()
 
 
-async def test_upstream_killed_mid_transfer(tmp_path: Path) -> None:
+async def test_upstream_killed_mid_transfer_closes_the_client_promptly_and_spares_other_traffic(
+    tmp_path: Path,
+) -> None:
     async with (
         killable_upstream() as (proc, address),
         PayloadUpstream() as good,
@@ -276,7 +278,9 @@ async def test_upstream_killed_mid_transfer(tmp_path: Path) -> None:
         }
 
 
-async def test_upstream_reset_mid_transfer(tmp_path: Path) -> None:
+async def test_upstream_reset_mid_transfer_resets_the_client_promptly_as_upstream_reset(
+    tmp_path: Path,
+) -> None:
     async with (
         StreamingUpstream() as upstream,
         PayloadUpstream() as good,
@@ -376,7 +380,9 @@ async def _table_exists(table: str) -> bool:
 
 @pytest.mark.root
 @pytest.mark.skipif(_nft_missing() is not None, reason=_nft_missing() or "")
-async def test_upstream_that_never_answers_connect(tmp_path: Path) -> None:
+async def test_upstream_that_never_answers_connect_closes_the_client_at_connect_timeout(
+    tmp_path: Path,
+) -> None:
     port = free_port()
     async with PayloadUpstream() as good:
         cfg = two_listeners(
@@ -400,7 +406,9 @@ async def test_upstream_that_never_answers_connect(tmp_path: Path) -> None:
 
 
 # -- client faults --------------------------------------------------------------------------------
-async def test_client_reset_mid_transfer(tmp_path: Path) -> None:
+async def test_client_reset_mid_transfer_closes_the_upstream_leg_as_client_reset(
+    tmp_path: Path,
+) -> None:
     async with (
         StreamingUpstream() as upstream,
         PayloadUpstream() as good,

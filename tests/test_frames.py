@@ -39,7 +39,7 @@ def _cuts(stream: bytes, points: list[int]) -> list[bytes]:
     return [stream[a:b] for a, b in itertools.pairwise(edges)]
 
 
-def test_known_vector() -> None:
+def test_ping_encodes_to_the_known_byte_vector() -> None:
     data = encode(Frame(FrameType.PING, 0x0102030405060708))
     head = bytes.fromhex("CAFEBABE11") + bytes(range(1, 9))
     assert data[:13] == head
@@ -82,7 +82,7 @@ def test_frame_rejects_unencodable_values() -> None:
         (encode(Frame(FrameType.PING, 7))[:13] + b"\x00\x00\x00", "checksum"),
     ],
 )
-def test_each_check_is_named(data: bytes, check: str) -> None:
+def test_each_failed_check_is_named_in_the_frame_error(data: bytes, check: str) -> None:
     with pytest.raises(FrameError, match=check) as info:
         decode(data)
     assert info.value.check == check
@@ -90,7 +90,7 @@ def test_each_check_is_named(data: bytes, check: str) -> None:
 
 
 @given(valid_frames)
-def test_roundtrip(frame: Frame) -> None:
+def test_decode_of_encode_is_the_identity(frame: Frame) -> None:
     data = encode(frame)
     assert len(data) == FRAME_SIZE
     assert decode(data) == frame
@@ -122,7 +122,9 @@ def test_every_single_bit_flip_is_detected() -> None:
 
 
 @given(st.lists(valid_frames, max_size=8), st.lists(st.integers(min_value=0), max_size=20))
-def test_decoder_any_chunking(sent: list[Frame], points: list[int]) -> None:
+def test_decoder_yields_the_same_frames_under_any_chunking(
+    sent: list[Frame], points: list[int]
+) -> None:
     stream = b"".join(encode(f) for f in sent)
     decoder = FrameDecoder()
     got: list[Frame] = []
@@ -132,7 +134,7 @@ def test_decoder_any_chunking(sent: list[Frame], points: list[int]) -> None:
     assert decoder.pending == 0
 
 
-def test_decoder_pending_counts_partial_frame() -> None:
+def test_decoder_pending_counts_the_partial_frame() -> None:
     decoder = FrameDecoder()
     data = ping(5)
     assert decoder.feed(data[:10]) == []
@@ -141,7 +143,7 @@ def test_decoder_pending_counts_partial_frame() -> None:
     assert decoder.pending == 3
 
 
-def test_decoder_stays_failed() -> None:
+def test_decoder_stays_failed_after_a_bad_frame() -> None:
     decoder = FrameDecoder()
     bad = bytearray(ping(9))
     bad[-1] ^= 1

@@ -200,7 +200,9 @@ class RecordingTransport(asyncio.Transport):
     st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=6),
     st.lists(st.integers(min_value=0, max_value=200), max_size=12),
 )
-def test_responder_any_chunking(stamps: list[int], cuts: list[int]) -> None:
+def test_responder_answers_every_ping_under_any_chunking(
+    stamps: list[int], cuts: list[int]
+) -> None:
     stream = b"".join(ping(s) for s in stamps)
     edges = [0, *sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]
     reported: list[tuple[FrameError, str]] = []
@@ -249,7 +251,7 @@ async def test_exchange_returns_small_positive_rtt(responder: int, errors: Error
     assert errors.empty()
 
 
-async def test_exchange_over_ipv6() -> None:
+async def test_exchange_over_ipv6_measures_a_positive_rtt() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
     try:
@@ -336,7 +338,7 @@ async def test_exchange_connect_failure_is_oserror() -> None:
 # --- under uvloop ---------------------------------------------------------------------------
 
 
-def test_responder_and_exchange_under_uvloop() -> None:
+def test_responder_and_exchange_work_under_uvloop() -> None:
     """uvloop transports are not asyncio.Transport subclasses; the daemon may run on either."""
     uvloop = pytest.importorskip("uvloop")
 

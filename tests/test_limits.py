@@ -80,7 +80,9 @@ async def test_idle_timeout_closes_only_the_idle_connection(tmp_path: Path) -> N
                 w.close()
 
 
-async def test_half_close_timeout(tmp_path: Path) -> None:
+async def test_half_close_timeout_closes_the_stalled_connection_and_spares_others(
+    tmp_path: Path,
+) -> None:
     release = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

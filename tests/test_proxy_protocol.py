@@ -43,7 +43,7 @@ def _parse_error(data: bytes) -> str:
 
 
 @given(same_family, ports, ports, payloads, encoders)
-def test_roundtrip(
+def test_parse_of_an_encoded_header_gives_back_the_addresses_and_the_payload(
     hosts: tuple[str, str], sport: int, dport: int, payload: bytes, encoder: Encoder
 ) -> None:
     header_bytes: bytes = encoder((hosts[0], sport), (hosts[1], dport))
@@ -68,7 +68,7 @@ def test_mixed_families_are_sent_as_tcp6_with_v4_mapped(
     assert header.destination == (b, dport)
 
 
-def test_v1_exact_bytes() -> None:
+def test_v1_encodes_the_exact_spec_bytes() -> None:
     assert encode_v1(("192.168.0.1", 56324), ("192.168.0.11", 443)) == (
         b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
     )
@@ -76,14 +76,14 @@ def test_v1_exact_bytes() -> None:
     assert encode_v1(("fe80::1%eth0", 1), ("::1", 2)) == b"PROXY TCP6 fe80::1 ::1 1 2\r\n"
 
 
-def test_v2_exact_bytes() -> None:
+def test_v2_encodes_the_exact_spec_bytes() -> None:
     data = encode_v2(("1.2.3.4", 5), ("10.0.0.1", 80))
     assert data == V2_SIGNATURE + bytes.fromhex("2111000c 01020304 0a000001 0005 0050")
     assert encode_v2(None, None, local=True) == V2_SIGNATURE + b"\x20\x00\x00\x00"
     assert encode_v2(None, None) == V2_SIGNATURE + b"\x21\x00\x00\x00"
 
 
-def test_unknown_and_local_headers() -> None:
+def test_unknown_and_local_headers_parse_without_addresses() -> None:
     assert parse(b"PROXY UNKNOWN\r\nxyz") == (
         ProxyHeader(1, "PROXY", "UNKNOWN", None, None),
         15,
@@ -109,7 +109,7 @@ def test_v2_tlvs_are_returned() -> None:
     assert header.tlvs == tlvs
 
 
-def test_header_for() -> None:
+def test_header_for_picks_the_encoder_by_version_and_rejects_unknown_ones() -> None:
     src, dst = ("1.2.3.4", 5), ("5.6.7.8", 9)
     assert header_for("v1", src, dst) == encode_v1(src, dst)
     assert header_for("v2", src, dst) == encode_v2(src, dst)
@@ -185,7 +185,7 @@ def test_every_prefix_of_fixed_headers_is_incomplete() -> None:
         (V2_SIGNATURE + b"\x21\x11\x00\x0f" + bytes(12) + b"\x01\x00\x01", "overruns"),
     ],
 )
-def test_malformed(data: bytes, says: str) -> None:
+def test_malformed_input_is_rejected_saying_why(data: bytes, says: str) -> None:
     assert says in _parse_error(data)
 
 
@@ -212,7 +212,7 @@ def test_random_bytes_never_crash(data: bytes) -> None:
 
 
 @given(st.binary(max_size=120))
-def test_random_bytes_after_a_signature(data: bytes) -> None:
+def test_random_bytes_after_a_signature_raise_only_protocol_errors(data: bytes) -> None:
     for signature in (b"PROXY ", V2_SIGNATURE):
         with contextlib.suppress(IncompleteError, ProxyProtocolError):
             parse(signature + data)

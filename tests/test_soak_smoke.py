@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_soak_smoke(tmp_path: Path) -> None:
+def test_short_soak_moves_every_byte_without_errors_or_leaks(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.soak", "--minutes", "0.33", "--sample-interval", "2",

@@ -98,7 +98,7 @@ def socket_of(side: _Tracking) -> SocketLike:
     return sock
 
 
-def test_transport_sockets_are_the_pseudo_kinds(run_in_loop: Runner) -> None:
+def test_transport_sockets_are_pseudo_sockets_recognised_as_tcp(run_in_loop: Runner) -> None:
     async def body() -> None:
         async with transport_pair() as (client, _):
             sock = socket_of(client)
@@ -110,7 +110,7 @@ def test_transport_sockets_are_the_pseudo_kinds(run_in_loop: Runner) -> None:
     run_in_loop(body)
 
 
-def test_keepalive_reads_back_rounded(run_in_loop: Runner) -> None:
+def test_keepalive_settings_read_back_rounded_to_kernel_units(run_in_loop: Runner) -> None:
     async def body() -> None:
         async with transport_pair() as (client, server):
             for side in (client, server):
@@ -123,7 +123,9 @@ def test_keepalive_reads_back_rounded(run_in_loop: Runner) -> None:
     run_in_loop(body)
 
 
-def test_keepalive_disable_and_kernel_default_user_timeout(run_in_loop: Runner) -> None:
+def test_keepalive_can_be_disabled_and_user_timeout_reset_to_kernel_default(
+    run_in_loop: Runner,
+) -> None:
     async def body() -> None:
         async with transport_pair() as (client, _):
             sock = socket_of(client)
@@ -149,7 +151,7 @@ def test_keepalive_clamps_to_kernel_limits(run_in_loop: Runner) -> None:
     run_in_loop(body)
 
 
-def test_nodelay(run_in_loop: Runner) -> None:
+def test_set_nodelay_turns_tcp_nodelay_on(run_in_loop: Runner) -> None:
     async def body() -> None:
         async with transport_pair() as (client, _):
             sock = socket_of(client)
@@ -160,7 +162,7 @@ def test_nodelay(run_in_loop: Runner) -> None:
     run_in_loop(body)
 
 
-def test_closed_transport_socket_is_silent(run_in_loop: Runner) -> None:
+def test_options_on_a_closed_transport_socket_are_silently_ignored(run_in_loop: Runner) -> None:
     async def body() -> None:
         async with transport_pair() as (client, _):
             sock = socket_of(client)
@@ -174,7 +176,7 @@ def test_closed_transport_socket_is_silent(run_in_loop: Runner) -> None:
     run_in_loop(body)
 
 
-def test_unix_socket_is_skipped(run_in_loop: Runner) -> None:
+def test_unix_socket_is_left_untouched(run_in_loop: Runner) -> None:
     async def body() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             async with transport_pair(str(Path(tmp) / "s.sock")) as (client, _):
@@ -188,7 +190,7 @@ def test_unix_socket_is_skipped(run_in_loop: Runner) -> None:
     run_in_loop(body)
 
 
-def test_plain_socket_and_closed_plain_socket() -> None:
+def test_plain_socket_takes_keepalive_and_a_closed_one_is_ignored() -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         with client:
@@ -201,7 +203,7 @@ def test_plain_socket_and_closed_plain_socket() -> None:
     assert read_keepalive(client) is None
 
 
-def test_ipv6_loopback_is_tcp() -> None:
+def test_ipv6_loopback_is_tcp_and_takes_keepalive() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
     try:
@@ -216,7 +218,7 @@ def test_ipv6_loopback_is_tcp() -> None:
         assert readback.count == 4
 
 
-def test_udp_is_not_tcp() -> None:
+def test_udp_is_not_tcp_and_keepalive_leaves_it_untouched() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         assert not is_tcp(udp)
         apply_keepalive(udp, **KEEPALIVE)
@@ -224,6 +226,6 @@ def test_udp_is_not_tcp() -> None:
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
-def test_bad_durations_are_caller_bugs(bad: float) -> None:
+def test_bad_durations_raise_value_error(bad: float) -> None:
     with socket.socket() as sock, pytest.raises(ValueError, match="duration"):
         apply_keepalive(sock, **{**KEEPALIVE, "idle": bad})
