@@ -65,9 +65,13 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("connwatch.runtime.*",),
         ("observe", "proxy", "liveness", "health", "wire", "config", *FOUNDATION),
     ),
-    "commands": (("connwatch.commands", "connwatch.commands.probe"), BELOW_COMMANDS),
+    "commands": (("connwatch.commands.*",), BELOW_COMMANDS),
     "commands.top": (("connwatch.commands.top.*",), BELOW_COMMANDS),
-    "commands.demo": (("connwatch.commands.demo.*",), ("commands.top", *BELOW_COMMANDS)),
+    # demo shows top's view of its in-process daemon and runs on the commands' event loop
+    "commands.demo": (
+        ("connwatch.commands.demo.*",),
+        ("commands", "commands.top", *BELOW_COMMANDS),
+    ),
     "cli": (
         ("connwatch.cli", "connwatch.__main__"),
         ("commands", "commands.top", "commands.demo", *FOUNDATION),

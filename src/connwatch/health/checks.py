@@ -28,7 +28,7 @@ from connwatch import __version__
 from connwatch._types import Address
 from connwatch.config import HealthCheckConfig
 from connwatch.exceptions import describe_error
-from connwatch.heartbeat import close_writer, exchange
+from connwatch.health.heartbeat_io import close_writer, exchange
 from connwatch.wire.heartbeat_frame import (
     FRAME_SIZE,
     FrameDecoder,

@@ -161,14 +161,9 @@ class Tracker:
         return out
 
 
-def connection_record(conn: MonitoredConnection, now: float) -> dict[str, Any]:
-    """The `/connections` fields a connection knows itself (SPEC section 4); liveness is added
-    by the watchdog."""
-    return snapshot_record(conn.statistics(now))
-
-
 def snapshot_record(stats: ConnectionStats) -> dict[str, Any]:
-    """`connection_record` of a snapshot already taken."""
+    """The `/connections` fields a connection knows itself (SPEC section 4), from its snapshot;
+    liveness is added by the watchdog."""
     return {
         "id": stats.id,
         "listener": stats.listener,

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from connwatch._types import Address, CloseReason, ConnectionState, HealthState, Liveness, rfc3339
 from connwatch.observe.metrics import build_registry
-from connwatch.observe.tracker import connection_record
+from connwatch.observe.tracker import snapshot_record
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.runtime.state import DaemonState
-from connwatch.snapshots import DaemonStats, TargetStats
+from connwatch.snapshots import ConnectionStats, DaemonStats, TargetStats
 
 
 class DaemonBackend:
@@ -34,8 +34,8 @@ class DaemonBackend:
         state = self._state
         targets: dict[tuple[str, str], TargetStats] = {}
         for listener in state.listeners.values():
-            for target in listener.pool.targets:
-                targets[(listener.name, target.label)] = target.statistics(listener.name)
+            for target in listener.statistics().targets:
+                targets[(target.listener, target.label)] = target
         return DaemonStats(
             listeners=state.tracker.statistics(),
             targets=targets,
@@ -71,19 +71,20 @@ class DaemonBackend:
         for conn in self._state.tracker.connections(listener):
             if limit is not None and len(out) >= limit:
                 break
-            if conn.state is ConnectionState.CONNECTING:
+            stats = conn.statistics(now)
+            if stats.state is ConnectionState.CONNECTING:
                 continue
-            if min_idle is not None and conn.idle(now) < min_idle:
+            if min_idle is not None and stats.idle < min_idle:
                 continue
-            record = connection_record(conn, now)
-            record.update(self._describe(conn, now))
+            record = snapshot_record(stats)
+            record.update(self._describe(conn, stats))
             out.append(record)
         return out
 
-    def _describe(self, conn: MonitoredConnection, now: float) -> dict[str, Any]:
+    def _describe(self, conn: MonitoredConnection, stats: ConnectionStats) -> dict[str, Any]:
         if self._state.liveness is not None:
             return self._state.liveness.describe(conn)
-        liveness = Liveness.HALF_CLOSED if conn.half_closed else Liveness.OK
+        liveness = Liveness.HALF_CLOSED if stats.half_closed else Liveness.OK
         return {
             "liveness": str(liveness),
             "heartbeat": {"state": "ok", "failures": 0, "interval_s": None},
@@ -94,7 +95,7 @@ class DaemonBackend:
         listeners: dict[str, Any] = {}
         ready = not self._state.draining
         for name, listener in self._state.listeners.items():
-            checks_on = listener.config.health_check.enabled
+            snap = listener.statistics()
             upstreams = {
                 t.label: {
                     "status": str(t.state),
@@ -102,12 +103,12 @@ class DaemonBackend:
                     "latency_ms": t.latency_ms,
                     "consecutive_failures": t.consecutive_failures,
                 }
-                for t in listener.pool.targets
+                for t in snap.targets
             }
             up = (
-                listener.bound
-                and listener.accepting
-                and (not checks_on or any(t.state is HealthState.UP for t in listener.pool.targets))
+                snap.bound
+                and snap.accepting
+                and (not snap.health_checks or any(t.state is HealthState.UP for t in snap.targets))
             )
             ready = ready and up
             listeners[name] = {"status": "UP" if up else "DOWN", "upstreams": upstreams}
@@ -124,7 +125,7 @@ class DaemonBackend:
     def _protocol_errors(self) -> dict[str, int]:
         total = Counter(self._state.protocol_errors)
         for listener in self._state.all_listeners():
-            total.update(listener.protocol_errors)
+            total.update(listener.statistics().protocol_errors)
         return dict(total)
 
 
@@ -144,7 +145,7 @@ def concrete_settings(state: DaemonState) -> dict[str, Any]:
 def worker_init(state: DaemonState) -> dict[str, Any]:
     """The `init` message of a new worker: the concrete settings and every target's state."""
     states = {
-        name: {t.label: str(t.state) for t in listener.pool.targets}
+        name: {t.label: str(t.state) for t in listener.statistics().targets}
         for name, listener in state.listeners.items()
     }
     return {"settings": concrete_settings(state), "states": states}
