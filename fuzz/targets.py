@@ -2,7 +2,7 @@
 
 Pure and deterministic, so the same targets serve atheris (`fuzz/run_atheris.py`), a long
 hypothesis run (`fuzz/run_hypothesis.py`) and the bounded in-suite run
-(tests/test_config_fuzz.py). Any exception other than the parser's own error type escapes and
+(tests/config/test_config_fuzz.py). Any exception other than the parser's own error type escapes and
 counts as a finding.
 """
 

@@ -5,7 +5,7 @@
     python -m connwatch.config.reference --check docs/configuration.md  # exit 1 when it is stale
 
 Every option, its type, default and description come from the pydantic fields, so the docs
-cannot drift from the code (tests/test_docs_config.py checks it).
+cannot drift from the code (tests/config/test_docs_config.py checks it).
 """
 
 from __future__ import annotations

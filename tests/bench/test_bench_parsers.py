@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _load(name: str) -> ModuleType:

@@ -14,7 +14,7 @@ from connwatch.exceptions import ConfigError
 from connwatch.heartbeat import start_responder
 from connwatch.wire.heartbeat_frame import FRAME_SIZE, Frame, decode, pong_for
 from tests.support import run_probe
-from tests.test_health import (
+from tests.health.test_health import (
     LOOPBACK,
     Handler,
     bad_checksum_pong,

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from connwatch.config import Settings
 from connwatch.config.reference import BEGIN, END, main, render_reference, replace_generated
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "configuration.md"
 EXAMPLE = REPO / "config" / "connwatch.yaml"
 REGENERATE = "python -m connwatch.config.reference --write docs/configuration.md"

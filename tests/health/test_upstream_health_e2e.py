@@ -30,7 +30,7 @@ from tests.support import (
     listener_config,
     run_probe,
 )
-from tests.test_health import Handler, bad_checksum_pong, serving, silent
+from tests.health.test_health import Handler, bad_checksum_pong, serving, silent
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.1, 0.3, 2, 3
 DOWN_WITHIN = FALL * INTERVAL + TIMEOUT + 1  # issue 4, "Done when"

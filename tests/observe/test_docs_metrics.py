@@ -17,7 +17,7 @@ from tests.support import (
     running_daemon,
 )
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 # | `connwatch_x_total` | counter | `listener`, `reason` | meaning | example |
 _ROW = re.compile(r"^\|\s*`(connwatch_\w+)`\s*\|\s*(\w+)[^|]*\|([^|]*)\|", re.MULTILINE)
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import LOOPBACK, EchoUpstream, free_port
 
-FLOORS = Path(__file__).resolve().parent.parent / "bench" / "floors.py"
+FLOORS = Path(__file__).resolve().parents[2] / "bench" / "floors.py"
 
 
 @asynccontextmanager
@@ -73,7 +73,7 @@ async def test_floor_forwards_byte_exact_with_half_close(kind: str, workers: int
 @pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="needs redis-benchmark")
 def test_instruction_counts_are_per_unit_and_repeat() -> None:
     """bench/instructions.py counts only the measured load: twice the load, twice the count."""
-    script = Path(__file__).resolve().parent.parent / "bench" / "instructions.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "instructions.py"
 
     def counts(conns: int, requests: int) -> list[float]:
         argv = [sys.executable, str(script), "--proxies", "py-protocol"]

@@ -1,6 +1,6 @@
 """Bounded fuzzing in the normal suite: the fuzz/ targets under hypothesis, a few seconds each.
 
-tests/test_config.py already throws random structures and text at the loader; here the inputs
+tests/config/test_config.py already throws random structures and text at the loader; here the inputs
 are a complete valid config with a few edits (so validation reaches every nested model), the
 same through the environment, and the fuzz/ targets for PROXY headers and heartbeat frames fed
 in arbitrary chunks. The long runs (atheris or hypothesis) are in fuzz/README.md.

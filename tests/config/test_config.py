@@ -30,7 +30,7 @@ from connwatch.config import (
 )
 from connwatch.exceptions import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # SPEC section 3, verbatim but for the comments: every value shown is the default.
 SPEC_DEFAULTS = r"""
