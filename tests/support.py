@@ -31,10 +31,13 @@ class EchoUpstream:
     By default it echoes every byte and answers EOF with EOF. With `greet_only` it echoes just the
     first chunk (the greeting), then streams `u` chunks if `stream` is set (seconds between chunks,
     0 for as fast as the daemon takes them, at most `chunks` of them), then reads until EOF, and
-    with `hold_open` keeps its side open until `closing` is set; greet-only legs never close first,
-    so they are aborted at exit. `blocked` is set when a write had to queue (the daemon stopped
-    reading us); `ended` when a leg ends (EOF, reset or write failure). `reset_all()` resets every
-    leg.
+    with `hold_open` keeps its side open until `closing` is set. Without `greet_only`, `stream`
+    makes it stream from the start while it reads and drops what comes (no echo), or, with
+    `read=False`, never reads. Greet-only and streaming legs never close first, so they
+    are aborted at exit. `rcvbuf` sets SO_RCVBUF on the listening socket (accepted legs inherit
+    it). `connected` is set when a leg is accepted; `blocked` when a write had to queue (the daemon
+    stopped reading us); `ended` when a leg ends (EOF, reset or write failure). `reset_all()`
+    resets every leg.
     """
 
     def __init__(
@@ -45,14 +48,19 @@ class EchoUpstream:
         chunks: int = 1_000_000,  # bounded: far past any test's end
         hold_open: bool = False,
         unix_path: Path | None = None,
+        read: bool = True,
+        rcvbuf: int | None = None,
     ) -> None:
         self.greet_only = greet_only
         self.stream = stream
         self.chunks = chunks
         self.hold_open = hold_open
         self.unix_path = unix_path
+        self.read = read
+        self.rcvbuf = rcvbuf
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.connected = asyncio.Event()
         self.blocked = asyncio.Event()
         self.ended = asyncio.Event()
         self.closing = asyncio.Event()
@@ -63,15 +71,26 @@ class EchoUpstream:
     async def __aenter__(self) -> EchoUpstream:
         if self.unix_path is not None:
             self.server = await asyncio.start_unix_server(self._handle, str(self.unix_path))
+        elif self.rcvbuf is not None:
+            self.server = await asyncio.start_server(self._handle, sock=self._small_rcvbuf_socket())
         else:
             self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
         return self
+
+    def _small_rcvbuf_socket(self) -> socket.socket:
+        """A bound listening socket whose SO_RCVBUF its accepted legs inherit."""
+        assert self.rcvbuf is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        sock.bind((LOOPBACK, 0))
+        return sock
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
         self.closing.set()
-        if self.greet_only:
+        if self.greet_only or self.stream is not None:
             for writer in self.writers:  # legs whose close never reached us (dropped, held)
                 writer.transport.abort()
             await eventually(lambda: self.open == 0, timeout=5)
@@ -95,16 +114,20 @@ class EchoUpstream:
         """Close every leg with a RST (SO_LINGER 0)."""
         for writer in self.writers:
             sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):  # a leg that has already closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self.open += 1
         self.writers.append(writer)
+        self.connected.set()
         try:
             if self.greet_only:
                 await self._greet(reader, writer)
+            elif self.stream is not None:
+                await self._flood(reader, writer, self.stream)
             else:
                 await self._echo(reader, writer)
         except (ConnectionError, OSError):
@@ -134,6 +157,24 @@ class EchoUpstream:
             self.received += len(data)
         if self.hold_open:
             await self.closing.wait()  # hold our side open after the client's EOF
+
+    async def _flood(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, interval: float
+    ) -> None:
+        """Stream to the leg from the start while reading (and dropping) what it sends."""
+        pump = asyncio.ensure_future(self._pump(writer, interval))
+        try:
+            if not self.read:
+                await self.closing.wait()  # accepts, never reads; released at exit
+                return
+            while data := await reader.read(65536):
+                self.received += len(data)
+        finally:
+            pump.cancel()
+
+    async def _pump(self, writer: asyncio.StreamWriter, interval: float) -> None:
+        with contextlib.suppress(OSError):  # the leg was reset or closed under us
+            await self._send(writer, interval)
 
     async def _send(self, writer: asyncio.StreamWriter, interval: float) -> None:
         for _ in range(self.chunks):

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from connwatch.proxy.connection import MonitoredConnection
 from connwatch.proxy.listener import Listener
 from tests.support import (
     LOOPBACK,
+    EchoUpstream,
     daemon_config,
     eventually,
     http_request,
@@ -58,68 +58,15 @@ class FakeClock:
         self.offset += seconds
 
 
-class Upstream:
+def held_upstream(*, stream: bool = False, unix_path: Path | None = None) -> EchoUpstream:
     """Echoes the first chunk, then (if asked) streams until told to stop; never closes first."""
-
-    def __init__(self, *, stream: bool = False, unix_path: Path | None = None) -> None:
-        self.stream = stream
-        self.unix_path = unix_path
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.paused = asyncio.Event()  # a write had to wait: the daemon stopped reading us
-        self.closing = asyncio.Event()
-        self.handlers = 0
-
-    async def __aenter__(self) -> Upstream:
-        if self.unix_path is not None:
-            self.server = await asyncio.start_unix_server(self._handle, str(self.unix_path))
-        else:
-            self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        self.closing.set()
-        for writer in self.writers:
-            writer.transport.abort()
-        await eventually(lambda: self.handlers == 0, timeout=5)
-
-    @property
-    def address(self) -> str:
-        if self.unix_path is not None:
-            return f"unix:{self.unix_path}"
-        assert self.server is not None
-        return f"{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.handlers += 1
-        self.writers.append(writer)
-        try:
-            writer.write(await reader.read(CHUNK))
-            await writer.drain()
-            for _ in range(10_000) if self.stream else ():  # bounded
-                if writer.transport.is_closing():  # reset_all() aborted us
-                    break
-                writer.write(b"u" * CHUNK)
-                if writer.transport.get_write_buffer_size() > 0:
-                    self.paused.set()
-                await writer.drain()
-            while await reader.read(CHUNK):
-                pass
-            await self.closing.wait()  # hold our side open after the client's EOF
-        except OSError:
-            pass
-        finally:
-            writer.close()
-            self.handlers -= 1
-
-    def reset_all(self) -> None:
-        """Close every upstream leg with a RST (SO_LINGER 0)."""
-        for writer in self.writers:
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+    return EchoUpstream(
+        greet_only=True,
+        stream=0 if stream else None,
+        chunks=10_000,  # bounded
+        hold_open=True,
+        unix_path=unix_path,
+    )
 
 
 def _listener_config(upstream: str, heartbeat: dict[str, Any], **extra: Any) -> ListenerConfig:
@@ -172,7 +119,11 @@ class Proxied:
     """One watched, greeted connection through a real listener."""
 
     def __init__(
-        self, wd: Watchdog, up: Upstream, writer: asyncio.StreamWriter, conn: MonitoredConnection
+        self,
+        wd: Watchdog,
+        up: EchoUpstream,
+        writer: asyncio.StreamWriter,
+        conn: MonitoredConnection,
     ) -> None:
         self.wd = wd
         self.up = up
@@ -190,7 +141,7 @@ async def proxied(
     data_path: str = "portable",
 ) -> AsyncIterator[Proxied]:
     async with (
-        Upstream(stream=stream) as up,
+        held_upstream(stream=stream) as up,
         watched(up.address, heartbeat, clock, data_path=data_path) as (wd, listener, tracker),
         client(listener, tracker, rcvbuf=rcvbuf) as (_, writer, conn),
     ):
@@ -245,7 +196,7 @@ async def test_one_direction_ended_is_half_closed() -> None:
 async def test_a_client_that_stops_reading_is_zero_window_not_dead(data_path: str) -> None:
     clock = FakeClock()
     async with proxied(SLOW, clock, stream=True, rcvbuf=4096, data_path=data_path) as p:
-        await asyncio.wait_for(p.up.paused.wait(), 10)
+        await asyncio.wait_for(p.up.blocked.wait(), 10)
         await eventually(lambda: p.wd.beat(p.conn) is Liveness.ZERO_WINDOW, timeout=10)
         # Far past stall_timeout: the client still answers window probes, so it is alive.
         for _ in range(5):
@@ -267,7 +218,7 @@ async def test_a_leg_reset_while_reading_is_paused_fails_beats_then_closes_both(
     The close names the kernel's reason (SO_ERROR ECONNRESET), not the watchdog's."""
     heartbeat = {**SLOW, "failure_threshold": 2}
     async with proxied(heartbeat, stream=True, rcvbuf=4096, data_path=data_path) as p:
-        await asyncio.wait_for(p.up.paused.wait(), 10)
+        await asyncio.wait_for(p.up.blocked.wait(), 10)
         await eventually(lambda: p.wd.beat(p.conn) is Liveness.ZERO_WINDOW, timeout=10)
         p.up.reset_all()
         # The RST lands at once on loopback; the transport, not polling, never hears of it.
@@ -399,7 +350,7 @@ async def test_interval_stays_fixed_when_max_interval_equals_interval() -> None:
 # -- scheduling and configuration ----------------------------------------------------------------
 async def test_scheduler_beats_every_open_connection_and_none_once_they_close() -> None:
     heartbeat = {"enabled": True, "interval": "50ms", "max_interval": "50ms"}
-    async with Upstream() as up, watched(up.address, heartbeat) as (wd, listener, tracker):
+    async with held_upstream() as up, watched(up.address, heartbeat) as (wd, listener, tracker):
         conns = []
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(2):
@@ -429,7 +380,7 @@ async def test_heartbeats_off_still_describes_from_the_kernel_and_bytes() -> Non
 
 async def test_a_reload_applies_to_new_connections_only() -> None:
     async with (
-        Upstream() as up,
+        held_upstream() as up,
         watched(up.address, SLOW) as (wd, listener, tracker),
         client(listener, tracker) as (_, _, old),
     ):
@@ -447,7 +398,7 @@ async def test_a_reload_applies_to_new_connections_only() -> None:
 async def test_unix_socket_legs_have_no_tcp_figures(tmp_path: Path) -> None:
     listen = tmp_path / "in.sock"
     async with (
-        Upstream(unix_path=tmp_path / "up.sock") as up,
+        held_upstream(unix_path=tmp_path / "up.sock") as up,
         watched(up.address, SLOW, listen=f"unix:{listen}") as (wd, _, tracker),
     ):
         reader, writer = await asyncio.open_unix_connection(str(listen))
@@ -463,7 +414,7 @@ async def test_unix_socket_legs_have_no_tcp_figures(tmp_path: Path) -> None:
 
 
 async def test_a_connection_accepted_before_configure_starts_beating_once_configured() -> None:
-    async with Upstream() as up:
+    async with held_upstream() as up:
         wd = Watchdog(clock=FakeClock())
         tracker = Tracker(log_events=False)
         config = _listener_config(up.address, SLOW)
@@ -483,7 +434,7 @@ async def test_a_connection_accepted_before_configure_starts_beating_once_config
 # -- through the daemon: /connections and /metrics --------------------------------------------------
 async def test_connections_and_metrics_show_liveness_and_rtt() -> None:
     heartbeat = {"enabled": True, "interval": "50ms", "max_interval": "200ms"}
-    async with Upstream() as up:
+    async with held_upstream() as up:
         cfg = daemon_config(listener_config("app", [up.address], heartbeat=heartbeat))
         async with running_daemon(cfg) as daemon:
             admin = daemon.admin.port

@@ -86,78 +86,6 @@ def two_listeners(faulty: str, good: str, **faulty_overrides: Any) -> dict[str, 
     )
 
 
-class StreamingUpstream:
-    """Streams bytes to each connection while reading it; can reset every connection it holds.
-
-    `ended` is set once the daemon's leg to it has ended (EOF, reset or write failure).
-    """
-
-    def __init__(self, *, read: bool = True, rcvbuf: int | None = None) -> None:
-        self.read = read
-        self.rcvbuf = rcvbuf
-        self.ended = asyncio.Event()
-        self.connected = asyncio.Event()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> StreamingUpstream:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.rcvbuf:  # inherited by accepted sockets: keeps the kernel's share small
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-        sock.bind((LOOPBACK, 0))
-        self.server = await asyncio.start_server(self._handle, sock=sock)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-
-    @property
-    def address(self) -> str:
-        assert self.server is not None
-        return f"{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
-
-    def reset_all(self) -> None:
-        """Close every connection with RST (SO_LINGER 0)."""
-        for writer in self.writers:
-            sock = writer.transport.get_extra_info("socket")
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            writer.transport.abort()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.writers.append(writer)
-        self.connected.set()
-        pump = asyncio.ensure_future(self._pump(writer))
-        try:
-            if not self.read:
-                await asyncio.Event().wait()  # accepts, never reads; cancelled at exit
-            while await reader.read(64 * KiB):
-                pass
-        except OSError:
-            pass
-        finally:
-            pump.cancel()
-            self.ended.set()
-            self._tasks.discard(task)
-
-    async def _pump(self, writer: asyncio.StreamWriter) -> None:
-        chunk = bytes(range(256)) * 256
-        with contextlib.suppress(OSError):
-            while True:
-                writer.write(chunk)
-                await writer.drain()
-
-
 class Transfer:
     """A client that writes and reads as fast as it can until its connection ends."""
 
@@ -282,7 +210,7 @@ async def test_upstream_reset_mid_transfer_resets_the_client_promptly_as_upstrea
     tmp_path: Path,
 ) -> None:
     async with (
-        StreamingUpstream() as upstream,
+        EchoUpstream(stream=0) as upstream,
         PayloadUpstream() as good,
         DaemonProcess(tmp_path, two_listeners(upstream.address, good.address)) as daemon,
     ):
@@ -305,7 +233,7 @@ async def test_upstream_reset_mid_transfer_resets_the_client_promptly_as_upstrea
 
 async def test_upstream_that_never_reads_back_pressures_the_client(tmp_path: Path) -> None:
     async with (
-        StreamingUpstream(read=False, rcvbuf=64 * KiB) as upstream,
+        EchoUpstream(stream=0, read=False, rcvbuf=64 * KiB) as upstream,
         PayloadUpstream() as good,
         DaemonProcess(
             tmp_path, two_listeners(upstream.address, good.address, buffer_size="64KiB")
@@ -410,7 +338,7 @@ async def test_client_reset_mid_transfer_closes_the_upstream_leg_as_client_reset
     tmp_path: Path,
 ) -> None:
     async with (
-        StreamingUpstream() as upstream,
+        EchoUpstream(stream=0) as upstream,
         PayloadUpstream() as good,
         DaemonProcess(tmp_path, two_listeners(upstream.address, good.address)) as daemon,
     ):
