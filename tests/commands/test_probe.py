@@ -13,7 +13,6 @@ from connwatch.commands.probe import add_probe_parser, cmd_probe, probe_config
 from connwatch.exceptions import ConfigError
 from connwatch.heartbeat import start_responder
 from connwatch.wire.heartbeat_frame import FRAME_SIZE, Frame, decode, pong_for
-from tests.support import run_probe
 from tests.health.test_health import (
     LOOPBACK,
     Handler,
@@ -23,6 +22,7 @@ from tests.health.test_health import (
     serving,
     silent,
 )
+from tests.support import run_probe
 
 RESULT = re.compile(r"^(healthy|unhealthy) (\d+\.\d{3})ms (.+)$")
 

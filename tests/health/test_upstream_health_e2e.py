@@ -22,6 +22,7 @@ import pytest
 
 from connwatch._types import Address
 from connwatch.wire.heartbeat_frame import FRAME_SIZE, decode, pong_for
+from tests.health.test_health import Handler, bad_checksum_pong, serving, silent
 from tests.support import (
     DaemonProcess,
     EchoUpstream,
@@ -30,7 +31,6 @@ from tests.support import (
     listener_config,
     run_probe,
 )
-from tests.health.test_health import Handler, bad_checksum_pong, serving, silent
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.1, 0.3, 2, 3
 DOWN_WITHIN = FALL * INTERVAL + TIMEOUT + 1  # issue 4, "Done when"
