@@ -172,3 +172,14 @@ def test_variant_spec_parses_into_a_name_and_typed_overrides() -> None:
     name, overrides = peers.parse_variant("splice:listeners.0.data_path=splice;workers=2")
     assert name == "splice"
     assert overrides == {"listeners.0.data_path": "splice", "workers": 2}
+
+
+def test_callgrind_dumps_sum_and_a_wrapped_negative_count_asks_for_a_rerun(tmp_path: Path) -> None:
+    from bench.instructions import dumped_instructions
+
+    (tmp_path / "callgrind.10.1").write_bytes(b"events: Ir\nsummary: 1000\n")
+    (tmp_path / "callgrind.11.1").write_bytes(b"events: Ir\ntotals: 234\n")
+    (tmp_path / "callgrind.10").write_bytes(b"summary: 99999\n")  # the exit dump: not counted
+    assert dumped_instructions(tmp_path) == 1234
+    (tmp_path / "callgrind.12.1").write_bytes(b"summary: %d\n" % (2**64 - 5))
+    assert dumped_instructions(tmp_path) is None
