@@ -27,7 +27,7 @@ class ConnectionEvents:
         self.refresh_logger()
 
     def refresh_logger(self) -> None:
-        self._lines = info_lines("connwatch.proxy.connection")  # the connection lines
+        self._lines = info_lines("connwatch.connection")  # the connection lines
         self._log = get_logger("connwatch.connection")  # the rest
 
     def configure(self, *, enabled: bool, limit: int) -> None:

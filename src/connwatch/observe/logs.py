@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -11,6 +10,7 @@ import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 LEVELS = {
@@ -64,13 +64,16 @@ class LineLogger:
             self._fd = None
 
     def msg(self, message: str) -> None:
-        line = message + "\n"
+        self.write_line((message + "\n").encode())
+
+    def write_line(self, line: bytes) -> None:
+        """One whole line, newline included, in one write()."""
         if self._fd is None:
-            self._stream.write(line)
+            self._stream.write(line.decode())
             self._stream.flush()
             return
         self._stream.flush()  # anything printed to the stream by other means goes first
-        data = memoryview(line.encode())
+        data = memoryview(line)
         while data:
             try:
                 data = data[os.write(self._fd, data) :]
@@ -78,6 +81,21 @@ class LineLogger:
                 select.select([], [self._fd], [], 1.0)
 
     debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+
+
+# orjson (C) renders every JSON line: ~10x faster than the standard library's encoder, which
+# matters for the two lines of every connection. Keys that are not text are written as text;
+# values JSON cannot hold are written as their repr, as structlog's own fallback does.
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _fallback(value: object) -> str:
+    return repr(value)
+
+
+def render_json(event: MutableMapping[str, Any], **kw: Any) -> str:
+    """structlog's JSONRenderer serializer: the same bytes `JsonInfoLines` writes."""
+    return orjson.dumps(event, default=kw.get("default", _fallback), option=_JSON_OPTIONS).decode()
 
 
 class JsonInfoLines:
@@ -88,18 +106,21 @@ class JsonInfoLines:
     structlog chain costs twice what this does there.
     """
 
-    __slots__ = ("_encode", "_out", "_stamp")
+    __slots__ = ("_out", "_stamp")
 
     def __init__(self, out: LineLogger) -> None:
         self._out = out
         self._stamp = _Stamper()
-        self._encode = json.JSONEncoder(default=repr).encode
 
     def info(self, event: str, **fields: Any) -> None:
         fields["event"] = event
         fields["level"] = "info"
         fields["timestamp"] = self._stamp.now()
-        self._out.msg(self._encode(fields))
+        self._out.write_line(
+            orjson.dumps(
+                fields, default=_fallback, option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE
+            )
+        )
 
 
 _configured: tuple[str, str, TextIO | None] | None = None  # level, format, stream in force
@@ -113,7 +134,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=render_json)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
