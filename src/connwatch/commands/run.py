@@ -16,6 +16,7 @@ import structlog
 
 from connwatch.commands.event_loop import run_loop
 from connwatch.exceptions import ConfigError, ListenerError
+from connwatch.runtime.upgrade.messages import UpgradeError
 
 __all__ = ["add_run_parser", "add_worker_parser", "cmd_run", "cmd_worker"]
 
@@ -29,6 +30,11 @@ def add_run_parser(subparsers: Any) -> None:
     run.add_argument("--listen", help="listen address for a one-listener config, e.g. :7000")
     run.add_argument(
         "--upstream", action="append", default=[], help="upstream address (repeatable)"
+    )
+    run.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the listeners over from the connwatch serving upgrade_socket (seamless upgrade)",
     )
 
 
@@ -63,11 +69,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in config_warnings(settings):
         log.warning("config_warning", message=warning)
     config_path = args.config or (None if base else os.environ.get("CONNWATCH_CONFIG"))
+    if getattr(args, "takeover", False):
+        return _run_takeover(settings, config_path, base)
     daemon = Daemon(settings, config_path=config_path, base_config=base)
     try:
         run_loop(daemon.run)
-    except (ListenerError, OSError) as exc:
+    except (ListenerError, OSError, UpgradeError) as exc:
         print(f"connwatch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _run_takeover(settings: Any, config_path: str | None, base: dict[str, Any] | None) -> int:
+    """`run --takeover`: receive the listening sockets from the running connwatch before binding
+    anything, then serve; any failure before the old process let go leaves it serving."""
+    from connwatch.runtime.daemon import Daemon
+    from connwatch.runtime.upgrade.takeover import Takeover
+
+    path = settings.upgrade_socket
+    if path is None:
+        raise ConfigError(
+            [
+                "--takeover needs upgrade_socket in the configuration: the path the running"
+                " connwatch serves"
+            ]
+        )
+
+    async def main() -> None:
+        takeover = await Takeover.connect(path)
+        try:
+            daemon = Daemon(settings, config_path=config_path, base_config=base, takeover=takeover)
+            await daemon.run()
+        except BaseException:
+            takeover.abandon()
+            raise
+
+    try:
+        run_loop(main)
+    except (ListenerError, OSError, UpgradeError) as exc:
+        print(
+            f"connwatch: takeover failed: {exc}; the running connwatch keeps serving",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return EXIT_OK
 

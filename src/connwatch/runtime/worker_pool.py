@@ -36,10 +36,12 @@ class WorkerPool:
 
     def __init__(self) -> None:
         self.workers: dict[int, Worker] = {}
+        self.retired: list[DaemonStats] = []  # stopped workers' final statistics
+        self.id_base = 0  # connection ids of worker i start "<id_base + i>-" (seamless upgrade)
 
-    async def spawn(self, count: int, init: dict[str, Any]) -> None:
+    async def spawn(self, count: int, init: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> None:
         for index in range(1, count):
-            self.workers[index] = await _spawn_one(index, init)
+            self.workers[index] = await _spawn_one(index, init, pass_fds)
         log.info("workers_started", workers=count, pids=[w.proc.pid for w in self.workers.values()])
 
     async def _each(self, op: str, **args: Any) -> list[Any]:
@@ -47,13 +49,16 @@ class WorkerPool:
             try:
                 return await worker.channel.call(op, **args)
             except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+                if op == "stats" and worker.channel.final is not None:
+                    return worker.channel.final  # it drained and is exiting: its last figures
                 log.warning("worker_unreachable", worker=worker.index, op=op, error=repr(exc))
                 return None
 
         return list(await asyncio.gather(*(one(w) for w in self.workers.values())))
 
     async def statistics(self) -> list[DaemonStats]:
-        return [stats_from_wire(raw) for raw in await self._each("stats") if raw is not None]
+        live = [stats_from_wire(raw) for raw in await self._each("stats") if raw is not None]
+        return [*live, *self.retired]
 
     async def connection_records(self, **query: Any) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -63,7 +68,7 @@ class WorkerPool:
 
     async def close_connection(self, conn_id: str) -> bool:
         index = int(conn_id.split("-", 1)[0]) if conn_id.split("-", 1)[0].isdigit() else -1
-        worker = self.workers.get(index)
+        worker = self.workers.get(index - self.id_base)
         if worker is None:
             return False
         try:
@@ -85,11 +90,13 @@ class WorkerPool:
                 log.warning("worker_killed", worker=worker.index, pid=worker.proc.pid)
                 worker.proc.kill()
                 await worker.proc.wait()
+            if (final := await worker.channel.collect_final(1.0)) is not None:
+                self.retired.append(stats_from_wire(final))
             worker.channel.close()
         self.workers.clear()
 
 
-async def _spawn_one(index: int, init: dict[str, Any]) -> Worker:
+async def _spawn_one(index: int, init: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> Worker:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -101,7 +108,7 @@ async def _spawn_one(index: int, init: dict[str, Any]) -> Worker:
             str(index),
             "--fd",
             str(theirs.fileno()),
-            pass_fds=(theirs.fileno(),),
+            pass_fds=(theirs.fileno(), *pass_fds),
             stdin=subprocess.DEVNULL,
         )
     finally:
