@@ -24,7 +24,6 @@ class ControlChannel:
         self.reader = reader
         self.writer = writer
         self._lock = asyncio.Lock()
-        self.final: dict[str, Any] | None = None  # a stopped worker's last statistics (wire form)
 
     @classmethod
     async def open(cls, sock: socket.socket) -> ControlChannel:
@@ -45,26 +44,12 @@ class ControlChannel:
     async def call(self, op: str, **args: Any) -> Any:
         async with self._lock, asyncio.timeout(_CALL_TIMEOUT):
             await self.send({"op": op, **args})
-            answer = await self._answer()
+            answer = await self.receive()
         if answer is None:
             raise ConnectionError("worker closed its control socket")
         if not answer.get("ok"):
             raise RuntimeError(f"worker failed {op}: {answer.get('error')}")
         return answer.get("result")
-
-    async def _answer(self) -> dict[str, Any] | None:
-        """The next answer; a stopped worker's unsolicited `final` message is kept aside."""
-        while (message := await self.receive()) is not None and "final" in message:
-            self.final = message["final"]
-        return message
-
-    async def collect_final(self, timeout: float) -> dict[str, Any] | None:
-        """After a worker was told to stop: its last statistics, sent just before it exits."""
-        with contextlib.suppress(OSError, ValueError, TimeoutError):
-            async with self._lock, asyncio.timeout(timeout):
-                while self.final is None and await self._answer() is not None:
-                    pass
-        return self.final
 
     def close(self) -> None:
         self.writer.close()

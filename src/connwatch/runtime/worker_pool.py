@@ -21,6 +21,8 @@ from connwatch.snapshots import DaemonStats, stats_from_wire
 
 log = structlog.get_logger("connwatch.workers")
 
+_FINAL_POLL = 0.05  # seconds between asking a stopping worker whether it has drained
+
 
 class Worker:
     """The primary's handle on one worker process."""
@@ -49,15 +51,20 @@ class WorkerPool:
             try:
                 return await worker.channel.call(op, **args)
             except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
-                if op == "stats" and worker.channel.final is not None:
-                    return worker.channel.final  # it drained and is exiting: its last figures
                 log.warning("worker_unreachable", worker=worker.index, op=op, error=repr(exc))
                 return None
 
         return list(await asyncio.gather(*(one(w) for w in self.workers.values())))
 
     async def statistics(self) -> list[DaemonStats]:
-        live = [stats_from_wire(raw) for raw in await self._each("stats") if raw is not None]
+        workers = list(self.workers.values())
+        answers = await self._each("stats")
+        # Read after the await: a worker that retired meanwhile is counted once, from `retired`.
+        live = [
+            stats_from_wire(raw)
+            for worker, raw in zip(workers, answers, strict=True)
+            if raw is not None and self.workers.get(worker.index) is worker
+        ]
         return [*live, *self.retired]
 
     async def connection_records(self, **query: Any) -> list[dict[str, Any]]:
@@ -82,18 +89,35 @@ class WorkerPool:
     async def stop(self, timeout: float) -> None:
         """Ask every worker to drain and exit; kill those still running after `timeout`."""
         await self._each("stop")
-        for worker in self.workers.values():
+        deadline = asyncio.get_running_loop().time() + timeout
+        for worker in list(self.workers.values()):
+            final = await _final_figures(worker, deadline)  # it drains, then reports them
+            # Together, with no await between: counted live or retired, never both, never neither.
+            del self.workers[worker.index]
+            if final is not None:
+                self.retired.append(stats_from_wire(final))
+            worker.channel.close()  # it exits once we hang up
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline + 1.0):
                     await worker.proc.wait()
             except TimeoutError:
                 log.warning("worker_killed", worker=worker.index, pid=worker.proc.pid)
                 worker.proc.kill()
                 await worker.proc.wait()
-            if (final := await worker.channel.collect_final(1.0)) is not None:
-                self.retired.append(stats_from_wire(final))
-            worker.channel.close()
-        self.workers.clear()
+
+
+async def _final_figures(worker: Worker, deadline: float) -> dict[str, Any] | None:
+    """A stopping worker's statistics once it has drained (None if it died or ran out of time)."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        try:
+            raw = await worker.channel.call("stats")
+        except (OSError, RuntimeError, TimeoutError, ValueError):
+            return None
+        if raw.get("final"):
+            return dict(raw)
+        await asyncio.sleep(_FINAL_POLL)
+    return None
 
 
 async def _spawn_one(index: int, init: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> Worker:

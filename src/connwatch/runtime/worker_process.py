@@ -27,6 +27,8 @@ from connwatch.snapshots import stats_to_wire
 
 log = structlog.get_logger("connwatch.worker")
 
+_FINAL_WAIT = 10.0  # seconds, after draining, for the primary to take our final figures
+
 
 class WorkerProcess:
     """One worker: a WORKER-role Daemon and the control channel it answers the primary on; the
@@ -39,6 +41,7 @@ class WorkerProcess:
         self.channel = channel
         self.daemon = Daemon(settings, worker_index=id_base + index, role=Role.WORKER)
         self._told_to_stop = False  # by the primary: it waits for our final statistics
+        self._final = False  # drained: nothing more will change our figures
 
     async def start(self) -> None:
         await self.daemon.start()
@@ -48,18 +51,26 @@ class WorkerProcess:
         """Serve the primary until it says stop or goes away (or SIGTERM), then drain and stop."""
         daemon = self.daemon
         install_worker_signals(daemon.request_stop)
-        handlers = self._handlers()
-        control = daemon.tasks.spawn(serve_control(self.channel, handlers, stop_ends=False))
+        # Not one of the daemon's tasks: it answers the primary during and after the drain,
+        # until the primary has our final figures and hangs up.
+        control = asyncio.get_running_loop().create_task(
+            serve_control(self.channel, self._handlers(), stop_ends=False)
+        )
         stop = daemon.tasks.spawn(daemon.wait_stop_requested())
         try:
             await asyncio.wait({control, stop}, return_when=asyncio.FIRST_COMPLETED)
-            await daemon.shutdown()  # the primary said stop (we answer it while draining)
-            if self._told_to_stop:  # the primary keeps our totals (counters never go back)
-                with contextlib.suppress(OSError):
-                    await self.channel.send({"final": stats_to_wire(daemon.statistics())})
+            await daemon.shutdown()  # the primary said stop, or went away
+            self._final = True  # our `stats` answers are final now
+            if self._told_to_stop and not control.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_FINAL_WAIT):
+                        await asyncio.shield(control)
         finally:
             try:
-                await daemon.tasks.cancel(stop, control)
+                await daemon.tasks.cancel(stop)
+                control.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await control
             finally:
                 self.channel.close()
 
@@ -80,7 +91,10 @@ class WorkerProcess:
         return True  # settings and states were applied before serving (see run_worker)
 
     async def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        return stats_to_wire(self.daemon.statistics())
+        wire = stats_to_wire(self.daemon.statistics())
+        if self._final:
+            wire["final"] = True  # the primary keeps these (counters never go back)
+        return wire
 
     async def _op_connections(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return self.daemon.local_records(

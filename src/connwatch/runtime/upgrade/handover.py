@@ -191,7 +191,11 @@ class HandoverServer:
         self.status.phase, self.status.peer_pid = "handing_over", new_pid
         try:
             await self._hand_over(conn)
+            await self._serve_successor(conn)
         except (UpgradeError, OSError, TimeoutError, RuntimeError) as exc:
+            if self._released:  # the successor went away while we drain: nothing to undo
+                log.warning("upgrade_successor_lost", role=HANDED_OVER, error=str(exc))
+                return
             self.status.count(HANDED_OVER, FAILURE)
             self.status.phase, self.status.peer_pid = None, None
             log.warning(
@@ -205,7 +209,6 @@ class HandoverServer:
         finally:
             if not self._released:
                 self._busy = False
-        await self._serve_successor(conn)
 
     def _refusal(self, message: dict[str, Any]) -> str | None:
         if message.get("version") != PROTOCOL_VERSION:
@@ -233,14 +236,6 @@ class HandoverServer:
             )
         finally:
             close_fds(borrowed)
-        async with asyncio.timeout(RELEASE_TIMEOUT):
-            message, more = await conn.receive()
-        close_fds(more)
-        if message.get("op") != "release":
-            raise UpgradeError(f"expected release, got {message.get('op')!r}")
-        await self._release()
-        await conn.send({"ok": True})
-        self._host.request_stop()  # drain as on SIGTERM
 
     async def _collect(self) -> tuple[list[dict[str, Any]], list[int], list[int]]:
         """Every listening socket of this process and its workers (each once), the admin socket
@@ -306,12 +301,25 @@ class HandoverServer:
 
     # -- after the release: a retiring worker of the successor ----------------------------------
     async def _serve_successor(self, conn: MessageSocket) -> None:
+        """Answer the successor: its admin endpoint asks for our figures from the moment it
+        serves (before `release` too: both of us accept on the admin socket then); `release`
+        must come within RELEASE_TIMEOUT."""
         backend = self._host.backend
+        deadline = asyncio.get_running_loop().time() + RELEASE_TIMEOUT
         while True:
-            message, fds = await conn.receive()
+            if self._released:
+                message, fds = await conn.receive()
+            else:
+                async with asyncio.timeout_at(deadline):
+                    message, fds = await conn.receive()
             close_fds(fds)
             op = message.get("op")
             answer: dict[str, Any] = {"ok": True}
+            if op == "release" and not self._released:
+                await self._release()
+                await conn.send(answer)
+                self._host.request_stop()  # drain as on SIGTERM
+                continue
             if op == "stats":
                 final = self._final_ready.is_set()
                 answer["stats"] = stats_to_wire(await self.statistics())
