@@ -163,20 +163,22 @@ class Daemon:
             raise
         self.state.started = True
         self.progress.schedule()
-        if self.role is Role.PRIMARY:
-            log.info(
-                "daemon_started",
-                admin=str(self.settings.admin.listen),
-                admin_port=self.admin.port,
-                pid=os.getpid(),
-            )
+        if self.role is Role.PRIMARY and self._takeover is None:
+            self._log_started()
+
+    def _log_started(self) -> None:
+        log.info(
+            "daemon_started",
+            admin=str(self.settings.admin.listen),
+            admin_port=self.admin.port,
+            pid=os.getpid(),
+        )
 
     async def _start_primary(self) -> None:
         received = self._received
-        if received is not None and received.admin is not None:
-            await self.admin.start_on_socket(received.admin)
-        else:
+        if received is None or received.admin is None:
             await self.admin.start(self.settings.admin.listen)
+        # else: the inherited admin socket is served from the release on (_release_predecessor)
         address = self.settings.admin.heartbeat_listen
         if address is not None:
             self._responder = await start_heartbeat_responder(address, self.count_protocol_error)
@@ -212,6 +214,7 @@ class Daemon:
     async def _release_predecessor(self, takeover: Takeover) -> None:
         """Accepting on the inherited sockets now: tell the old process to stop accepting. If it
         does not, drain what this process accepted meanwhile and fail (the old one serves on)."""
+        received = self._received
         try:
             await takeover.release()
         except UpgradeError:
@@ -219,10 +222,18 @@ class Daemon:
                 listener.release()  # the sockets (and a Unix path) stay the old process's
             if self.handover is not None:
                 self.handover.disown()
+            if received is not None and received.admin is not None:
+                received.admin.close()
             await self.shutdown()
             raise
         if self.handover is not None:
             self.handover.own()
+        if received is not None and received.admin is not None:
+            # Only now: had both processes answered scrapes at once, one without the other's
+            # newest connections, a counter could have seemed to go back. Meanwhile scrapes
+            # wait in the shared socket's backlog.
+            await self.admin.start_on_socket(received.admin)
+        self._log_started()
 
     def _upgrade_totals(self) -> dict[str, int]:
         if self.handover is not None:
