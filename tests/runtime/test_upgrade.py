@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
+
+from connwatch.commands.top.admin_client import AdminClient
+from connwatch.runtime.upgrade.messages import PROTOCOL_VERSION, MessageSocket, close_fds
+from tests.runtime.upgrade_support import echo_once, failed_takeover, successor, upgrade_path
+from tests.support import (
     LOOPBACK,
     DaemonProcess,
     EchoUpstream,
@@ -24,9 +28,6 @@ from support import (
     listener_config,
     parse_metrics,
 )
-from upgrade_support import echo_once, failed_takeover, successor, upgrade_path
-
-from connwatch.runtime.upgrade.messages import PROTOCOL_VERSION, MessageSocket, close_fds
 
 ACCEPTED = 'connwatch_connections_accepted_total{listener="app"}'
 C2U = 'connwatch_bytes_total{direction="client_to_upstream",listener="app"}'
@@ -93,6 +94,9 @@ async def _served_through_the_upgrade(
     status, body = await new.get("/healthz")
     assert status == 200
     assert json.loads(body)["upgrade"]["state"] == "draining_predecessor"
+    top = await asyncio.to_thread(AdminClient(f"{LOOPBACK}:{new.admin_port}").snapshot)
+    assert top.upgrade is not None
+    assert top.upgrade["state"] == "draining_predecessor"  # `connwatch top` shows it
     for _ in range(20):  # still served by the old process
         writer.write(b"y" * 1000)
         assert await reader.readexactly(1000) == b"y" * 1000

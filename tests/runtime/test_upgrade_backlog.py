@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from support import LOOPBACK
+from tests.support import LOOPBACK
 
 CLIENTS = 50
 

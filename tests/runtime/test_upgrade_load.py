@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import LOOPBACK, DaemonProcess, daemon_config, http_request, listener_config
-from support import parse_metrics as parse
-from upgrade_support import successor, upgrade_path
+
+from tests.runtime.upgrade_support import successor, upgrade_path
+from tests.support import LOOPBACK, DaemonProcess, daemon_config, http_request, listener_config
+from tests.support import parse_metrics as parse
 
 pytestmark = pytest.mark.slow
 

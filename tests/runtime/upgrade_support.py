@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from support import LOOPBACK, DaemonProcess
+from tests.support import LOOPBACK, DaemonProcess
 
 
 def upgrade_path(tmp_path: Path) -> str:
