@@ -384,3 +384,25 @@ async def test_a_fresh_start_refuses_a_live_upgrade_socket(tmp_path: Path) -> No
 def test_parse_metrics_is_what_the_sampler_reads() -> None:
     text = 'connwatch_upgrades_total{result="success",role="took_over"} 1.0\n'
     assert upgrades(parse_metrics(text), "took_over", "success") == 1
+
+
+async def test_takeover_if_running_starts_fresh_then_takes_over(tmp_path: Path) -> None:
+    """The systemd template's command: the same for the first start and every upgrade."""
+    path = upgrade_path(tmp_path)
+    async with EchoUpstream() as upstream:
+        cfg = config(upstream, path)
+        first = await DaemonProcess(tmp_path, cfg).start("--takeover-if-running")
+        try:
+            assert first.find("upgrade_skipped")
+            port = first.port("app")
+            folder = tmp_path / "second"
+            folder.mkdir()
+            second = await DaemonProcess(folder, cfg).start("--takeover-if-running")
+            try:
+                assert await first.wait_exit(20) == 0
+                assert second.find("upgrade_started", role="took_over")
+                assert await echo_once(port) == b"ping"
+            finally:
+                assert await second.stop() == 0
+        finally:
+            await first.stop()

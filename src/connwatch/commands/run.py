@@ -36,6 +36,11 @@ def add_run_parser(subparsers: Any) -> None:
         action="store_true",
         help="take the listeners over from the connwatch serving upgrade_socket (seamless upgrade)",
     )
+    run.add_argument(
+        "--takeover-if-running",
+        action="store_true",
+        help="like --takeover when a connwatch answers on upgrade_socket; else start normally",
+    )
 
 
 def add_worker_parser(subparsers: Any) -> None:
@@ -69,8 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in config_warnings(settings):
         log.warning("config_warning", message=warning)
     config_path = args.config or (None if base else os.environ.get("CONNWATCH_CONFIG"))
-    if getattr(args, "takeover", False):
-        return _run_takeover(settings, config_path, base)
+    if getattr(args, "takeover", False) or getattr(args, "takeover_if_running", False):
+        return _run_takeover(
+            settings, config_path, base, fallback=getattr(args, "takeover_if_running", False)
+        )
     daemon = Daemon(settings, config_path=config_path, base_config=base)
     try:
         run_loop(daemon.run)
@@ -80,9 +87,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_takeover(settings: Any, config_path: str | None, base: dict[str, Any] | None) -> int:
+def _run_takeover(
+    settings: Any, config_path: str | None, base: dict[str, Any] | None, *, fallback: bool
+) -> int:
     """`run --takeover`: receive the listening sockets from the running connwatch before binding
-    anything, then serve; any failure before the old process let go leaves it serving."""
+    anything, then serve; any failure before the old process let go leaves it serving. With
+    `fallback` (`--takeover-if-running`), no process at upgrade_socket means a normal start."""
     from connwatch.runtime.daemon import Daemon
     from connwatch.runtime.upgrade.takeover import Takeover
 
@@ -96,7 +106,17 @@ def _run_takeover(settings: Any, config_path: str | None, base: dict[str, Any] |
         )
 
     async def main() -> None:
-        takeover = await Takeover.connect(path)
+        try:
+            takeover = await Takeover.connect(path)
+        except UpgradeError as exc:
+            if not (
+                fallback and isinstance(exc.__cause__, FileNotFoundError | ConnectionRefusedError)
+            ):
+                raise
+            log = structlog.get_logger("connwatch")
+            log.info("upgrade_skipped", reason=str(exc), message="no running connwatch: starting")
+            await Daemon(settings, config_path=config_path, base_config=base).run()
+            return
         try:
             daemon = Daemon(settings, config_path=config_path, base_config=base, takeover=takeover)
             await daemon.run()
