@@ -25,8 +25,10 @@ from tests.support import (
     EchoUpstream,
     daemon_config,
     eventually,
+    free_port,
     listener_config,
     parse_metrics,
+    run_probe,
 )
 
 ACCEPTED = 'connwatch_connections_accepted_total{listener="app"}'
@@ -406,3 +408,19 @@ async def test_takeover_if_running_starts_fresh_then_takes_over(tmp_path: Path) 
                 assert await second.stop() == 0
         finally:
             await first.stop()
+
+
+async def test_heartbeat_responder_is_handed_over(tmp_path: Path) -> None:
+    path = upgrade_path(tmp_path)
+    async with EchoUpstream() as upstream:
+        heartbeat = f"{LOOPBACK}:{free_port()}"
+        cfg = config(upstream, path)
+        cfg["admin"]["heartbeat_listen"] = heartbeat
+        async with DaemonProcess(tmp_path, cfg) as old:
+            assert (await run_probe(heartbeat, "--type", "heartbeat")).returncode == 0
+            new = await successor(tmp_path, "new", cfg)
+            try:
+                assert await old.wait_exit(20) == 0
+                assert (await run_probe(heartbeat, "--type", "heartbeat")).returncode == 0
+            finally:
+                assert await new.stop() == 0

@@ -257,14 +257,6 @@ async def upgrade_under_load(
                     **tally.bad(),
                 }
             )
-            if os.environ.get("CW_DEBUG"):
-                for line in current.lines:
-                    if line.get("event") == "connection_closed" and line.get("reason") not in (
-                        "client_closed",
-                    ):
-                        print("DBG", line)
-                    if "error" in line.get("event", "") or line.get("level") == "warning":
-                        print("DBG", line)
             current = new
     finally:
         stop_sampling.set()
@@ -294,8 +286,11 @@ async def _run(tmp_path: Path, workers: list[int]) -> None:
             listener,
             upgrade_socket=path,
             workers=workers[0],
-            shutdown={"drain_timeout": f"{DRAIN_TIMEOUT:g}s"},
-            log={"level": "info", "connection_events": bool(os.environ.get("CW_DEBUG"))},
+            # No quiet-gap closing in the drain: on a loaded 2-core machine a scheduling stall of
+            # the echo process or of this one looks like a quiet gap and would (rightly) close a
+            # transfer. The drain is otherwise the SIGTERM one.
+            shutdown={"drain_timeout": f"{DRAIN_TIMEOUT:g}s", "quiet_close": False},
+            log={"level": "info", "connection_events": False},
         )
         first = await DaemonProcess(tmp_path, cfg).start()
         port = first.port("app")

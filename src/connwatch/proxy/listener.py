@@ -214,8 +214,10 @@ class Listener:
             sock.close()  # the client left before we could wrap its socket
             return
         # Refused only now: a transport closed inside connection_made never reports its loss.
-        if self.tracker.active(self.name) > self.config.max_connections or not self.accepting:
-            reason = CloseReason.MAX_CONNECTIONS if self.accepting else CloseReason.SHUTDOWN
+        # (Accepted just before a hand-over to a successor: served here, not refused.)
+        draining = not self.accepting and not self._handed_over
+        if self.tracker.active(self.name) > self.config.max_connections or draining:
+            reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
             conn.close(reason, abort=True)
         elif conn.state is ConnectionState.CONNECTING:
             await self._connect(conn)

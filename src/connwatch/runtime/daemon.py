@@ -181,7 +181,10 @@ class Daemon:
         # else: the inherited admin socket is served from the release on (_release_predecessor)
         address = self.settings.admin.heartbeat_listen
         if address is not None:
-            self._responder = await start_heartbeat_responder(address, self.count_protocol_error)
+            responder_sock = received.heartbeat if received is not None else None
+            self._responder = await start_heartbeat_responder(
+                address, self.count_protocol_error, responder_sock
+            )
         if self.handover is not None:
             await self.handover.start(received.upgrade if received is not None else None)
         if self.settings.workers > 1:
@@ -234,6 +237,16 @@ class Daemon:
             # wait in the shared socket's backlog.
             await self.admin.start_on_socket(received.admin)
         self._log_started()
+
+    def heartbeat_sockets(self) -> list[Any]:
+        """The heartbeat responder's listening sockets (to hand them to a successor)."""
+        return list(self._responder.sockets) if self._responder is not None else []
+
+    def stop_heartbeat_responder(self) -> None:
+        """A successor answers heartbeats on the same socket now."""
+        if self._responder is not None:
+            self._responder.close()
+            self._responder = None
 
     def _upgrade_totals(self) -> dict[str, int]:
         if self.handover is not None:

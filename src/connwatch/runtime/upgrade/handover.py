@@ -58,6 +58,10 @@ class Host(Protocol):
 
     def request_stop(self) -> None: ...
 
+    def heartbeat_sockets(self) -> list[Any]: ...
+
+    def stop_heartbeat_responder(self) -> None: ...
+
 
 class HandoverServer:
     def __init__(self, host: Host, path: str, status: UpgradeStatus, predecessor: Takeover | None):
@@ -265,6 +269,9 @@ class HandoverServer:
                 add({**entry, "worker": index}, fd)
         for sock in self._host.admin.listening_sockets():
             add({"kind": "admin", "listen": str(state.settings.admin.listen)}, sock.fileno())
+        heartbeat = state.settings.admin.heartbeat_listen
+        for sock in self._host.heartbeat_sockets():
+            add({"kind": "heartbeat", "listen": str(heartbeat)}, sock.fileno())
         if self._sock is not None:
             add({"kind": "upgrade", "path": self.path}, self._sock.fileno())
         return entries, fds, borrowed
@@ -295,6 +302,7 @@ class HandoverServer:
             listener.release()
         await state.pool.broadcast("release")
         await self._host.admin.stop()
+        self._host.stop_heartbeat_responder()
         self._stop_listening(unlink=False)
         self.status.count(HANDED_OVER, SUCCESS)
         log.info("upgrade_released", role=HANDED_OVER, new_pid=self.status.peer_pid)

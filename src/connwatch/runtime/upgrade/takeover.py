@@ -42,6 +42,7 @@ class Received:
     listeners: dict[str, list[socket.socket]] = field(default_factory=dict)  # by listener name
     admin: socket.socket | None = None
     upgrade: socket.socket | None = None
+    heartbeat: socket.socket | None = None
     id_base: int = 0
 
 
@@ -100,6 +101,7 @@ class Takeover:
         """Keep the sockets the new settings use (same listener name and listen, same admin and
         upgrade addresses); close the others (the old process still holds them)."""
         wanted = {(cfg.name, str(cfg.listen)) for cfg in settings.listeners}
+        heartbeat = settings.admin.heartbeat_listen
         out = Received(id_base=self.id_base)
         seen: set[tuple[int, int]] = set()
         for entry, fd in zip(self._entries, self._fds, strict=True):
@@ -109,6 +111,7 @@ class Takeover:
                 (kind == "listener" and (entry.get("name"), entry.get("listen")) in wanted)
                 or (kind == "admin" and entry.get("listen") == str(settings.admin.listen))
                 or (kind == "upgrade" and entry.get("path") == settings.upgrade_socket)
+                or (kind == "heartbeat" and entry.get("listen") == str(heartbeat))
             )
             if not keep:
                 os.close(fd)
@@ -119,6 +122,8 @@ class Takeover:
                 out.listeners.setdefault(str(entry["name"]), []).append(sock)
             elif kind == "admin":
                 out.admin = sock
+            elif kind == "heartbeat":
+                out.heartbeat = sock
             else:
                 out.upgrade = sock
         self._fds = []
