@@ -73,6 +73,9 @@ SPEC_METRICS: dict[str, Metric] = {
         "counter", {"kind": frozenset({"proxy_protocol", "heartbeat_frame"})}
     ),
     "connwatch_config_reloads_total": Metric("counter", {"result": _SUCCESS_FAILURE}),
+    "connwatch_upgrades_total": Metric(
+        "counter", {"role": frozenset({"handed_over", "took_over"}), "result": _SUCCESS_FAILURE}
+    ),
     "connwatch_build_info": Metric("gauge", {"version": _ANY, "python": _ANY}),
 }
 

@@ -16,6 +16,7 @@ import structlog
 
 from connwatch.commands.event_loop import run_loop
 from connwatch.exceptions import ConfigError, ListenerError
+from connwatch.runtime.upgrade.messages import UpgradeError
 
 __all__ = ["add_run_parser", "add_worker_parser", "cmd_run", "cmd_worker"]
 
@@ -29,6 +30,16 @@ def add_run_parser(subparsers: Any) -> None:
     run.add_argument("--listen", help="listen address for a one-listener config, e.g. :7000")
     run.add_argument(
         "--upstream", action="append", default=[], help="upstream address (repeatable)"
+    )
+    run.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the listeners over from the connwatch serving upgrade_socket (seamless upgrade)",
+    )
+    run.add_argument(
+        "--takeover-if-running",
+        action="store_true",
+        help="like --takeover when a connwatch answers on upgrade_socket; else start normally",
     )
 
 
@@ -63,11 +74,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in config_warnings(settings):
         log.warning("config_warning", message=warning)
     config_path = args.config or (None if base else os.environ.get("CONNWATCH_CONFIG"))
+    if getattr(args, "takeover", False) or getattr(args, "takeover_if_running", False):
+        return _run_takeover(
+            settings, config_path, base, fallback=getattr(args, "takeover_if_running", False)
+        )
     daemon = Daemon(settings, config_path=config_path, base_config=base)
     try:
         run_loop(daemon.run)
-    except (ListenerError, OSError) as exc:
+    except (ListenerError, OSError, UpgradeError) as exc:
         print(f"connwatch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _run_takeover(
+    settings: Any, config_path: str | None, base: dict[str, Any] | None, *, fallback: bool
+) -> int:
+    """`run --takeover`: receive the listening sockets from the running connwatch before binding
+    anything, then serve; any failure before the old process let go leaves it serving. With
+    `fallback` (`--takeover-if-running`), no process at upgrade_socket means a normal start."""
+    from connwatch.runtime.daemon import Daemon
+    from connwatch.runtime.upgrade.takeover import Takeover
+
+    path = settings.upgrade_socket
+    if path is None:
+        raise ConfigError(
+            [
+                "--takeover needs upgrade_socket in the configuration: the path the running"
+                " connwatch serves"
+            ]
+        )
+
+    async def main() -> None:
+        try:
+            takeover = await Takeover.connect(path)
+        except UpgradeError as exc:
+            if not (
+                fallback and isinstance(exc.__cause__, FileNotFoundError | ConnectionRefusedError)
+            ):
+                raise
+            log = structlog.get_logger("connwatch")
+            log.info("upgrade_skipped", reason=str(exc), message="no running connwatch: starting")
+            await Daemon(settings, config_path=config_path, base_config=base).run()
+            return
+        try:
+            daemon = Daemon(settings, config_path=config_path, base_config=base, takeover=takeover)
+            await daemon.run()
+        except BaseException:
+            takeover.abandon()
+            raise
+
+    try:
+        run_loop(main)
+    except (ListenerError, OSError, UpgradeError) as exc:
+        print(
+            f"connwatch: takeover failed: {exc}; the running connwatch keeps serving",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -54,6 +54,17 @@ from connwatch.config.fields import (
 )
 
 
+def _upgrade_socket_path(value: str | None) -> str | None:
+    """An absolute filesystem path short enough for a Unix socket address (108 bytes)."""
+    if value is None:
+        return None
+    if not value.startswith("/"):
+        raise PydanticCustomError("upgrade_socket", "must be an absolute path, e.g. /run/x.sock")
+    if len(value.encode()) > 107:
+        raise PydanticCustomError("upgrade_socket", "a Unix socket path is at most 107 bytes")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -355,6 +366,13 @@ class Settings(BaseSettings):
         default=1,
         description='Processes sharing the listeners (SO_REUSEPORT), 1 to 1024; "auto" = one '
         "per CPU core.",
+    )
+    upgrade_socket: Annotated[
+        StrictStr | None, AfterValidator(_upgrade_socket_path), Kind("absolute path or null")
+    ] = Field(
+        default=None,
+        description="Unix socket through which a new connwatch process (`connwatch run "
+        "--takeover`) takes the listeners over, e.g. /run/connwatch/upgrade.sock; off when null.",
     )
     listeners: tuple[ListenerConfig, ...] = Field(
         min_length=1, description="One or more listeners."

@@ -20,6 +20,7 @@ Choices:
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import cast
@@ -113,10 +114,17 @@ class PongResponder(asyncio.Protocol):
 
 
 async def start_responder(
-    host: str, port: int, *, on_protocol_error: ProtocolErrorCallback | None = None
+    host: str,
+    port: int,
+    *,
+    on_protocol_error: ProtocolErrorCallback | None = None,
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """Listen on host:port (port 0 picks one: read it from `server.sockets`) and answer PINGs."""
+    """Listen on host:port (port 0 picks one: read it from `server.sockets`) and answer PINGs;
+    or on `sock`, a listening socket taken over from an old process (seamless upgrade)."""
     loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(lambda: PongResponder(on_protocol_error), sock=sock)
     return await loop.create_server(lambda: PongResponder(on_protocol_error), host, port)
 
 

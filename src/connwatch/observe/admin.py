@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -77,8 +78,10 @@ class AdminApp:
         self.app.router.add_delete("/connections/{conn_id}", self.delete_connection)
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
+        # more /healthz fields while something is under way (e.g. `upgrade`); none by default
+        self.health_details: Callable[[], dict[str, Any]] | None = None
 
-    async def start(self, address: Address) -> None:
+    async def start(self, address: Address, *, sock: socket.socket | None = None) -> None:
         self._runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -89,13 +92,24 @@ class AdminApp:
             logger=_quiet,
         )
         await self._runner.setup()
-        if address.path is not None:
+        if sock is not None:
+            self._site = web.SockSite(self._runner, sock)
+        elif address.path is not None:
             self._site = web.UnixSite(self._runner, address.path)
         else:
             self._site = web.TCPSite(
                 self._runner, address.host or None, address.port, reuse_address=True
             )
         await self._site.start()
+
+    async def start_on_socket(self, sock: socket.socket) -> None:
+        """Serve on a listening socket taken over from an old process (seamless upgrade)."""
+        await self.start(Address("", 0), sock=sock)
+
+    def listening_sockets(self) -> list[socket.socket]:
+        """The admin listening sockets (to hand them to a successor)."""
+        server = getattr(self._site, "_server", None)
+        return list(getattr(server, "sockets", None) or ())
 
     @property
     def port(self) -> int:
@@ -117,7 +131,8 @@ class AdminApp:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json({"status": "UP"})
+        details = self.health_details() if self.health_details is not None else {}
+        return _json({"status": "UP", **details})
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready, body = await self.backend.readiness()

@@ -76,6 +76,8 @@ class Listener:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop  # the loop start() runs on
         self._acceptor: Acceptor | None = None
+        self._inherited: list[Acceptor] = []  # more sockets taken over from an old process
+        self._handed_over = False  # released to a successor: leave a Unix socket's path alone
         self._splice: SplicePath | None = None  # None: the portable data path
         self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
         self._log = log.bind(listener=self.name)
@@ -137,12 +139,50 @@ class Listener:
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections carry on."""
         self.accepting = False
+        for extra in self._inherited:
+            extra.close()
+        self._inherited = []
         if self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
-            if self.config.listen.path is not None:
+            if self.config.listen.path is not None and not self._handed_over:
                 with contextlib.suppress(OSError):
                     os.unlink(self.config.listen.path)
+
+    # -- seamless upgrade (runtime/upgrade/) ----------------------------------------------------
+    async def start_inherited(self, socks: list[socket.socket]) -> None:
+        """Start accepting on listening sockets taken over from an old process (the same open
+        sockets, so clients waiting in their backlogs are accepted here) instead of binding."""
+        first, *rest = socks
+        self._sock = first
+        self._loop = asyncio.get_running_loop()
+        self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
+        shed = lambda: self.tracker.shed(self.name)  # noqa: E731
+        self._acceptor = Acceptor(first, self._accepted, self.name, on_shed=shed)
+        self._inherited = [Acceptor(s, self._accepted, self.name, on_shed=shed) for s in rest]
+        for acceptor in (self._acceptor, *self._inherited):
+            acceptor.sock.setblocking(False)
+            acceptor.start()
+        self.accepting = True
+        self._log.info(
+            "listener_started",
+            listen=str(self.config.listen),
+            port=self.port if not self.config.listen.path else None,
+            data_path="splice" if self._splice else "portable",
+            upstreams=[t.label for t in self.pool.targets],
+            inherited_sockets=len(socks),
+        )
+
+    def listening_sockets(self) -> list[socket.socket]:
+        """The sockets this listener accepts on (to hand them to a successor)."""
+        return [a.sock for a in ([self._acceptor] if self._acceptor else []) + self._inherited]
+
+    def release(self) -> None:
+        """Stop accepting for a successor that holds the same sockets: only this process's
+        descriptors close (the sockets and their backlogs live on there); a Unix socket's path
+        stays."""
+        self._handed_over = True
+        self.stop_accepting()
 
     def reconfigure(self, config: ListenerConfig) -> None:
         """Apply a reloaded config to new connections (a new address makes a new listener)."""
@@ -174,8 +214,10 @@ class Listener:
             sock.close()  # the client left before we could wrap its socket
             return
         # Refused only now: a transport closed inside connection_made never reports its loss.
-        if self.tracker.active(self.name) > self.config.max_connections or not self.accepting:
-            reason = CloseReason.MAX_CONNECTIONS if self.accepting else CloseReason.SHUTDOWN
+        # (Accepted just before a hand-over to a successor: served here, not refused.)
+        draining = not self.accepting and not self._handed_over
+        if self.tracker.active(self.name) > self.config.max_connections or draining:
+            reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
             conn.close(reason, abort=True)
         elif conn.state is ConnectionState.CONNECTING:
             await self._connect(conn)

@@ -47,10 +47,13 @@ class DaemonBackend:
     async def refresh_metrics(self) -> None:
         """Before a scrape: merge every worker's snapshot (one process reads live state)."""
         pool = self._state.pool
-        if not pool.workers:
+        predecessor = self._state.predecessor  # seamless upgrade: the old process's figures
+        older = await predecessor.statistics() if predecessor is not None else []
+        if not pool.workers and not older:
             self._merged = None
             return
-        self._merged = DaemonStats.merge_all([self.statistics(), *await pool.statistics()])
+        workers = await pool.statistics() if pool.workers else []
+        self._merged = DaemonStats.merge_all([self.statistics(), *workers, *older])
 
     async def connection_records(
         self, listener: str | None, min_idle: float | None, limit: int | None
@@ -59,6 +62,12 @@ class DaemonBackend:
         pool = self._state.pool
         if pool.workers and (limit is None or len(records) < limit):
             more = await pool.connection_records(listener=listener, min_idle=min_idle, limit=limit)
+            records.extend(more[: None if limit is None else limit - len(records)])
+        predecessor = self._state.predecessor  # seamless upgrade: the old one's, while it drains
+        if predecessor is not None and (limit is None or len(records) < limit):
+            more = await predecessor.connection_records(
+                listener=listener, min_idle=min_idle, limit=limit
+            )
             records.extend(more[: None if limit is None else limit - len(records)])
         return records
 
@@ -118,7 +127,11 @@ class DaemonBackend:
         state = self._state
         conn = state.tracker.get(conn_id)
         if conn is None:
-            return await state.pool.close_connection(conn_id) if state.pool.workers else False
+            if state.pool.workers and await state.pool.close_connection(conn_id):
+                return True
+            if state.predecessor is not None:  # seamless upgrade: the old one's connection
+                return await state.predecessor.close_connection(conn_id)
+            return False
         conn.close(CloseReason.ADMIN_CLOSED)
         return True
 

@@ -58,8 +58,11 @@ class ControlChannel:
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-async def serve_control(channel: ControlChannel, handlers: dict[str, Handler]) -> None:
-    """Answer the primary's requests until it says stop or goes away."""
+async def serve_control(
+    channel: ControlChannel, handlers: dict[str, Handler], *, stop_ends: bool = True
+) -> None:
+    """Answer the primary's requests until it says stop (unless `stop_ends` is false: a draining
+    worker goes on answering) or goes away."""
     while (message := await channel.receive()) is not None:
         op = str(message.pop("op", ""))
         handler = handlers.get(op)
@@ -71,7 +74,7 @@ async def serve_control(channel: ControlChannel, handlers: dict[str, Handler]) -
             await channel.send({"ok": False, "error": repr(exc)})
             continue
         await channel.send({"ok": True, "result": result})
-        if op == "stop":
+        if op == "stop" and stop_ends:
             return
 
 

@@ -32,6 +32,10 @@ from connwatch.runtime.shutdown import OrderedShutdown
 from connwatch.runtime.signals import DaemonSignals
 from connwatch.runtime.state import DaemonState, Role
 from connwatch.runtime.task_owner import TaskOwner
+from connwatch.runtime.upgrade.handover import HandoverServer
+from connwatch.runtime.upgrade.messages import UpgradeError
+from connwatch.runtime.upgrade.status import UpgradesCollector, UpgradeStatus
+from connwatch.runtime.upgrade.takeover import Takeover
 from connwatch.runtime.worker_pool import WorkerPool
 from connwatch.snapshots import DaemonStats
 
@@ -52,7 +56,13 @@ class Daemon:
         base_config: dict[str, Any] | None = None,
         worker_index: int = 0,
         role: Role = Role.PRIMARY,
+        takeover: Takeover | None = None,
     ) -> None:
+        # seamless upgrade: the sockets a predecessor handed over, sorted for these settings
+        self._takeover = takeover
+        self._received = takeover.sort_sockets(settings) if takeover is not None else None
+        if self._received is not None:
+            worker_index = self._received.id_base  # ids never repeat the old process's
         events = ConnectionEvents(
             enabled=settings.log.connection_events, limit=settings.log.connection_events_limit
         )
@@ -75,7 +85,11 @@ class Daemon:
             pool=self.pool,
             tasks=self.tasks,
             listeners=listeners,
+            predecessor=takeover,
         )
+        if self._received is not None:
+            self.pool.id_base = self._received.id_base
+            self.state.inherited.update(self._received.listeners)
         self.progress = ProgressLines(self.state)
         self.reloader = Reloader(
             self.state, self.progress, config_path=config_path, base_config=base_config
@@ -92,6 +106,15 @@ class Daemon:
         self._responder: asyncio.Server | None = None
         token = settings.admin.token
         self.admin = AdminApp(self.backend, token.get_secret_value() if token else None)
+        self.upgrade_status = takeover.status if takeover is not None else UpgradeStatus()
+        self.handover: HandoverServer | None = None
+        if settings.upgrade_socket is not None and role is Role.PRIMARY:
+            self.handover = HandoverServer(
+                self, settings.upgrade_socket, self.upgrade_status, takeover
+            )
+        if role is Role.PRIMARY:
+            self.registry.register(UpgradesCollector(self._upgrade_totals))
+            self.admin.health_details = self._health_details
 
     # -- what the daemon holds ------------------------------------------------------------------
     @property
@@ -140,32 +163,100 @@ class Daemon:
             raise
         self.state.started = True
         self.progress.schedule()
-        if self.role is Role.PRIMARY:
-            log.info(
-                "daemon_started",
-                admin=str(self.settings.admin.listen),
-                admin_port=self.admin.port,
-                pid=os.getpid(),
-            )
+        if self.role is Role.PRIMARY and self._takeover is None:
+            self._log_started()
+
+    def _log_started(self) -> None:
+        log.info(
+            "daemon_started",
+            admin=str(self.settings.admin.listen),
+            admin_port=self.admin.port,
+            pid=os.getpid(),
+        )
 
     async def _start_primary(self) -> None:
-        await self.admin.start(self.settings.admin.listen)
+        received = self._received
+        if received is None or received.admin is None:
+            await self.admin.start(self.settings.admin.listen)
+        # else: the inherited admin socket is served from the release on (_release_predecessor)
         address = self.settings.admin.heartbeat_listen
         if address is not None:
-            self._responder = await start_heartbeat_responder(address, self.count_protocol_error)
+            responder_sock = received.heartbeat if received is not None else None
+            self._responder = await start_heartbeat_responder(
+                address, self.count_protocol_error, responder_sock
+            )
+        if self.handover is not None:
+            await self.handover.start(received.upgrade if received is not None else None)
         if self.settings.workers > 1:
-            await self.pool.spawn(self.settings.workers, worker_init(self.state))
+            init = worker_init(self.state)
+            pass_fds: tuple[int, ...] = ()
+            if received is not None:  # every worker accepts on the inherited sockets too
+                inherited = {
+                    name: [s.fileno() for s in socks] for name, socks in received.listeners.items()
+                }
+                init.update(id_base=received.id_base, inherited=inherited)
+                pass_fds = tuple(fd for fds in inherited.values() for fd in fds)
+            await self.pool.spawn(self.settings.workers, init, pass_fds)
 
     async def run(self) -> None:
         """Start, serve until asked to stop, then drain and stop."""
         self.signals.install()  # before "daemon_started": a SIGHUP right after must not kill us
         try:
             await self.start()
+            if self._takeover is not None:
+                await self._release_predecessor(self._takeover)
             await self._stop_requested.wait()
             await self.shutdown()
+            if self.handover is not None:
+                await self.handover.finish()  # a successor takes our final totals
+                await self.handover.close()
         finally:
             self.signals.remove()
             self.stopped.set()
+
+    async def _release_predecessor(self, takeover: Takeover) -> None:
+        """Accepting on the inherited sockets now: tell the old process to stop accepting. If it
+        does not, drain what this process accepted meanwhile and fail (the old one serves on)."""
+        received = self._received
+        try:
+            await takeover.release()
+        except UpgradeError:
+            for listener in self.listeners.values():
+                listener.release()  # the sockets (and a Unix path) stay the old process's
+            if self.handover is not None:
+                self.handover.disown()
+            if received is not None and received.admin is not None:
+                received.admin.close()
+            await self.shutdown()
+            raise
+        if self.handover is not None:
+            self.handover.own()
+        if received is not None and received.admin is not None:
+            # Only now: had both processes answered scrapes at once, one without the other's
+            # newest connections, a counter could have seemed to go back. Meanwhile scrapes
+            # wait in the shared socket's backlog.
+            await self.admin.start_on_socket(received.admin)
+        self._log_started()
+
+    def heartbeat_sockets(self) -> list[Any]:
+        """The heartbeat responder's listening sockets (to hand them to a successor)."""
+        return list(self._responder.sockets) if self._responder is not None else []
+
+    def stop_heartbeat_responder(self) -> None:
+        """A successor answers heartbeats on the same socket now."""
+        if self._responder is not None:
+            self._responder.close()
+            self._responder = None
+
+    def _upgrade_totals(self) -> dict[str, int]:
+        if self.handover is not None:
+            return self.handover.upgrade_totals()
+        takeover = self._takeover
+        return self.upgrade_status.totals(takeover.upgrade_counts() if takeover else None)
+
+    def _health_details(self) -> dict[str, Any]:
+        upgrade = self.upgrade_status.describe()
+        return {} if upgrade is None else {"upgrade": upgrade}
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -184,6 +275,10 @@ class Daemon:
             if self._responder is not None:
                 self._responder.close()
             await self.admin.stop()
+            if self.handover is not None and not self.handover.released:
+                await self.handover.close()
+            if self._takeover is not None:
+                await self._takeover.close()
         await self.tasks.cancel_all()
 
     def close_data_plane(self) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 import structlog
@@ -61,7 +62,9 @@ class HealthEvents:
 
 
 async def start_heartbeat_responder(
-    address: Address, count_protocol_error: Callable[[str], None]
+    address: Address,
+    count_protocol_error: Callable[[str], None],
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
     """Answer heartbeat pings on `admin.heartbeat_listen`; raises ListenerError."""
     if address.path is not None:
@@ -82,7 +85,7 @@ async def start_heartbeat_responder(
 
     try:
         responder = await start_responder(
-            address.host or "0.0.0.0", address.port, on_protocol_error=bad_frame
+            address.host or "0.0.0.0", address.port, on_protocol_error=bad_frame, sock=sock
         )
     except OSError as exc:
         raise ListenerError(f"admin.heartbeat_listen {address}: {exc.strerror or exc}") from exc

@@ -116,7 +116,8 @@ class Reloader:
                     liveness=state.liveness,
                     reuse_port=state.settings.workers > 1,
                 )
-                await listener.start()
+                inherited = state.inherited.pop(cfg.name, None)  # seamless upgrade
+                await (listener.start_inherited(inherited) if inherited else listener.start())
                 started.append(listener)
         except BaseException:
             for listener in started:

@@ -4,8 +4,10 @@ health events) share: the current settings, which a reload replaces, and the dat
 from __future__ import annotations
 
 import enum
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from connwatch.config import Settings
 from connwatch.health.monitor import HealthMonitor
@@ -15,6 +17,9 @@ from connwatch.observe.tracker import Tracker
 from connwatch.proxy.listener import Listener
 from connwatch.runtime.task_owner import TaskOwner
 from connwatch.runtime.worker_pool import WorkerPool
+
+if TYPE_CHECKING:
+    from connwatch.runtime.upgrade.takeover import Takeover
 
 
 class Role(enum.StrEnum):
@@ -41,6 +46,9 @@ class DaemonState:
     reloads: Counter[str] = field(default_factory=Counter)
     started: bool = False
     draining: bool = False
+    # seamless upgrade: listening sockets taken over from an old process, by listener name
+    inherited: dict[str, list[socket.socket]] = field(default_factory=dict)
+    predecessor: Takeover | None = None  # the old process this one took over from
 
     @property
     def checks_enabled(self) -> bool:

@@ -21,6 +21,8 @@ from connwatch.snapshots import DaemonStats, stats_from_wire
 
 log = structlog.get_logger("connwatch.workers")
 
+_FINAL_POLL = 0.05  # seconds between asking a stopping worker whether it has drained
+
 
 class Worker:
     """The primary's handle on one worker process."""
@@ -36,10 +38,12 @@ class WorkerPool:
 
     def __init__(self) -> None:
         self.workers: dict[int, Worker] = {}
+        self.retired: list[DaemonStats] = []  # stopped workers' final statistics
+        self.id_base = 0  # connection ids of worker i start "<id_base + i>-" (seamless upgrade)
 
-    async def spawn(self, count: int, init: dict[str, Any]) -> None:
+    async def spawn(self, count: int, init: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> None:
         for index in range(1, count):
-            self.workers[index] = await _spawn_one(index, init)
+            self.workers[index] = await _spawn_one(index, init, pass_fds)
         log.info("workers_started", workers=count, pids=[w.proc.pid for w in self.workers.values()])
 
     async def _each(self, op: str, **args: Any) -> list[Any]:
@@ -53,7 +57,15 @@ class WorkerPool:
         return list(await asyncio.gather(*(one(w) for w in self.workers.values())))
 
     async def statistics(self) -> list[DaemonStats]:
-        return [stats_from_wire(raw) for raw in await self._each("stats") if raw is not None]
+        workers = list(self.workers.values())
+        answers = await self._each("stats")
+        # Read after the await: a worker that retired meanwhile is counted once, from `retired`.
+        live = [
+            stats_from_wire(raw)
+            for worker, raw in zip(workers, answers, strict=True)
+            if raw is not None and self.workers.get(worker.index) is worker
+        ]
+        return [*live, *self.retired]
 
     async def connection_records(self, **query: Any) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -63,7 +75,7 @@ class WorkerPool:
 
     async def close_connection(self, conn_id: str) -> bool:
         index = int(conn_id.split("-", 1)[0]) if conn_id.split("-", 1)[0].isdigit() else -1
-        worker = self.workers.get(index)
+        worker = self.workers.get(index - self.id_base)
         if worker is None:
             return False
         try:
@@ -77,19 +89,38 @@ class WorkerPool:
     async def stop(self, timeout: float) -> None:
         """Ask every worker to drain and exit; kill those still running after `timeout`."""
         await self._each("stop")
-        for worker in self.workers.values():
+        deadline = asyncio.get_running_loop().time() + timeout
+        for worker in list(self.workers.values()):
+            final = await _final_figures(worker, deadline)  # it drains, then reports them
+            # Together, with no await between: counted live or retired, never both, never neither.
+            del self.workers[worker.index]
+            if final is not None:
+                self.retired.append(stats_from_wire(final))
+            worker.channel.close()  # it exits once we hang up
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline + 1.0):
                     await worker.proc.wait()
             except TimeoutError:
                 log.warning("worker_killed", worker=worker.index, pid=worker.proc.pid)
                 worker.proc.kill()
                 await worker.proc.wait()
-            worker.channel.close()
-        self.workers.clear()
 
 
-async def _spawn_one(index: int, init: dict[str, Any]) -> Worker:
+async def _final_figures(worker: Worker, deadline: float) -> dict[str, Any] | None:
+    """A stopping worker's statistics once it has drained (None if it died or ran out of time)."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        try:
+            raw = await worker.channel.call("stats")
+        except (OSError, RuntimeError, TimeoutError, ValueError):
+            return None
+        if raw.get("final"):
+            return dict(raw)
+        await asyncio.sleep(_FINAL_POLL)
+    return None
+
+
+async def _spawn_one(index: int, init: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> Worker:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -101,7 +132,7 @@ async def _spawn_one(index: int, init: dict[str, Any]) -> Worker:
             str(index),
             "--fd",
             str(theirs.fileno()),
-            pass_fds=(theirs.fileno(),),
+            pass_fds=(theirs.fileno(), *pass_fds),
             stdin=subprocess.DEVNULL,
         )
     finally:

@@ -5,6 +5,7 @@ primary over its control socket (see worker_pool.py and control_channel.py). It 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import structlog
@@ -21,19 +22,26 @@ from connwatch.runtime.control_channel import (
 from connwatch.runtime.daemon import Daemon
 from connwatch.runtime.signals import install_worker_signals
 from connwatch.runtime.state import Role
+from connwatch.runtime.upgrade.sockets import export_listeners, inherited_sockets
 from connwatch.snapshots import stats_to_wire
 
 log = structlog.get_logger("connwatch.worker")
+
+_FINAL_WAIT = 10.0  # seconds, after draining, for the primary to take our final figures
 
 
 class WorkerProcess:
     """One worker: a WORKER-role Daemon and the control channel it answers the primary on; the
     primary relays target health to it."""
 
-    def __init__(self, settings: Settings, index: int, channel: ControlChannel) -> None:
+    def __init__(
+        self, settings: Settings, index: int, channel: ControlChannel, *, id_base: int = 0
+    ) -> None:
         self.index = index
         self.channel = channel
-        self.daemon = Daemon(settings, worker_index=index, role=Role.WORKER)
+        self.daemon = Daemon(settings, worker_index=id_base + index, role=Role.WORKER)
+        self._told_to_stop = False  # by the primary: it waits for our final statistics
+        self._final = False  # drained: nothing more will change our figures
 
     async def start(self) -> None:
         await self.daemon.start()
@@ -43,14 +51,26 @@ class WorkerProcess:
         """Serve the primary until it says stop or goes away (or SIGTERM), then drain and stop."""
         daemon = self.daemon
         install_worker_signals(daemon.request_stop)
-        control = daemon.tasks.spawn(serve_control(self.channel, self._handlers()))
+        # Not one of the daemon's tasks: it answers the primary during and after the drain,
+        # until the primary has our final figures and hangs up.
+        control = asyncio.get_running_loop().create_task(
+            serve_control(self.channel, self._handlers(), stop_ends=False)
+        )
         stop = daemon.tasks.spawn(daemon.wait_stop_requested())
         try:
             await asyncio.wait({control, stop}, return_when=asyncio.FIRST_COMPLETED)
             await daemon.shutdown()  # the primary said stop, or went away
+            self._final = True  # our `stats` answers are final now
+            if self._told_to_stop and not control.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_FINAL_WAIT):
+                        await asyncio.shield(control)
         finally:
             try:
-                await daemon.tasks.cancel(stop, control)
+                await daemon.tasks.cancel(stop)
+                control.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await control
             finally:
                 self.channel.close()
 
@@ -63,13 +83,18 @@ class WorkerProcess:
             "health": self._op_health,
             "reload": self._op_reload,
             "stop": self._op_stop,
+            "export": self._op_export,
+            "release": self._op_release,
         }
 
     async def _op_init(self, args: dict[str, Any]) -> bool:
         return True  # settings and states were applied before serving (see run_worker)
 
     async def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        return stats_to_wire(self.daemon.statistics())
+        wire = stats_to_wire(self.daemon.statistics())
+        if self._final:
+            wire["final"] = True  # the primary keeps these (counters never go back)
+        return wire
 
     async def _op_connections(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return self.daemon.local_records(
@@ -88,7 +113,19 @@ class WorkerProcess:
         return True
 
     async def _op_stop(self, args: dict[str, Any]) -> bool:
+        self._told_to_stop = True
         self.daemon.request_stop()
+        return True
+
+    async def _op_export(self, args: dict[str, Any]) -> bool:
+        """Seamless upgrade: send our listening sockets to the primary's upgrade socket."""
+        await export_listeners(self.daemon.listeners, str(args["path"]), self.index)
+        return True
+
+    async def _op_release(self, args: dict[str, Any]) -> bool:
+        """Seamless upgrade: a successor accepts on our sockets now; stop accepting, drain next."""
+        for listener in self.daemon.listeners.values():
+            listener.release()
         return True
 
 
@@ -100,7 +137,8 @@ async def run_worker(index: int, fd: int) -> None:
         raise RuntimeError("worker expected an init message from the primary")
     settings = load_settings(None, base=first["settings"], env={})
     configure_logging(settings.log.level, settings.log.format)
-    worker = WorkerProcess(settings, index, channel)
+    worker = WorkerProcess(settings, index, channel, id_base=int(first.get("id_base", 0)))
+    worker.daemon.state.inherited.update(inherited_sockets(first.get("inherited", {})))
     await worker.start()
     for listener, states in first.get("states", {}).items():
         for label, state in states.items():

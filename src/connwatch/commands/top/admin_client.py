@@ -48,7 +48,16 @@ class AdminClient:
         if not isinstance(readiness, dict):
             raise AdminApiError(f"{self.base_url}/readyz did not return an object")
         ready, upstreams = upstreams_from_readiness(readiness, self.listener)
-        return Snapshot(time.monotonic(), connections, totals, upstreams, ready)
+        health = self._json("/healthz")
+        upgrade = health.get("upgrade") if isinstance(health, dict) else None
+        return Snapshot(
+            time.monotonic(),
+            connections,
+            totals,
+            upstreams,
+            ready,
+            upgrade if isinstance(upgrade, dict) else None,
+        )
 
     def _json(self, path: str, also_ok: int | None = None) -> Any:
         body = self._get(path, also_ok)

@@ -53,6 +53,7 @@ class Snapshot:
     totals: Totals
     upstreams: list[Upstream]
     ready: bool
+    upgrade: dict[str, Any] | None = None  # /healthz `upgrade` while one is under way
 
 
 def totals_from_metrics(text: str, listener: str | None = None) -> Totals:

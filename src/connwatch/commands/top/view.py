@@ -91,7 +91,8 @@ class View:
         from rich.console import Group
 
         rows = self.sorted_rows(snapshot)
-        limit = None if height is None else max(1, height - _HEADER_LINES - _TABLE_CHROME)
+        chrome = _HEADER_LINES + _TABLE_CHROME + (1 if snapshot.upgrade else 0)
+        limit = None if height is None else max(1, height - chrome)
         header = self._header(snapshot, stale, unicode)
         return Group(*header, self._table(rows, limit, unicode))
 
@@ -143,6 +144,8 @@ class View:
         else:
             upstreams.append("NOT READY", style="bold red")
         lines = [title, counts, rates, upstreams]
+        if snap.upgrade:  # seamless upgrade under way (SPEC section 11)
+            lines.append(_upgrade_line(snap.upgrade))
         if stale:
             lines.append(Text(f"stale: {stale}", style="yellow"))
         return lines
@@ -187,6 +190,16 @@ class View:
             f"c2u={_size(self.rates.get(_C2U, 0.0))}/s u2c={_size(self.rates.get(_U2C, 0.0))}/s "
             f"liveness: {states} upstreams: {ups} {'ready' if snapshot.ready else 'NOT-READY'}"
         )
+
+
+def _upgrade_line(upgrade: Mapping[str, Any]) -> Text:
+    from rich.text import Text
+
+    state = str(upgrade.get("state", "in progress")).replace("_", " ")
+    peer = upgrade.get("peer_pid")
+    return Text.assemble(
+        ("upgrade      ", "bold"), (state, "bold yellow"), f" (pid {peer})" if peer else ""
+    )
 
 
 def _cells(row: Mapping[str, Any]) -> Iterator[str | Text]:
