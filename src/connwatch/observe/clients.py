@@ -172,7 +172,7 @@ def _sort_key(sort: str) -> Any:
 
 def top_records(records: list[dict[str, Any]], sort: str, limit: int) -> list[dict[str, Any]]:
     """The `limit` busiest by `sort`, as `/clients` shows them (`last_seen` in RFC 3339)."""
-    records.sort(key=lambda r: r["client"])  # ties in a stable order
+    records.sort(key=lambda r: (r["listener"], r["client"]))  # ties in a stable order
     records.sort(key=_sort_key(sort), reverse=True)
     out = records[:limit]
     for rec in out:
