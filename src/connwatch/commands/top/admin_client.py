@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Final
 
+from connwatch.commands.top.clients_view import FETCH_LIMIT
 from connwatch.commands.top.model import Snapshot, totals_from_metrics, upstreams_from_readiness
 from connwatch.exceptions import AdminApiError, describe_error
 
@@ -48,7 +49,10 @@ class AdminClient:
         if not isinstance(readiness, dict):
             raise AdminApiError(f"{self.base_url}/readyz did not return an object")
         ready, upstreams = upstreams_from_readiness(readiness, self.listener)
-        return Snapshot(time.monotonic(), connections, totals, upstreams, ready)
+        clients = self._json(f"/clients?limit={FETCH_LIMIT}" + query.replace("?", "&"))
+        if not isinstance(clients, list):
+            raise AdminApiError(f"{self.base_url}/clients did not return a list")
+        return Snapshot(time.monotonic(), connections, totals, upstreams, ready, clients)
 
     def _json(self, path: str, also_ok: int | None = None) -> Any:
         body = self._get(path, also_ok)

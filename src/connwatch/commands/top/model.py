@@ -53,6 +53,7 @@ class Snapshot:
     totals: Totals
     upstreams: list[Upstream]
     ready: bool
+    clients: list[dict[str, Any]] = field(default_factory=list)  # `/clients` rows (SPEC §12)
 
 
 def totals_from_metrics(text: str, listener: str | None = None) -> Totals:
