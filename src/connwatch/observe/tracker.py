@@ -102,10 +102,9 @@ class Tracker:
         totals.duration.observe(duration)
         if conn.target is not None and conn.target.active > 0:  # a target is set once opened
             conn.target.active -= 1
-        if conn.client_key is not None:
-            self.clients(conn.listener).closed(
-                conn.client_key, c2u, u2c, conn.opened_wall + duration
-            )
+        key = conn.client_key
+        if key is not None and (summary := self._clients.get(conn.listener)) is not None:
+            summary.closed(key, c2u, u2c, conn.opened_wall + duration)
         self.events.closed(conn, str(reason), duration)
         if not self._live:
             self._empty.set()
@@ -115,7 +114,10 @@ class Tracker:
 
     def client_identified(self, conn: MonitoredConnection, key: str, rejected: str | None) -> None:
         """The client key of a connection is known; `rejected`: the client limit it is over."""
-        self.clients(conn.listener).seen(key, rejected, conn.opened_wall)
+        summary = self._clients.get(conn.listener)
+        if summary is None:
+            summary = self.clients(conn.listener)
+        summary.seen(key, rejected, conn.opened_wall)
 
     def clients(self, listener: str) -> ClientSummary:
         """The bounded per-client view of one listener (SPEC section 12)."""
