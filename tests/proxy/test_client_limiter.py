@@ -82,3 +82,12 @@ def test_reload_keeps_open_counts_and_applies_new_limits() -> None:
     lim.release("a")
     lim.release("a")
     assert lim.admit("a", 0.0) is None
+
+
+def test_an_admission_out_of_time_order_does_not_take_tokens_back() -> None:
+    lim = limiter(connection_rate=2)  # burst 2
+    assert lim.admit("a", 10.0) is None  # one token left
+    # Accepted earlier, its PROXY header read later: the token left is still there.
+    assert lim.admit("a", 9.5) is None
+    assert lim.admit("a", 10.0) == CONNECTION_RATE
+    assert lim.admit("a", 10.5) is None, "one token refilled in the 0.5 s since 10.0"

@@ -105,8 +105,10 @@ class ClientLimiter:
                 self._sweep(now)
             self._buckets[key] = [self.burst - 1.0, now]
             return True
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
+        tokens = bucket[0]
+        if now > bucket[1]:  # PROXY headers may be read out of accept order: time only advances
+            tokens = min(self.burst, tokens + (now - bucket[1]) * self.rate)
+            bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
             return False
