@@ -74,9 +74,33 @@ def counted(argv: list[str], where: Path) -> list[str]:
     ]
 
 
-def control(*args: str) -> None:
-    """callgrind_control for every callgrind run of ours (the subject and its workers)."""
-    subprocess.run(["callgrind_control", *args], capture_output=True, timeout=60, check=False)
+def control(root_pid: int, *args: str) -> None:
+    """callgrind_control for every callgrind run of ours (the subject and its workers), by pid:
+    without one it would switch every callgrind run on the machine, another user's too, and
+    their counts would end up in our dumps."""
+    for pid in _process_tree(root_pid):
+        subprocess.run(
+            ["callgrind_control", *args, str(pid)], capture_output=True, timeout=60, check=False
+        )
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        here = todo.pop()
+        found.append(here)
+        try:
+            tasks = os.listdir(f"/proc/{here}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{here}/task/{task}/children") as children:
+                    todo.extend(int(child) for child in children.read().split())
+            except OSError:
+                continue
+    return found
 
 
 _WRAPPED = 2**63  # callgrind's 64-bit event count read back unsigned: it went negative
@@ -85,8 +109,9 @@ _ATTEMPTS = 3
 
 def dumped_instructions(where: Path) -> int | None:
     """Instructions in the dumps made by `callgrind_control -d` (files named callgrind.PID.N);
-    None when a dump holds a wrapped-around (negative) total, which callgrind now and then
-    writes after collection is toggled (seen in about one run in ten): measure again."""
+    None when a dump holds a wrapped-around (negative) total — what we saw when another
+    callgrind run on the machine was switched by a pid-less `callgrind_control` (now scoped to
+    our subject's tree); kept as a guard: measure again."""
     total = 0
     for path in where.glob("callgrind.*.*"):
         found = _TOTALS.search(path.read_bytes())
@@ -154,14 +179,14 @@ def _measure_once(
         if why:
             raise SystemExit(f"{name}: failed to start under valgrind: {why}")
         churn(port, WARMUP_CONNS, 10)  # imports and first-use caches are not counted
-        control("-i", "on")
+        control(subject.pid, "-i", "on")
         started = time.monotonic()
         if load == "churn":
             churn(port, args.conns, 10)
         else:
             rr(port, args.requests)
-        control("-d")
-        control("-i", "off")
+        control(subject.pid, "-d")
+        control(subject.pid, "-i", "off")
         print(f"  {name} {load}: {time.monotonic() - started:.0f} s", file=sys.stderr)
         return dumped_instructions(where)
     finally:

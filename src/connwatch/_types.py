@@ -42,6 +42,7 @@ class CloseReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     ADMIN_CLOSED = "admin_closed"
     PROTOCOL_ERROR = "protocol_error"
+    CLIENT_LIMIT = "client_limit"
     ERROR = "error"
 
 
@@ -177,6 +178,10 @@ class ConnectionLedger(Protocol[ConnT]):
     def connection_closed(self, conn: ConnT) -> None: ...
 
     def flow_paused(self, conn: ConnT, direction: Direction) -> None: ...
+
+    def client_identified(self, conn: ConnT, key: str, rejected: str | None) -> None:
+        """The connection's client key is known (at accept, or once its PROXY header is read);
+        `rejected` names the client limit it is over (it is closed with `client_limit`)."""
 
 
 class LivenessWatch(Protocol[ConnT]):

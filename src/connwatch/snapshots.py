@@ -150,6 +150,24 @@ class LivenessStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientStats:
+    """The client view and client limits of one listener (SPEC section 12)."""
+
+    listener: str
+    tracked: int  # client keys held by the bounded summary (summed over workers: memory held)
+    rejections: dict[str, int]  # limit -> connections closed with `client_limit`
+    limits: dict[str, float] = field(default_factory=dict)  # configured; from the primary
+
+    def merged(self, other: ClientStats) -> ClientStats:
+        return ClientStats(
+            self.listener,
+            self.tracked + other.tracked,
+            _add(self.rejections, other.rejections),
+            self.limits or other.limits,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonStats:
     """Everything /metrics shows, from one process or merged over workers."""
 
@@ -158,6 +176,7 @@ class DaemonStats:
     liveness: dict[str, LivenessStats] = field(default_factory=dict)
     protocol_errors: dict[str, int] = field(default_factory=dict)  # kind -> count
     reloads: dict[str, int] = field(default_factory=dict)  # result -> count
+    clients: dict[str, ClientStats] = field(default_factory=dict)  # listener -> client view
 
     def merged(self, other: DaemonStats) -> DaemonStats:
         return DaemonStats(
@@ -166,6 +185,7 @@ class DaemonStats:
             _merge_by_key(self.liveness, other.liveness),
             _add(self.protocol_errors, other.protocol_errors),
             _add(self.reloads, other.reloads),
+            clients=_merge_by_key(self.clients, other.clients),
         )
 
     @staticmethod
@@ -177,7 +197,7 @@ class DaemonStats:
 
 
 K = TypeVar("K")
-M = TypeVar("M", ListenerStats, TargetStats, LivenessStats)
+M = TypeVar("M", ListenerStats, TargetStats, LivenessStats, ClientStats)
 
 
 def _merge_by_key(a: Mapping[K, M], b: Mapping[K, M]) -> dict[K, M]:
@@ -241,6 +261,7 @@ def stats_to_wire(stats: DaemonStats) -> dict[str, Any]:
         ],
         "protocol_errors": stats.protocol_errors,
         "reloads": stats.reloads,
+        "clients": [[c.listener, c.tracked, c.rejections] for c in stats.clients.values()],
     }
 
 
@@ -273,4 +294,10 @@ def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
     for listener, beats, rtt, retrans, states in raw["liveness"]:
         hists = {k: h for k, v in rtt.items() if (h := _hist_in(v)) is not None}
         liveness[listener] = LivenessStats(listener, beats, hists, retrans, states)
-    return DaemonStats(listeners, targets, liveness, raw["protocol_errors"], raw["reloads"])
+    clients = {
+        name: ClientStats(name, tracked, rejections)
+        for name, tracked, rejections in raw.get("clients", [])
+    }
+    return DaemonStats(
+        listeners, targets, liveness, raw["protocol_errors"], raw["reloads"], clients=clients
+    )

@@ -44,6 +44,21 @@ BAD_FILES = {
         ["app", "listeners[1].name"],
     ),
     "yaml syntax": (GOOD + "    balance: [round_robin\n", ["bad.yaml:6:", "YAML syntax error"]),
+    "client limits": (
+        GOOD
+        + "    client_limits:\n      max_connections: -1\n      connection_rate: -2\n"
+        + "      ipv4_prefix: 33\n      ipv6_prefix: 129\n",
+        [
+            "bad.yaml:6: listeners[0].client_limits.max_connections = -1: must be at least 0",
+            "bad.yaml:7: listeners[0].client_limits.connection_rate = -2",
+            "bad.yaml:8: listeners[0].client_limits.ipv4_prefix = 33: must be at most 32",
+            "bad.yaml:9: listeners[0].client_limits.ipv6_prefix = 129: must be at most 128",
+        ],
+    ),
+    "negative client prefix": (
+        GOOD + "    client_limits: {ipv4_prefix: -1}\n",
+        ["listeners[0].client_limits.ipv4_prefix = -1: must be at least 0"],
+    ),
 }
 
 

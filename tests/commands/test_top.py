@@ -174,3 +174,26 @@ def test_top_without_a_daemon_exits_1() -> None:
     assert result.returncode == 1
     assert "connection refused" in result.stderr
     assert result.stdout == ""
+
+
+async def test_top_switches_to_the_clients_view_and_back(tmp_path: Path) -> None:
+    async with EchoUpstream() as up, DaemonProcess(tmp_path, _config(up)) as daemon:
+        clients = await _open_clients(daemon, (10, 20, 30))
+        screen = Screen(daemon.admin_port)
+        try:
+            await asyncio.to_thread(screen.expect, r"3 active")
+            screen.child.send("c")
+            await asyncio.to_thread(screen.expect, r"sort: clients by active")
+            await asyncio.to_thread(screen.expect, r"ACTIVE ▼")
+            # One client key (127.0.0.1) holding all three connections.
+            await asyncio.to_thread(screen.expect, r"(?m)^\s*127\.0\.0\.1\s+app\s+3\s+3\s")
+            screen.child.send("b")
+            await asyncio.to_thread(screen.expect, r"sort: clients by bytes")
+            screen.child.send("c")
+            await asyncio.to_thread(screen.expect, r"sort: bytes ▼\s+keys: b a i r sort, c clients")
+            screen.child.send("q")
+            assert await asyncio.to_thread(screen.wait_exit) == 0
+        finally:
+            screen.close()
+            for _, writer in clients:
+                writer.close()

@@ -77,6 +77,19 @@ SPEC_METRICS: dict[str, Metric] = {
         "counter", {"role": frozenset({"handed_over", "took_over"}), "result": _SUCCESS_FAILURE}
     ),
     "connwatch_build_info": Metric("gauge", {"version": _ANY, "python": _ANY}),
+    "connwatch_client_limit_rejections_total": Metric(
+        "counter", {"listener": _ANY, "limit": frozenset({"max_connections", "connection_rate"})}
+    ),
+    "connwatch_clients_tracked": Metric("gauge", {"listener": _ANY}),
+    "connwatch_listener_limit": Metric(
+        "gauge",
+        {
+            "listener": _ANY,
+            "limit": frozenset(
+                {"max_connections", "client_max_connections", "client_connection_rate"}
+            ),
+        },
+    ),
 }
 
 # Labels Prometheus or a scrape config attach to every series.

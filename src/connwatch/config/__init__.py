@@ -22,6 +22,7 @@ from connwatch.config.fields import (
 from connwatch.config.loading import effective_yaml, load_settings, one_listener_config
 from connwatch.config.models import (
     AdminConfig,
+    ClientLimitsConfig,
     HealthCheckConfig,
     HeartbeatConfig,
     HttpCheckConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "NON_OVERRIDE_VARS",
     "AddressField",
     "AdminConfig",
+    "ClientLimitsConfig",
     "Count",
     "Duration",
     "HealthCheckConfig",

@@ -239,6 +239,31 @@ class ProxyProtocolConfig(_Model):
     )
 
 
+class ClientLimitsConfig(_Model):
+    """Per-client-key limits (SPEC section 12); the key is the client's address, or its network
+    by `ipv4_prefix`/`ipv6_prefix` (the PROXY header's address when `proxy_protocol.accept`)."""
+
+    max_connections: Annotated[StrictInt, Field(ge=0)] = Field(
+        default=0,
+        description="Open connections allowed per client key; beyond it that client's new "
+        "connections are accepted and closed at once (reason `client_limit`); 0 = no limit.",
+    )
+    connection_rate: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = Field(
+        default=0.0,
+        description="New connections per second per client key (token bucket, burst = rate, "
+        "at least 1); beyond it closed at once (reason `client_limit`); 0 = no limit.",
+    )
+    ipv4_prefix: Annotated[StrictInt, Field(ge=0, le=32)] = Field(
+        default=32,
+        description="Group IPv4 clients by network for limits and /clients: 24 = one key per /24; "
+        "0 to 32.",
+    )
+    ipv6_prefix: Annotated[StrictInt, Field(ge=0, le=128)] = Field(
+        default=128,
+        description="Group IPv6 clients by network: 64 = one key per /64; 0 to 128.",
+    )
+
+
 class ListenerConfig(_Model):
     name: Annotated[StrictStr, AfterValidator(_listener_name)] = Field(
         description="Unique, `[a-z0-9_-]+`; the `listener` metric label."
@@ -294,6 +319,10 @@ class ListenerConfig(_Model):
     )
     health_check: HealthCheckConfig = Field(
         default=HealthCheckConfig(), description="Active checks of every upstream target."
+    )
+    client_limits: ClientLimitsConfig = Field(
+        default=ClientLimitsConfig(),
+        description="Per-client limits and the client key of /clients (SPEC section 12).",
     )
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from connwatch._types import Address
+from connwatch.observe.clients import DEFAULT_LIMIT, SORTS
 from connwatch.observe.metrics import render
 
 _MAX_REQUEST = 16 * 1024  # bytes of headers or body: the admin API takes no large input
@@ -51,6 +52,10 @@ class AdminBackend(Protocol):
 
     async def close_connection(self, conn_id: str) -> bool: ...
 
+    async def client_records(
+        self, listener: str | None, sort: str, limit: int
+    ) -> list[dict[str, Any]]: ...
+
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(
@@ -76,6 +81,7 @@ class AdminApp:
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/connections", self.connections)
         self.app.router.add_delete("/connections/{conn_id}", self.delete_connection)
+        self.app.router.add_get("/clients", self.clients)
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
         # more /healthz fields while something is under way (e.g. `upgrade`); none by default
@@ -157,6 +163,18 @@ class AdminApp:
         if not await self.backend.close_connection(conn_id):
             return _error(404, f"no open connection with id {conn_id!r}")
         return _json({"id": conn_id, "status": "closing"}, 202)
+
+    async def clients(self, request: web.Request) -> web.Response:
+        """SPEC section 4 and 12: the busiest client keys per listener."""
+        query = request.query
+        sort = query.get("sort", "accepted")
+        if sort not in SORTS:
+            return _error(400, f"sort must be one of {', '.join(SORTS)}; got {sort!r}")
+        raw_limit = query.get("limit", str(DEFAULT_LIMIT))
+        if not raw_limit.isdigit():
+            return _error(400, f"limit must be a whole number, 0 or more; got {raw_limit!r}")
+        records = await self.backend.client_records(query.get("listener"), sort, int(raw_limit))
+        return _json(records)
 
     def _authorized(self, request: web.Request) -> bool:
         if self.token is None:

@@ -31,6 +31,8 @@ LIVENESS_STATES = [str(s) for s in Liveness]
 PROTOCOL_ERROR_KINDS = ["proxy_protocol", "heartbeat_frame"]
 RESULTS = ["success", "failure"]
 BEAT_RESULTS = ["ok", "failed"]
+CLIENT_LIMITS = ["max_connections", "connection_rate"]  # `limit` of the client-limit rejections
+LISTENER_LIMITS = ["max_connections", "client_max_connections", "client_connection_rate"]
 
 
 def _hist(family: HistogramMetricFamily, labels: list[str], snap: HistogramSnapshot) -> None:
@@ -52,6 +54,7 @@ class DaemonCollector(Collector):
         yield from self._upstreams(stats)
         yield from self._liveness(stats)
         yield from self._daemon(stats)
+        yield from self._clients(stats)
 
     def _connections(self, stats: DaemonStats) -> Iterator[Metric]:
         active = GaugeMetricFamily(
@@ -191,6 +194,32 @@ class DaemonCollector(Collector):
         )
         info.add_metric([__version__, platform.python_version()], 1)
         yield from (errors, reloads, info)
+
+    def _clients(self, stats: DaemonStats) -> Iterator[Metric]:
+        """SPEC section 12: client limits and the bounded client view; no per-client labels."""
+        rejections = CounterMetricFamily(
+            "connwatch_client_limit_rejections",
+            "Connections accepted and closed at once (reason client_limit), by client limit.",
+            labels=["listener", "limit"],
+        )
+        tracked = GaugeMetricFamily(
+            "connwatch_clients_tracked",
+            "Client keys held by the bounded per-client view (GET /clients).",
+            labels=["listener"],
+        )
+        limits = GaugeMetricFamily(
+            "connwatch_listener_limit",
+            "Configured limits of each listener; 0 = none.",
+            labels=["listener", "limit"],
+        )
+        for name, cs in stats.clients.items():
+            for limit in CLIENT_LIMITS:
+                rejections.add_metric([name, limit], cs.rejections.get(limit, 0))
+            tracked.add_metric([name], cs.tracked)
+            if cs.limits:
+                for limit in LISTENER_LIMITS:
+                    limits.add_metric([name, limit], cs.limits.get(limit, 0))
+        yield from (rejections, tracked, limits)
 
 
 def build_registry(source: Callable[[], DaemonStats], *, process: bool = True) -> CollectorRegistry:

@@ -14,6 +14,7 @@ from typing import Any
 
 from connwatch._types import CloseReason, ConnectionState, Direction, rfc3339
 from connwatch.histogram import DURATION_BUCKETS, Histogram
+from connwatch.observe.clients import ClientSummary
 from connwatch.observe.connection_lines import ConnectionEvents
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.snapshots import ConnectionStats, ListenerStats
@@ -47,6 +48,7 @@ class Tracker:
         self._live: dict[str, MonitoredConnection] = {}
         self._active: Counter[str] = Counter()  # live connections by listener
         self._totals: dict[str, ListenerTotals] = {}
+        self._clients: dict[str, ClientSummary] = {}  # listener -> its bounded client view
         self._seq = itertools.count(1)
         self._worker = worker
         self._empty = asyncio.Event()
@@ -99,12 +101,46 @@ class Tracker:
         totals.duration.observe(duration)
         if conn.target is not None and conn.target.active > 0:  # a target is set once opened
             conn.target.active -= 1
+        key = conn.client_key
+        if key is not None and (summary := self._clients.get(conn.listener)) is not None:
+            summary.closed(key, c2u, u2c, conn.opened_wall + duration)
         self.events.closed(conn, str(reason), duration)
         if not self._live:
             self._empty.set()
 
     def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
         self.totals(conn.listener).flow_paused[direction] += 1
+
+    def client_identified(self, conn: MonitoredConnection, key: str, rejected: str | None) -> None:
+        """The client key of a connection is known; `rejected`: the client limit it is over."""
+        summary = self._clients.get(conn.listener)
+        if summary is None:
+            summary = self.clients(conn.listener)
+        summary.seen(key, rejected, conn.opened_wall)
+
+    def clients(self, listener: str) -> ClientSummary:
+        """The bounded per-client view of one listener (SPEC section 12)."""
+        summary = self._clients.get(listener)
+        if summary is None:
+            summary = self._clients[listener] = ClientSummary()
+        return summary
+
+    def client_summaries(self) -> dict[str, ClientSummary]:
+        return dict(self._clients)
+
+    def client_records(self, listener: str | None = None) -> list[dict[str, Any]]:
+        """Raw `/clients` records of this process, bytes of open connections included."""
+        live: dict[str, dict[str, list[int]]] = {}
+        for conn in self._live.values():
+            if conn.client_key is not None and (listener is None or conn.listener == listener):
+                acc = live.setdefault(conn.listener, {}).setdefault(conn.client_key, [0, 0])
+                acc[0] += conn.bytes_client_to_upstream
+                acc[1] += conn.bytes_upstream_to_client
+        out: list[dict[str, Any]] = []
+        for name, summary in self._clients.items():
+            if listener is None or name == listener:
+                out.extend(summary.records(name, live.get(name)))
+        return out
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, conn_id: str) -> MonitoredConnection | None:

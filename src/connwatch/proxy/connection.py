@@ -49,6 +49,7 @@ class MonitoredConnection:
         "_timer",
         "buffer",
         "client",
+        "client_key",
         "client_leg",
         "closed_at",
         "id",
@@ -80,6 +81,7 @@ class MonitoredConnection:
         self.observer = observer
         self.timeouts = timeouts
         self.client = ""
+        self.client_key: str | None = None  # holds a slot of its listener's client limits
         self.target: Target | None = None
         self.client_leg = Leg(self, Side.CLIENT)
         self.upstream_leg = Leg(self, Side.UPSTREAM)

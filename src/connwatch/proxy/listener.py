@@ -32,6 +32,7 @@ from connwatch.exceptions import (
     UpstreamConnectError,
 )
 from connwatch.proxy.acceptor import Acceptor
+from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
@@ -71,6 +72,7 @@ class Listener:
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
         self.upstream_options = _options(config.keepalive.upstream)
+        self.clients = ClientLimiter(config.client_limits)  # per-client-key limits (SPEC §12)
         self.accepting = False
         self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
         self._sock: socket.socket | None = None
@@ -193,6 +195,7 @@ class Listener:
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
         self.upstream_options = _options(config.keepalive.upstream)
+        self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._sock is not None and config.listen.path is None:
             apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
@@ -203,9 +206,9 @@ class Listener:
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
         conn.client = format_peer(peer)  # as getpeername() would say, without asking again
-        conn.own_task(self._loop.create_task(self._serve(conn, sock)))
+        conn.own_task(self._loop.create_task(self._serve(conn, sock, peer)))
 
-    async def _serve(self, conn: MonitoredConnection, sock: socket.socket) -> None:
+    async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
         """One connection's set-up: take over the accepted socket, then reach an upstream."""
         wrapper = self._splice or self._loop
         try:
@@ -219,8 +222,22 @@ class Listener:
         if self.tracker.active(self.name) > self.config.max_connections or draining:
             reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
             conn.close(reason, abort=True)
-        elif conn.state is ConnectionState.CONNECTING:
-            await self._connect(conn)
+        # With PROXY protocol the client key is the header's address: admitted once it is read.
+        elif conn.state is ConnectionState.CONNECTING and (
+            self.config.proxy_protocol.accept or self._admit_client(conn, peer)
+        ):
+            await self._connect(conn, peer)
+
+    def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
+        """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
+        key = self.clients.key_of(peer)
+        over = self.clients.admit(key, conn.opened_at)
+        self.tracker.client_identified(conn, key, over)
+        if over is None:
+            conn.client_key = key
+            return True
+        conn.close(CloseReason.CLIENT_LIMIT, abort=True)
+        return False
 
     # -- ConnectionObserver ---------------------------------------------------------------------
     def connection_accepted(self, conn: MonitoredConnection) -> None:
@@ -235,6 +252,9 @@ class Listener:
         if self.liveness is not None:
             self.liveness.unwatch(conn)
         self.tracker.connection_closed(conn)
+        if (key := conn.client_key) is not None:
+            conn.client_key = None
+            self.clients.release(key)
 
     def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
         self.tracker.flow_paused(conn, direction)
@@ -302,12 +322,15 @@ class Listener:
         return proxy_protocol.header_for(version, peer[:2], local[:2])
 
     # -- upstream connect -----------------------------------------------------------------------
-    async def _connect(self, conn: MonitoredConnection) -> None:
+    async def _connect(self, conn: MonitoredConnection, peer: Any) -> None:
         config = self.config
         header = None
         if config.proxy_protocol.accept:
             header = await self._read_proxy_header(conn)
-            if header is None:
+            if header is None or conn.state is not ConnectionState.CONNECTING:
+                return
+            source = header.source if header.source is not None else peer
+            if not self._admit_client(conn, source):
                 return
         try:
             if self._splice is not None:  # sets its own socket options before connecting

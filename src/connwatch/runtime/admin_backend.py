@@ -11,11 +11,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from connwatch._types import Address, CloseReason, ConnectionState, HealthState, Liveness, rfc3339
+from connwatch.observe.clients import merge_records, top_records
 from connwatch.observe.metrics import build_registry
 from connwatch.observe.tracker import snapshot_record
 from connwatch.proxy.connection import MonitoredConnection
-from connwatch.runtime.state import DaemonState
-from connwatch.snapshots import ConnectionStats, DaemonStats, TargetStats
+from connwatch.runtime.state import DaemonState, Role
+from connwatch.snapshots import ClientStats, ConnectionStats, DaemonStats, TargetStats
 
 
 class DaemonBackend:
@@ -42,6 +43,7 @@ class DaemonBackend:
             liveness=state.liveness.statistics() if state.liveness is not None else {},
             protocol_errors=self._protocol_errors(),
             reloads=dict(state.reloads),
+            clients=self._client_stats(),
         )
 
     async def refresh_metrics(self) -> None:
@@ -134,6 +136,50 @@ class DaemonBackend:
             return False
         conn.close(CloseReason.ADMIN_CLOSED)
         return True
+
+    # -- clients (SPEC section 12) ----------------------------------------------------------------
+    def _client_stats(self) -> dict[str, ClientStats]:
+        summaries = self._state.tracker.client_summaries()
+        out: dict[str, ClientStats] = {}
+        for name, summary in summaries.items():
+            out[name] = ClientStats(name, len(summary), dict(summary.rejections))
+        if self._state.role is not Role.WORKER:  # configured limits: the primary says them once
+            for name, listener in self._state.listeners.items():
+                cfg = listener.config
+                limits = {
+                    "max_connections": float(cfg.max_connections),
+                    "client_max_connections": float(cfg.client_limits.max_connections),
+                    "client_connection_rate": float(cfg.client_limits.connection_rate),
+                }
+                have = out.get(name)
+                out[name] = ClientStats(
+                    name,
+                    have.tracked if have else 0,
+                    have.rejections if have else {},
+                    limits,
+                )
+        return out
+
+    async def client_records(
+        self, listener: str | None, sort: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """`GET /clients`: this process's view, merged with every worker's, the top `limit`."""
+        parts = [self.local_client_records(listener)]
+        if self._state.pool.workers:
+            parts.extend(await self._state.pool.client_records(listener=listener))
+        return top_records(merge_records(parts), sort, limit)
+
+    def local_client_records(self, listener: str | None) -> list[dict[str, Any]]:
+        """Raw records of this process; `active` from the limiters' exact counts."""
+        records = self._state.tracker.client_records(listener)
+        exact: dict[str, dict[str, int]] = {}
+        for held in self._state.all_listeners():
+            counts = exact.setdefault(held.name, {})
+            for key, n in held.clients.active.items():
+                counts[key] = counts.get(key, 0) + n
+        for rec in records:
+            rec["active"] = exact.get(rec["listener"], {}).get(rec["client"], 0)
+        return records
 
     def _protocol_errors(self) -> dict[str, int]:
         total = Counter(self._state.protocol_errors)

@@ -73,6 +73,10 @@ class WorkerPool:
             out.extend(records or [])
         return out
 
+    async def client_records(self, **query: Any) -> list[list[dict[str, Any]]]:
+        """Each worker's raw `/clients` records (merged by the caller)."""
+        return [records or [] for records in await self._each("clients", **query)]
+
     async def close_connection(self, conn_id: str) -> bool:
         index = int(conn_id.split("-", 1)[0]) if conn_id.split("-", 1)[0].isdigit() else -1
         worker = self.workers.get(index - self.id_base)

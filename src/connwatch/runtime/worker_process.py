@@ -80,6 +80,7 @@ class WorkerProcess:
             "stats": self._op_stats,
             "connections": self._op_connections,
             "close": self._op_close,
+            "clients": self._op_clients,
             "health": self._op_health,
             "reload": self._op_reload,
             "stop": self._op_stop,
@@ -100,6 +101,9 @@ class WorkerProcess:
         return self.daemon.local_records(
             args.get("listener"), args.get("min_idle"), args.get("limit")
         )
+
+    async def _op_clients(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.daemon.backend.local_client_records(args.get("listener"))
 
     async def _op_close(self, args: dict[str, Any]) -> bool:
         return await self.daemon.close_connection(str(args["id"]))

@@ -96,4 +96,5 @@ async def daemon_snapshot(daemon: Daemon) -> Snapshot:
     connections = await daemon.connection_records(None, None, None)
     _, body = await daemon.readiness()
     ready, upstreams = upstreams_from_readiness(body)
-    return Snapshot(time.monotonic(), connections, totals, upstreams, ready)
+    clients = await daemon.backend.client_records(None, "active", 200)
+    return Snapshot(time.monotonic(), connections, totals, upstreams, ready, clients=clients)

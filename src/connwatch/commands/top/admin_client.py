@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Final
 
+from connwatch.commands.top.clients_view import FETCH_LIMIT
 from connwatch.commands.top.model import Snapshot, totals_from_metrics, upstreams_from_readiness
 from connwatch.exceptions import AdminApiError, describe_error
 
@@ -50,13 +51,17 @@ class AdminClient:
         ready, upstreams = upstreams_from_readiness(readiness, self.listener)
         health = self._json("/healthz")
         upgrade = health.get("upgrade") if isinstance(health, dict) else None
+        clients = self._json(f"/clients?limit={FETCH_LIMIT}" + query.replace("?", "&"))
+        if not isinstance(clients, list):
+            raise AdminApiError(f"{self.base_url}/clients did not return a list")
         return Snapshot(
             time.monotonic(),
             connections,
             totals,
             upstreams,
             ready,
-            upgrade if isinstance(upgrade, dict) else None,
+            upgrade=upgrade if isinstance(upgrade, dict) else None,
+            clients=clients,
         )
 
     def _json(self, path: str, also_ok: int | None = None) -> Any:

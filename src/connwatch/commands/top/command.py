@@ -38,7 +38,8 @@ def add_top_parser(subparsers: Any) -> None:
         "top",
         help="live table of a running daemon's connections",
         description="Live table of a running daemon's connections, read from its admin API "
-        "every second. Keys: b, a, i, r sort by bytes, age, idle, RTT; q quits. Exit 1 when "
+        "every second. Keys: b, a, i, r sort by bytes, age, idle, RTT; c switches to the busiest "
+        "clients (a, n, b, x sort them by active, accepted, bytes, rejected); q quits. Exit 1 when "
         "the daemon cannot be reached or goes away.",
     )
     top.add_argument(

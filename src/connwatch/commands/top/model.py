@@ -54,6 +54,7 @@ class Snapshot:
     upstreams: list[Upstream]
     ready: bool
     upgrade: dict[str, Any] | None = None  # /healthz `upgrade` while one is under way
+    clients: list[dict[str, Any]] = field(default_factory=list)  # `/clients` rows (SPEC §12)
 
 
 def totals_from_metrics(text: str, listener: str | None = None) -> Totals:

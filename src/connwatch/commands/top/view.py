@@ -9,6 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from connwatch.commands.top.clients_view import (
+    CLIENT_SORT_KEYS,
+    VIEW_KEY,
+    clients_table,
+)
 from connwatch.commands.top.keys import QUIT_KEYS, SORT_KEYS
 from connwatch.commands.top.model import SORT_FUNCS, SORTS, Snapshot, row_rtts
 
@@ -49,6 +54,8 @@ class View:
         self.keys = keys
         self.rates: dict[str, float] = {}
         self._previous: Snapshot | None = None
+        self.clients_view = False  # `c` switches to the busiest clients (SPEC section 12)
+        self.client_sort = "active"
 
     def observe(self, snapshot: Snapshot) -> None:
         """Take a new snapshot in: byte rates are the growth since the previous one."""
@@ -68,6 +75,16 @@ class View:
         for key in keys:
             if key in QUIT_KEYS:
                 return "quit"
+            if key.lower() == VIEW_KEY:
+                self.clients_view = not self.clients_view
+                action = "sort"
+                continue
+            if self.clients_view:
+                by = CLIENT_SORT_KEYS.get(key.lower())
+                if by is not None and by != self.client_sort:
+                    self.client_sort = by
+                    action = "sort"
+                continue
             wanted = SORT_KEYS.get(key.lower())
             if wanted is not None and wanted != self.sort:
                 self.sort = wanted
@@ -90,10 +107,13 @@ class View:
         """Header and table; with `height`, rows are cut to fit that many terminal lines."""
         from rich.console import Group
 
-        rows = self.sorted_rows(snapshot)
         chrome = _HEADER_LINES + _TABLE_CHROME + (1 if snapshot.upgrade else 0)
         limit = None if height is None else max(1, height - chrome)
         header = self._header(snapshot, stale, unicode)
+        if self.clients_view:
+            table = clients_table(snapshot.clients, self.client_sort, limit, unicode, _size)
+            return Group(*header, table)
+        rows = self.sorted_rows(snapshot)
         return Group(*header, self._table(rows, limit, unicode))
 
     def _header(self, snap: Snapshot, stale: str | None, unicode: bool) -> list[Text]:
@@ -103,15 +123,18 @@ class View:
         dot = " · " if unicode else ", "
         to = "→" if unicode else "->"
         t = snap.totals
+        sort = f"clients by {self.client_sort}" if self.clients_view else self.sort
         title = Text.assemble(
             ("connwatch top", "bold"),
             f"  {self.source}",
             f"  listener {self.listener}" if self.listener else "",
             "  ",
-            (f"sort: {self.sort} {arrow}", "bold cyan"),
+            (f"sort: {sort} {arrow}", "bold cyan"),
         )
-        if self.keys:
-            title.append("   keys: b a i r sort, q quit", style="dim")
+        if self.keys and self.clients_view:
+            title.append("   keys: a n b x sort, c connections, q quit", style="dim")
+        elif self.keys:
+            title.append("   keys: b a i r sort, c clients, q quit", style="dim")
         closed_total = sum(t.closed.values())
         top3 = sorted(((n, r) for r, n in t.closed.items() if n), reverse=True)[:3]
         reasons = dot.join(f"{r} {n}" for n, r in top3)

@@ -1,0 +1,93 @@
+"""ClientLimiter on a fake clock: the client key, exact per-key counts, the token bucket and
+the memory it keeps (SPEC section 12)."""
+
+from __future__ import annotations
+
+import pytest
+
+from connwatch.config import ClientLimitsConfig
+from connwatch.proxy.client_limits import CONNECTION_RATE, MAX_CONNECTIONS, ClientLimiter
+
+
+def limiter(**limits: object) -> ClientLimiter:
+    return ClientLimiter(ClientLimitsConfig.model_validate(limits))
+
+
+@pytest.mark.parametrize(
+    ("limits", "peer", "key"),
+    [
+        ({}, ("127.0.1.5", 4000), "127.0.1.5"),
+        ({"ipv4_prefix": 24}, ("127.0.1.5", 4000), "127.0.1.0/24"),
+        ({"ipv4_prefix": 24}, ("127.0.1.9", 4001), "127.0.1.0/24"),
+        ({"ipv4_prefix": 0}, ("10.1.2.3", 1), "0.0.0.0/0"),
+        ({}, ("2001:db8::7", 1, 0, 0), "2001:db8::7"),
+        ({"ipv6_prefix": 64}, ("2001:db8::7", 1, 0, 0), "2001:db8::/64"),
+        ({"ipv4_prefix": 24}, ("::ffff:127.0.1.5", 1, 0, 0), "127.0.1.0/24"),
+        ({}, ("::ffff:127.0.1.5", 1, 0, 0), "127.0.1.5"),
+        ({}, "", "unix"),
+    ],
+)
+def test_client_key(limits: dict[str, object], peer: object, key: str) -> None:
+    assert limiter(**limits).key_of(peer) == key
+
+
+def test_max_connections_is_exact_per_key_and_drops_keys_at_zero() -> None:
+    lim = limiter(max_connections=2)
+    assert lim.admit("a", 0.0) is None
+    assert lim.admit("a", 0.0) is None
+    assert lim.admit("a", 0.0) == MAX_CONNECTIONS
+    assert lim.admit("b", 0.0) is None
+    lim.release("a")
+    assert lim.admit("a", 0.0) is None
+    for _ in range(2):
+        lim.release("a")
+    lim.release("b")
+    assert lim.active == {}, "a key's count is dropped when it reaches zero"
+
+
+def test_token_bucket_gives_the_burst_then_the_rate() -> None:
+    lim = limiter(connection_rate=20)
+    admitted = sum(lim.admit("a", i * 0.01) is None for i in range(100))  # 100 in 0.99 s
+    for _ in range(admitted):
+        lim.release("a")
+    assert 20 + 19 <= admitted <= 20 + 20  # the burst plus 20 per second
+    assert lim.admit("b", 0.99) is None, "another client has its own bucket"
+    assert lim.admit("a", 0.99) == CONNECTION_RATE
+
+
+def test_a_fractional_rate_still_admits_one() -> None:
+    lim = limiter(connection_rate=0.5)
+    assert lim.admit("a", 0.0) is None
+    assert lim.admit("a", 1.0) == CONNECTION_RATE
+    assert lim.admit("a", 2.1) is None
+
+
+def test_refilled_buckets_are_dropped_so_memory_follows_recent_clients() -> None:
+    lim = limiter(connection_rate=10)
+    for i in range(5000):
+        assert lim.admit(f"10.0.{i // 250}.{i % 250}", i * 0.01) is None
+        lim.release(f"10.0.{i // 250}.{i % 250}")
+    # Only clients seen within burst/rate = 1 s can hold a bucket (100 at this pace), plus the
+    # ones added since the last sweep (at most double the live ones, or 1024).
+    assert lim.buckets <= 1024 + 100
+    assert lim.active == {}
+
+
+def test_reload_keeps_open_counts_and_applies_new_limits() -> None:
+    lim = limiter()
+    for _ in range(3):
+        assert lim.admit("a", 0.0) is None
+    lim.configure(ClientLimitsConfig(max_connections=2))
+    assert lim.admit("a", 0.0) == MAX_CONNECTIONS
+    lim.release("a")
+    lim.release("a")
+    assert lim.admit("a", 0.0) is None
+
+
+def test_an_admission_out_of_time_order_does_not_take_tokens_back() -> None:
+    lim = limiter(connection_rate=2)  # burst 2
+    assert lim.admit("a", 10.0) is None  # one token left
+    # Accepted earlier, its PROXY header read later: the token left is still there.
+    assert lim.admit("a", 9.5) is None
+    assert lim.admit("a", 10.0) == CONNECTION_RATE
+    assert lim.admit("a", 10.5) is None, "one token refilled in the 0.5 s since 10.0"
