@@ -115,6 +115,7 @@ class Reloader:
                     state.tracker,
                     liveness=state.liveness,
                     reuse_port=state.settings.workers > 1,
+                    outcomes=state.outcomes,
                 )
                 await listener.start()
                 started.append(listener)
