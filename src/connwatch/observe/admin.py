@@ -50,6 +50,8 @@ class AdminBackend(Protocol):
 
     async def close_connection(self, conn_id: str) -> bool: ...
 
+    async def upstreams(self, listener: str | None = None) -> dict[str, Any]: ...
+
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(
@@ -75,6 +77,7 @@ class AdminApp:
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/connections", self.connections)
         self.app.router.add_delete("/connections/{conn_id}", self.delete_connection)
+        self.app.router.add_get("/upstreams", self.upstreams)
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
 
@@ -142,6 +145,9 @@ class AdminApp:
         if not await self.backend.close_connection(conn_id):
             return _error(404, f"no open connection with id {conn_id!r}")
         return _json({"id": conn_id, "status": "closing"}, 202)
+
+    async def upstreams(self, request: web.Request) -> web.Response:
+        return _json(await self.backend.upstreams(request.query.get("listener")))
 
     def _authorized(self, request: web.Request) -> bool:
         if self.token is None:

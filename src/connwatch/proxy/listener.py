@@ -175,7 +175,7 @@ class Listener:
         elif self.judge is not None:
             self.judge.close()
             self.judge = None
-        self.pool.on_connect_failure = self.judge.connect_failed if self.judge else None
+        self.pool.on_connect_failure = self.judge.connect_failed if self.judge is not None else None
 
     # -- accepting ------------------------------------------------------------------------------
     def _accepted(self, sock: socket.socket, peer: Any) -> None:

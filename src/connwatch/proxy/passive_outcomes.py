@@ -71,5 +71,6 @@ class OutcomeJudge:
             handle.cancel()
         self._pending.clear()
 
-    def __len__(self) -> int:
+    @property
+    def pending(self) -> int:
         return len(self._pending)

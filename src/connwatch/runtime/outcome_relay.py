@@ -44,7 +44,8 @@ class OutcomeBuffer:
         self._rows.clear()
         return rows
 
-    def __len__(self) -> int:
+    @property
+    def pending(self) -> int:
         return len(self._rows)
 
 

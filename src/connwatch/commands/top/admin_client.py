@@ -13,6 +13,7 @@ import time
 from typing import Any, Final
 
 from connwatch.commands.top.model import Snapshot, totals_from_metrics, upstreams_from_readiness
+from connwatch.commands.top.upstreams_table import target_rows
 from connwatch.exceptions import AdminApiError, describe_error
 
 __all__ = ["HTTP_TIMEOUT_S", "REFRESH_S", "AdminClient", "Poller"]
@@ -48,7 +49,8 @@ class AdminClient:
         if not isinstance(readiness, dict):
             raise AdminApiError(f"{self.base_url}/readyz did not return an object")
         ready, upstreams = upstreams_from_readiness(readiness, self.listener)
-        return Snapshot(time.monotonic(), connections, totals, upstreams, ready)
+        targets = target_rows(self._json("/upstreams" + query), self.listener)
+        return Snapshot(time.monotonic(), connections, totals, upstreams, ready, targets)
 
     def _json(self, path: str, also_ok: int | None = None) -> Any:
         body = self._get(path, also_ok)

@@ -53,6 +53,7 @@ class Snapshot:
     totals: Totals
     upstreams: list[Upstream]
     ready: bool
+    targets: list[Any] = field(default_factory=list)  # upstreams_table.TargetRow, from /upstreams
 
 
 def totals_from_metrics(text: str, listener: str | None = None) -> Totals:

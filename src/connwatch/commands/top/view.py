@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from connwatch.commands.top.keys import QUIT_KEYS, SORT_KEYS
 from connwatch.commands.top.model import SORT_FUNCS, SORTS, Snapshot, row_rtts
+from connwatch.commands.top.upstreams_table import UPSTREAMS_KEY, upstreams_table
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -47,6 +48,7 @@ class View:
         self.sort = sort
         self.listener = listener
         self.keys = keys
+        self.upstreams = False  # the upstreams view instead of the connections table (key u)
         self.rates: dict[str, float] = {}
         self._previous: Snapshot | None = None
 
@@ -68,6 +70,10 @@ class View:
         for key in keys:
             if key in QUIT_KEYS:
                 return "quit"
+            if key.lower() == UPSTREAMS_KEY:
+                self.upstreams = not self.upstreams
+                action = "sort"  # redraw
+                continue
             wanted = SORT_KEYS.get(key.lower())
             if wanted is not None and wanted != self.sort:
                 self.sort = wanted
@@ -93,6 +99,8 @@ class View:
         rows = self.sorted_rows(snapshot)
         limit = None if height is None else max(1, height - _HEADER_LINES - _TABLE_CHROME)
         header = self._header(snapshot, stale, unicode)
+        if self.upstreams:
+            return Group(*header, upstreams_table(snapshot.targets, limit, unicode))
         return Group(*header, self._table(rows, limit, unicode))
 
     def _header(self, snap: Snapshot, stale: str | None, unicode: bool) -> list[Text]:
@@ -110,7 +118,7 @@ class View:
             (f"sort: {self.sort} {arrow}", "bold cyan"),
         )
         if self.keys:
-            title.append("   keys: b a i r sort, q quit", style="dim")
+            title.append("   keys: b a i r sort, u upstreams, q quit", style="dim")
         closed_total = sum(t.closed.values())
         top3 = sorted(((n, r) for r, n in t.closed.items() if n), reverse=True)[:3]
         reasons = dot.join(f"{r} {n}" for n, r in top3)
