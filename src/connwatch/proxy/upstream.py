@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from connwatch._types import Address, HealthState
+from connwatch._types import Address, Clock, HealthState
 from connwatch.exceptions import (
     NO_FDS_ERRNOS,
     NoHealthyUpstreamError,
@@ -127,6 +127,7 @@ class UpstreamPool:
         self.targets = [Target(a) for a in addresses]
         self.balance = balance
         self.slow_start = slow_start  # seconds; 0 = off
+        self.clock: Clock = time.monotonic  # slow start's clock (tests drive a fake one)
         # Passive health (proxy/passive_outcomes.py) is told of each failed connect: the label.
         self.on_connect_failure: Callable[[str], None] | None = None
         self._rr = itertools.count()
@@ -147,7 +148,7 @@ class UpstreamPool:
             start = next(self._rr) % len(usable)
             order = usable[start:] + usable[:start]
         if self.slow_start:
-            return admit(order, time.monotonic(), self.slow_start)
+            return admit(order, self.clock(), self.slow_start)
         return order
 
     async def connect(
