@@ -192,7 +192,9 @@ async def test_max_ejection_percent_keeps_the_second_failing_target_and_upstream
         listener = listener_config(
             "app",
             [one.address, two.address],
-            outlier_detection=_detection(consecutive_failures=2, base_ejection_time="60s", max_ejection_time="300s"),
+            outlier_detection=_detection(
+                consecutive_failures=2, base_ejection_time="60s", max_ejection_time="300s"
+            ),
         )
         async with DaemonProcess(tmp_path, daemon_config(listener)) as daemon:
             port = daemon.port("app")
