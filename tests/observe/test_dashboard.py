@@ -74,6 +74,7 @@ SPEC_METRICS: dict[str, Metric] = {
     ),
     "connwatch_config_reloads_total": Metric("counter", {"result": _SUCCESS_FAILURE}),
     "connwatch_build_info": Metric("gauge", {"version": _ANY, "python": _ANY}),
+    "connwatch_upstream_ejections_total": Metric("counter", {"listener": _ANY, "upstream": _ANY}),
 }
 
 # Labels Prometheus or a scrape config attach to every series.
