@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from connwatch._types import Throttle
 from connwatch.health.outlier_detection import OutlierDetector
 from connwatch.runtime.worker_pool import WorkerPool
 
@@ -61,11 +62,27 @@ def feed(detector: OutlierDetector, rows: list[list[Any]]) -> None:
 async def relay_outcomes(
     pool: WorkerPool, detector: OutlierDetector, interval: float = RELAY_INTERVAL
 ) -> None:
-    """The primary's loop: collect every worker's outcomes while passive health is on."""
+    """The primary's loop: collect every worker's outcomes while passive health is on. A worker
+    that does not answer (exited, or stopping) is skipped, with one warning per 10 s."""
+    throttle = Throttle()
     while True:
         await asyncio.sleep(interval)
         if not pool.workers or not detector.enabled:
             continue
-        for rows in await pool.gather("outcomes"):
+        for worker in list(pool.workers.values()):
+            if worker.proc.returncode is not None:
+                continue
+            try:
+                rows = await worker.channel.call("outcomes")
+            except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+                if (suppressed := throttle.allow(f"outcomes {worker.index}")) is not None:
+                    log.warning(
+                        "worker_unreachable",
+                        worker=worker.index,
+                        op="outcomes",
+                        error=repr(exc),
+                        suppressed=suppressed,
+                    )
+                continue
             if rows:
                 feed(detector, rows)

@@ -71,10 +71,6 @@ class WorkerPool:
         except (OSError, RuntimeError, TimeoutError):
             return False
 
-    async def gather(self, op: str, **args: Any) -> list[Any]:
-        """Each worker's answer to `op` (None for a worker that did not answer)."""
-        return await self._each(op, **args)
-
     async def broadcast(self, op: str, **args: Any) -> None:
         await self._each(op, **args)
 
