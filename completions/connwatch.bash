@@ -36,7 +36,7 @@ _connwatch() {
         run) opts="-c --config --listen --upstream --help" ;;
         check-config) opts="-c --config --help" ;;
         demo) opts="--duration --help" ;;
-        top) opts="--admin --sort --listener --once --help" ;;
+        top) opts="--admin --sort --listener --once --upstreams --help" ;;
         probe) opts="--type --timeout --port --path --scheme --host --expected-status --send --expect --help" ;;
     esac
     COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -283,3 +283,13 @@ class Throttle:
             return None
         self._last[key] = now
         return self._suppressed.pop(key, 0)
+
+
+class UpstreamOutcomes(Protocol):
+    """Where the data plane reports how real client connections to a target went, for passive
+    health (SPEC section 10). The runtime wires it: the primary's outlier detector, or in a worker
+    a buffer the primary drains. Labels, not objects, so that outcomes can cross processes."""
+
+    def upstream_succeeded(self, listener: str, upstream: str) -> None: ...
+
+    def upstream_failed(self, listener: str, upstream: str) -> None: ...

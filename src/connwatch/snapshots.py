@@ -111,6 +111,11 @@ class TargetStats:
     last_check: float | None = None  # wall-clock seconds
     latency_ms: float | None = None
     consecutive_failures: int = 0
+    # Passive health and slow start (SPEC section 10): decided by the primary, relayed to workers.
+    cause: str = "config"  # of the last state change: active_check, passive, config
+    ejected_until: float | None = None  # wall-clock end of a passive ejection
+    weight: float = 1.0  # slow start, 0..1
+    ejections: int = 0  # counted by the primary only
 
     def merged(self, other: TargetStats) -> TargetStats:
         # Health checks run in one process only; connects happen in every worker.
@@ -126,6 +131,10 @@ class TargetStats:
             base.last_check,
             base.latency_ms,
             base.consecutive_failures,
+            cause=self.cause,  # the primary's (merged first); workers hold the relayed value
+            ejected_until=self.ejected_until,
+            weight=min(self.weight, other.weight),
+            ejections=self.ejections + other.ejections,
         )
 
 
@@ -246,6 +255,7 @@ def stats_to_wire(stats: DaemonStats) -> dict[str, Any]:
                 t.last_check,
                 t.latency_ms,
                 t.consecutive_failures,
+                [t.cause, t.ejected_until, t.weight, t.ejections],
             ]
             for t in stats.targets.values()
         ],
@@ -275,7 +285,10 @@ def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
         )
     targets = {}
     for row in raw["targets"]:
-        listener, label, state, failures, connect, checks, check_dur, last, latency, cf = row
+        listener, label, state, failures, connect, checks, check_dur, last, latency, cf = row[:10]
+        cause, ejected_until, weight, ejections = (
+            row[10] if len(row) > 10 else ("config", None, 1, 0)
+        )
         connect_hist = _hist_in(connect)
         assert connect_hist is not None
         targets[(listener, label)] = TargetStats(
@@ -289,6 +302,10 @@ def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
             last,
             latency,
             cf,
+            cause=cause,
+            ejected_until=ejected_until,
+            weight=weight,
+            ejections=ejections,
         )
     liveness = {}
     for listener, beats, rtt, retrans, states in raw["liveness"]:

@@ -443,6 +443,7 @@ def test_every_alert_has_a_unit_test() -> None:
         "ConnwatchNearMaxConnections",
         "ConnwatchDeadPeerClosesSpiking",
         "ConnwatchConfigReloadFailed",
+        "ConnwatchUpstreamEjectedRepeatedly",
     } <= alerts
     tests = yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"]
     firing = {

@@ -90,6 +90,7 @@ SPEC_METRICS: dict[str, Metric] = {
             ),
         },
     ),
+    "connwatch_upstream_ejections_total": Metric("counter", {"listener": _ANY, "upstream": _ANY}),
 }
 
 # Labels Prometheus or a scrape config attach to every series.

@@ -52,6 +52,7 @@ from connwatch.config.fields import (
     _workers,
     format_loc,
 )
+from connwatch.config.units import format_duration
 
 
 def _upgrade_socket_path(value: str | None) -> str | None:
@@ -264,6 +265,53 @@ class ClientLimitsConfig(_Model):
     )
 
 
+class OutlierDetectionConfig(_Model):
+    """Passive health (SPEC section 10): judge targets by the outcome of real client connections."""
+
+    enabled: StrictBool = Field(
+        default=False,
+        description="Eject a target that fails `consecutive_failures` client connections in a row.",
+    )
+    consecutive_failures: Count = Field(
+        default=5,
+        description="Failures in a row that eject a target: connect failures, or upstream "
+        "resets/closes before `early_window` with no byte from the upstream. At least 1.",
+    )
+    early_window: PositiveDuration = Field(
+        default=1.0,
+        description="A connection the upstream ends within this time, having sent nothing, is a "
+        "failure; the first upstream byte, or a connection that outlives it, is a success.",
+    )
+    base_ejection_time: PositiveDuration = Field(
+        default=30.0,
+        description="The first ejection's length; each further ejection of the same target "
+        "doubles it (reset after a full ejection time without a failure).",
+    )
+    max_ejection_time: PositiveDuration = Field(
+        default=300.0,
+        description="The longest an ejection lasts. At least `base_ejection_time`.",
+    )
+    max_ejection_percent: Annotated[StrictInt, Field(ge=0, le=100)] = Field(
+        default=50,
+        description="Never eject more than this share of a listener's targets, 0 to 100; "
+        "a refused ejection is logged (`upstream_ejection_refused`).",
+    )
+
+    @model_validator(mode="after")
+    def _times_in_order(self) -> OutlierDetectionConfig:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise PydanticCustomError(
+                "ejection_time_order",
+                "must be at least base_ejection_time ({value})",
+                {
+                    "field": "max_ejection_time",
+                    "given": format_duration(self.max_ejection_time),
+                    "value": format_duration(self.base_ejection_time),
+                },
+            )
+        return self
+
+
 class ListenerConfig(_Model):
     name: Annotated[StrictStr, AfterValidator(_listener_name)] = Field(
         description="Unique, `[a-z0-9_-]+`; the `listener` metric label."
@@ -319,6 +367,15 @@ class ListenerConfig(_Model):
     )
     health_check: HealthCheckConfig = Field(
         default=HealthCheckConfig(), description="Active checks of every upstream target."
+    )
+    outlier_detection: OutlierDetectionConfig = Field(
+        default=OutlierDetectionConfig(),
+        description="Passive health: eject targets that fail real client connections.",
+    )
+    slow_start: Duration = Field(
+        default=0.0,
+        description="0 = off; else a target that becomes UP (or returns from ejection) gets a "
+        "share of new connections growing linearly from 10% to 100% over this window.",
     )
     client_limits: ClientLimitsConfig = Field(
         default=ClientLimitsConfig(),

@@ -114,6 +114,12 @@ class TargetHealth:
             self.interval = self.base_interval
         return Transition(old, self.state) if changed else None
 
+    def adopt(self, state: HealthState) -> None:
+        """Take a state set elsewhere (passive health, a reload) and count afresh from it."""
+        self.state = state
+        self.successes = self.failures = 0
+        self.interval = self.base_interval
+
     def next_wait(self, unit_random: float) -> float:
         """The jittered wait: `interval` * (1 ± JITTER), `unit_random` uniform in [0, 1)."""
         return self.interval * (1 - JITTER + 2 * JITTER * unit_random)
@@ -165,7 +171,10 @@ class HealthMonitor:
         if not cfg.enabled:
             for target in targets:  # a stale DOWN would otherwise keep the target unusable
                 target.consecutive_failures = 0
-                self._set_state(listener, target, HealthState.UNKNOWN, "health checks disabled")
+                if target.ejected_until is None:  # passive health brings an ejected one back
+                    self._set_state(
+                        listener, target, HealthState.UNKNOWN, "health checks disabled", "config"
+                    )
             return
         loop = asyncio.get_running_loop()
         tasks = self._tasks[listener] = set()
@@ -211,6 +220,8 @@ class HealthMonitor:
     def _record(
         self, listener: str, target: Target, machine: TargetHealth, result: CheckResult
     ) -> None:
+        if machine.state is not target.state:  # passive health changed it: judge from there
+            machine.adopt(target.state)
         transition = machine.record(result.ok)
         target.checks["success" if result.ok else "failure"] += 1
         target.check_duration.observe(result.latency_s)
@@ -218,14 +229,23 @@ class HealthMonitor:
         # A failed check has no meaningful latency (a timeout would read as a slow answer).
         target.latency_ms = round(result.latency_s * 1000, 3) if result.ok else None
         target.consecutive_failures = machine.failures
-        if transition is not None:
+        # An ejected target stays DOWN until passive health returns it (SPEC section 10).
+        if transition is not None and target.ejected_until is None:
             self._set_state(listener, target, transition.new, result.detail)
 
-    def _set_state(self, listener: str, target: Target, new: HealthState, detail: str) -> None:
+    def _set_state(
+        self,
+        listener: str,
+        target: Target,
+        new: HealthState,
+        detail: str,
+        cause: str = "active_check",
+    ) -> None:
         old = target.state
         if new is old:
             return
         target.state = new
+        target.cause = cause
         level = log.warning if new is HealthState.DOWN else log.info
         level(
             "upstream_state_changed",
@@ -233,6 +253,7 @@ class HealthMonitor:
             upstream=target.label,
             old=str(old),
             new=str(new),
+            cause=cause,
             detail=detail,
         )
         if self._on_state_change is None:

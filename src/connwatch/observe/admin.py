@@ -55,6 +55,7 @@ class AdminBackend(Protocol):
     async def client_records(
         self, listener: str | None, sort: str, limit: int
     ) -> list[dict[str, Any]]: ...
+    async def upstreams(self, listener: str | None = None) -> dict[str, Any]: ...
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -82,6 +83,7 @@ class AdminApp:
         self.app.router.add_get("/connections", self.connections)
         self.app.router.add_delete("/connections/{conn_id}", self.delete_connection)
         self.app.router.add_get("/clients", self.clients)
+        self.app.router.add_get("/upstreams", self.upstreams)
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
         # more /healthz fields while something is under way (e.g. `upgrade`); none by default
@@ -175,6 +177,9 @@ class AdminApp:
             return _error(400, f"limit must be a whole number, 0 or more; got {raw_limit!r}")
         records = await self.backend.client_records(query.get("listener"), sort, int(raw_limit))
         return _json(records)
+
+    async def upstreams(self, request: web.Request) -> web.Response:
+        return _json(await self.backend.upstreams(request.query.get("listener")))
 
     def _authorized(self, request: web.Request) -> bool:
         if self.token is None:

@@ -52,6 +52,7 @@ class DaemonCollector(Collector):
         stats = self._source()
         yield from self._connections(stats)
         yield from self._upstreams(stats)
+        yield from self._ejections(stats)
         yield from self._liveness(stats)
         yield from self._daemon(stats)
         yield from self._clients(stats)
@@ -140,6 +141,17 @@ class DaemonCollector(Collector):
             if ts.check_duration is not None:
                 _hist(check_duration, key, ts.check_duration)
         yield from (active, connect, failures, up, checks, check_duration)
+
+    def _ejections(self, stats: DaemonStats) -> Iterator[Metric]:
+        """Passive health (SPEC section 10): every target has the series, from 0."""
+        ejections = CounterMetricFamily(
+            "connwatch_upstream_ejections",
+            "Times passive health (outlier detection) ejected an upstream target.",
+            labels=["listener", "upstream"],
+        )
+        for (listener, label), ts in sorted(stats.targets.items()):
+            ejections.add_metric([listener, label], ts.ejections)
+        yield ejections
 
     def _liveness(self, stats: DaemonStats) -> Iterator[Metric]:
         beats = CounterMetricFamily(

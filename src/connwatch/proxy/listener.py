@@ -23,6 +23,7 @@ from connwatch._types import (
     Direction,
     LivenessWatch,
     Throttle,
+    UpstreamOutcomes,
     format_peer,
 )
 from connwatch.exceptions import (
@@ -35,6 +36,7 @@ from connwatch.proxy.acceptor import Acceptor
 from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.proxy.legs import ReadBuffer, Timeouts
+from connwatch.proxy.passive_outcomes import OutcomeJudge
 from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
 from connwatch.proxy.splice import SplicePath, uses_splice
 from connwatch.proxy.upstream import UpstreamPool
@@ -62,13 +64,17 @@ class Listener:
         *,
         liveness: LivenessWatch[MonitoredConnection] | None = None,
         reuse_port: bool = False,
+        outcomes: UpstreamOutcomes | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.tracker = tracker
         self.liveness = liveness
         self.reuse_port = reuse_port
-        self.pool = UpstreamPool(config.upstreams, config.balance)
+        self.pool = UpstreamPool(config.upstreams, config.balance, config.slow_start)
+        self.outcomes = outcomes  # passive health's sink, wired by the runtime
+        self.judge: OutcomeJudge | None = None
+        self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
         self.upstream_options = _options(config.keepalive.upstream)
@@ -106,7 +112,7 @@ class Listener:
             self.accepting,
             self.config.health_check.enabled,
             dict(self.protocol_errors),
-            tuple(t.statistics(self.name) for t in self.pool.targets),
+            tuple(t.statistics(self.name, self.config.slow_start) for t in self.pool.targets),
         )
 
     async def start(self) -> None:
@@ -190,8 +196,9 @@ class Listener:
         """Apply a reloaded config to new connections (a new address makes a new listener)."""
         old_targets = {t.label: t for t in self.pool.targets}
         self.config = config
-        self.pool = UpstreamPool(config.upstreams, config.balance)
+        self.pool = UpstreamPool(config.upstreams, config.balance, config.slow_start)
         self.pool.targets = [old_targets.get(t.label, t) for t in self.pool.targets]
+        self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
         self.upstream_options = _options(config.keepalive.upstream)
@@ -199,6 +206,19 @@ class Listener:
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._sock is not None and config.listen.path is None:
             apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
+
+    def _wire_passive(self) -> None:
+        """One OutcomeJudge while `outlier_detection.enabled` (kept across reloads, so that open
+        connections are still judged), none otherwise."""
+        cfg = self.config.outlier_detection
+        if cfg.enabled and self.outcomes is not None:
+            if self.judge is None:
+                self.judge = OutcomeJudge(self.name, cfg.early_window, self.outcomes)
+            self.judge.early_window = cfg.early_window
+        elif self.judge is not None:
+            self.judge.close()
+            self.judge = None
+        self.pool.on_connect_failure = self.judge.connect_failed if self.judge is not None else None
 
     # -- accepting ------------------------------------------------------------------------------
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
@@ -247,10 +267,14 @@ class Listener:
         self.tracker.connection_opened(conn)
         if self.liveness is not None:
             self.liveness.watch(conn)
+        if self.judge is not None:
+            self.judge.opened(conn)
 
     def connection_closed(self, conn: MonitoredConnection) -> None:
         if self.liveness is not None:
             self.liveness.unwatch(conn)
+        if self.judge is not None:
+            self.judge.closed(conn)
         self.tracker.connection_closed(conn)
         if (key := conn.client_key) is not None:
             conn.client_key = None

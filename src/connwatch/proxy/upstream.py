@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from connwatch._types import Address, HealthState
+from connwatch._types import Address, Clock, HealthState
 from connwatch.exceptions import (
     NO_FDS_ERRNOS,
     NoHealthyUpstreamError,
@@ -18,6 +19,7 @@ from connwatch.exceptions import (
     describe_error,
 )
 from connwatch.histogram import LATENCY_BUCKETS, Histogram
+from connwatch.proxy.slow_start import admit, weight
 from connwatch.proxy.sockopts import SocketOptions, apply_to_fd
 from connwatch.snapshots import TargetStats
 
@@ -29,24 +31,29 @@ class Target:
     """One configured upstream address. Health checks write `state`; connections count `active`."""
 
     __slots__ = (
+        "_state",
         "active",
         "address",
+        "cause",
         "check_duration",
         "checks",
         "connect_duration",
         "connect_failures",
         "connecting",
         "consecutive_failures",
+        "ejected_until",
+        "ejections",
         "label",
         "last_check",
         "latency_ms",
-        "state",
+        "recovered_at",
+        "slow_credit",
     )
 
     def __init__(self, address: Address) -> None:
         self.address = address
         self.label = str(address)
-        self.state = HealthState.UNKNOWN
+        self._state = HealthState.UNKNOWN
         self.active = 0
         self.connecting = 0  # connects in flight: least_connections counts them too
         self.connect_failures = 0
@@ -57,12 +64,39 @@ class Target:
         self.last_check: float | None = None  # wall clock
         self.latency_ms: float | None = None
         self.consecutive_failures = 0
+        # Passive health and slow start (SPEC section 10): why the state last changed, the
+        # wall-clock end of a passive ejection (None when not ejected), ejections so far (the
+        # primary counts them), and when the target last left DOWN (monotonic, for slow start).
+        self.cause = "config"
+        self.ejected_until: float | None = None
+        self.ejections = 0
+        self.recovered_at = -math.inf
+        self.slow_credit = 0.0
+
+    @property
+    def state(self) -> HealthState:
+        return self._state
+
+    @state.setter
+    def state(self, new: HealthState) -> None:
+        if self._state is HealthState.DOWN and new is not HealthState.DOWN:
+            self.recovered_at = time.monotonic()  # slow start begins (proxy/slow_start.py)
+            self.slow_credit = 0.0
+        self._state = new
 
     @property
     def usable(self) -> bool:
-        return self.state is not HealthState.DOWN
+        return self._state is not HealthState.DOWN
 
-    def statistics(self, listener: str) -> TargetStats:
+    def weight(self, slow_start: float, now: float | None = None) -> float:
+        """The slow-start weight now: 0 while DOWN, else FLOOR..1 over the window."""
+        if self._state is HealthState.DOWN:
+            return 0.0
+        if not slow_start:
+            return 1.0
+        return weight((time.monotonic() if now is None else now) - self.recovered_at, slow_start)
+
+    def statistics(self, listener: str, slow_start: float = 0.0) -> TargetStats:
         return TargetStats(
             listener,
             self.label,
@@ -74,6 +108,10 @@ class Target:
             self.last_check,
             self.latency_ms,
             self.consecutive_failures,
+            cause=self.cause,
+            ejected_until=self.ejected_until,
+            weight=round(self.weight(slow_start), 3),
+            ejections=self.ejections,
         )
 
     def __repr__(self) -> str:
@@ -83,9 +121,15 @@ class Target:
 class UpstreamPool:
     """Chooses targets in `balance` order among those not DOWN (UNKNOWN counts as usable)."""
 
-    def __init__(self, addresses: tuple[Address, ...], balance: str) -> None:
+    def __init__(
+        self, addresses: tuple[Address, ...], balance: str, slow_start: float = 0.0
+    ) -> None:
         self.targets = [Target(a) for a in addresses]
         self.balance = balance
+        self.slow_start = slow_start  # seconds; 0 = off
+        self.clock: Clock = time.monotonic  # slow start's clock (tests drive a fake one)
+        # Passive health (proxy/passive_outcomes.py) is told of each failed connect: the label.
+        self.on_connect_failure: Callable[[str], None] | None = None
         self._rr = itertools.count()
 
     def by_label(self, label: str) -> Target | None:
@@ -93,13 +137,19 @@ class UpstreamPool:
 
     def candidates(self) -> list[Target]:
         usable = [t for t in self.targets if t.usable]
-        if len(usable) <= 1 or self.balance == "first":
+        if len(usable) <= 1:
             return usable
-        if self.balance == "least_connections":
+        if self.balance == "first":
+            order = usable
+        elif self.balance == "least_connections":
             # stable: ties keep config order
-            return sorted(usable, key=lambda t: t.active + t.connecting)
-        start = next(self._rr) % len(usable)
-        return usable[start:] + usable[:start]
+            order = sorted(usable, key=lambda t: t.active + t.connecting)
+        else:
+            start = next(self._rr) % len(usable)
+            order = usable[start:] + usable[:start]
+        if self.slow_start:
+            return admit(order, self.clock(), self.slow_start)
+        return order
 
     async def connect(
         self,
@@ -140,6 +190,8 @@ class UpstreamPool:
             except (OSError, TimeoutError) as exc:
                 out_of_fds = out_of_fds or getattr(exc, "errno", None) in NO_FDS_ERRNOS
                 target.connect_failures += 1
+                if self.on_connect_failure is not None:
+                    self.on_connect_failure(target.label)
                 errors.append(f"{target.label}: {_describe(exc)}")
                 continue
             finally:

@@ -14,6 +14,7 @@ from connwatch._types import Address, CloseReason, ConnectionState, HealthState,
 from connwatch.observe.clients import merge_records, top_records
 from connwatch.observe.metrics import build_registry
 from connwatch.observe.tracker import snapshot_record
+from connwatch.observe.upstream_records import upstream_records
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.runtime.state import DaemonState, Role
 from connwatch.snapshots import ClientStats, ConnectionStats, DaemonStats, TargetStats
@@ -56,6 +57,14 @@ class DaemonBackend:
             return
         workers = await pool.statistics() if pool.workers else []
         self._merged = DaemonStats.merge_all([self.statistics(), *workers, *older])
+
+    async def upstreams(self, listener: str | None = None) -> dict[str, Any]:
+        """`GET /upstreams`: every target's state, cause, ejection, weight, active and pool,
+        merged over the workers (the primary's state and cause; connections of all)."""
+        stats = self.statistics()
+        if self._state.pool.workers:
+            stats = DaemonStats.merge_all([stats, *await self._state.pool.statistics()])
+        return upstream_records(stats, listener)
 
     async def connection_records(
         self, listener: str | None, min_idle: float | None, limit: int | None

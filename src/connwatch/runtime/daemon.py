@@ -15,10 +15,11 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from connwatch._types import HealthState
+from connwatch._types import HealthState, UpstreamOutcomes
 from connwatch.config import ListenerConfig, Settings, load_settings
 from connwatch.exceptions import ConfigError
 from connwatch.health.monitor import HealthMonitor
+from connwatch.health.outlier_detection import OutlierDetector
 from connwatch.liveness.watchdog import Watchdog
 from connwatch.observe.admin import AdminApp
 from connwatch.observe.connection_lines import ConnectionEvents
@@ -26,6 +27,7 @@ from connwatch.observe.tracker import Tracker
 from connwatch.proxy.listener import Listener
 from connwatch.runtime.admin_backend import DaemonBackend, concrete_settings, worker_init
 from connwatch.runtime.health_events import HealthEvents, start_heartbeat_responder
+from connwatch.runtime.outcome_relay import OutcomeBuffer, relay_outcomes
 from connwatch.runtime.progress import ProgressLines
 from connwatch.runtime.reload import Reloader
 from connwatch.runtime.shutdown import OrderedShutdown
@@ -75,6 +77,14 @@ class Daemon:
             on_protocol_error=self.count_protocol_error,
             on_state_change=self.health_events.target_changed,
         )
+        # Passive health: the primary decides; a worker buffers its outcomes for the primary.
+        self.detector = OutlierDetector(
+            listeners, on_state_change=self.health_events.target_changed
+        )
+        self.outcome_buffer = OutcomeBuffer() if role is Role.WORKER else None
+        outcomes: UpstreamOutcomes = (
+            self.detector if self.outcome_buffer is None else self.outcome_buffer
+        )
         self.state = DaemonState(
             settings=settings,
             role=role,
@@ -86,6 +96,7 @@ class Daemon:
             tasks=self.tasks,
             listeners=listeners,
             predecessor=takeover,
+            outcomes=outcomes,
         )
         if self._received is not None:
             self.pool.id_base = self._received.id_base
@@ -197,6 +208,7 @@ class Daemon:
                 init.update(id_base=received.id_base, inherited=inherited)
                 pass_fds = tuple(fd for fds in inherited.values() for fd in fds)
             await self.pool.spawn(self.settings.workers, init, pass_fds)
+            self.tasks.spawn(relay_outcomes(self.pool, self.detector), name="outcome-relay")
 
     async def run(self) -> None:
         """Start, serve until asked to stop, then drain and stop."""
@@ -270,6 +282,7 @@ class Daemon:
 
     async def _close_everything(self) -> None:
         self.close_data_plane()
+        self.detector.close()
         if self.role is Role.PRIMARY:
             await self.health.close()
             if self._responder is not None:
@@ -302,9 +315,20 @@ class Daemon:
     async def bind_and_install(self, configs: Iterable[ListenerConfig]) -> None:
         await self.reloader.bind_and_install(configs)
 
-    def set_target_state(self, listener: str, label: str, state: HealthState) -> None:
+    def set_target_state(
+        self,
+        listener: str,
+        label: str,
+        state: HealthState,
+        cause: str | None = None,
+        ejected_until: float | None = None,
+    ) -> None:
         """A target state the primary measured (workers run no health checks)."""
-        self.health_events.set_target_state(listener, label, state)
+        self.health_events.set_target_state(listener, label, state, cause, ejected_until)
+
+    def drain_outcomes(self) -> list[list[Any]]:
+        """A worker's client-connection outcomes since the primary last asked (passive health)."""
+        return self.outcome_buffer.drain() if self.outcome_buffer is not None else []
 
     def count_protocol_error(self, kind: str) -> None:
         self.state.count_protocol_error(kind)

@@ -41,7 +41,14 @@ class HealthEvents:
         """The HealthMonitor's `on_state_change` hook."""
         if self._pool.workers:
             self._tasks.spawn(
-                self._pool.broadcast("health", listener=listener, target=target.label, state=new)
+                self._pool.broadcast(
+                    "health",
+                    listener=listener,
+                    target=target.label,
+                    state=new,
+                    cause=target.cause,
+                    ejected_until=target.ejected_until,
+                )
             )
         owner = self._listeners.get(listener)
         if new is not HealthState.DOWN or owner is None:
@@ -52,12 +59,22 @@ class HealthEvents:
             if conn.target is target:
                 conn.close(CloseReason.UPSTREAM_DOWN)
 
-    def set_target_state(self, listener: str, label: str, state: HealthState) -> None:
-        """A state the primary measured (a worker runs no checks of its own)."""
+    def set_target_state(
+        self,
+        listener: str,
+        label: str,
+        state: HealthState,
+        cause: str | None = None,
+        ejected_until: float | None = None,
+    ) -> None:
+        """A state the primary measured or decided (a worker runs no checks of its own)."""
         owner = self._listeners.get(listener)
         target = owner.pool.by_label(label) if owner is not None else None
         if target is not None:
             target.state = state
+            if cause is not None:
+                target.cause = cause
+            target.ejected_until = ejected_until
             self.target_changed(listener, target, state, state)
 
 

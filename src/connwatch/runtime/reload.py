@@ -115,6 +115,7 @@ class Reloader:
                     state.tracker,
                     liveness=state.liveness,
                     reuse_port=state.settings.workers > 1,
+                    outcomes=state.outcomes,
                 )
                 inherited = state.inherited.pop(cfg.name, None)  # seamless upgrade
                 await (listener.start_inherited(inherited) if inherited else listener.start())

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from connwatch._types import UpstreamOutcomes
 from connwatch.config import Settings
 from connwatch.health.monitor import HealthMonitor
 from connwatch.liveness.watchdog import Watchdog
@@ -41,6 +42,7 @@ class DaemonState:
     pool: WorkerPool
     tasks: TaskOwner
     listeners: dict[str, Listener]
+    outcomes: UpstreamOutcomes | None = None  # passive health's sink, handed to every listener
     retired: list[Listener] = field(default_factory=list)  # removed by a reload; conns still run
     protocol_errors: Counter[str] = field(default_factory=Counter)
     reloads: Counter[str] = field(default_factory=Counter)

@@ -82,6 +82,7 @@ class WorkerProcess:
             "close": self._op_close,
             "clients": self._op_clients,
             "health": self._op_health,
+            "outcomes": self._op_outcomes,
             "reload": self._op_reload,
             "stop": self._op_stop,
             "export": self._op_export,
@@ -109,8 +110,17 @@ class WorkerProcess:
         return await self.daemon.close_connection(str(args["id"]))
 
     async def _op_health(self, args: dict[str, Any]) -> bool:
-        self.daemon.set_target_state(args["listener"], args["target"], HealthState(args["state"]))
+        self.daemon.set_target_state(
+            args["listener"],
+            args["target"],
+            HealthState(args["state"]),
+            cause=args.get("cause"),
+            ejected_until=args.get("ejected_until"),
+        )
         return True
+
+    async def _op_outcomes(self, args: dict[str, Any]) -> list[list[Any]]:
+        return self.daemon.drain_outcomes()
 
     async def _op_reload(self, args: dict[str, Any]) -> bool:
         await self.daemon.apply_settings(load_settings(None, base=args["settings"], env={}))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from connwatch.commands.demo.upstream import LOOPBACK
 from connwatch.commands.top.model import Snapshot, Totals, upstreams_from_readiness
+from connwatch.commands.top.upstreams_table import target_rows
 
 if TYPE_CHECKING:
     from connwatch.runtime.daemon import Daemon
@@ -97,4 +98,7 @@ async def daemon_snapshot(daemon: Daemon) -> Snapshot:
     _, body = await daemon.readiness()
     ready, upstreams = upstreams_from_readiness(body)
     clients = await daemon.backend.client_records(None, "active", 200)
-    return Snapshot(time.monotonic(), connections, totals, upstreams, ready, clients=clients)
+    targets = target_rows(await daemon.backend.upstreams())
+    return Snapshot(
+        time.monotonic(), connections, totals, upstreams, ready, clients=clients, targets=targets
+    )

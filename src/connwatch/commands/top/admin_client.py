@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from connwatch.commands.top.clients_view import FETCH_LIMIT
 from connwatch.commands.top.model import Snapshot, totals_from_metrics, upstreams_from_readiness
+from connwatch.commands.top.upstreams_table import target_rows
 from connwatch.exceptions import AdminApiError, describe_error
 
 __all__ = ["HTTP_TIMEOUT_S", "REFRESH_S", "AdminClient", "Poller"]
@@ -54,6 +55,7 @@ class AdminClient:
         clients = self._json(f"/clients?limit={FETCH_LIMIT}" + query.replace("?", "&"))
         if not isinstance(clients, list):
             raise AdminApiError(f"{self.base_url}/clients did not return a list")
+        targets = target_rows(self._json("/upstreams" + query), self.listener)
         return Snapshot(
             time.monotonic(),
             connections,
@@ -62,6 +64,7 @@ class AdminClient:
             ready,
             upgrade=upgrade if isinstance(upgrade, dict) else None,
             clients=clients,
+            targets=targets,
         )
 
     def _json(self, path: str, also_ok: int | None = None) -> Any:

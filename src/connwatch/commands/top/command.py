@@ -39,7 +39,8 @@ def add_top_parser(subparsers: Any) -> None:
         help="live table of a running daemon's connections",
         description="Live table of a running daemon's connections, read from its admin API "
         "every second. Keys: b, a, i, r sort by bytes, age, idle, RTT; c switches to the busiest "
-        "clients (a, n, b, x sort them by active, accepted, bytes, rejected); q quits. Exit 1 when "
+        "clients (a, n, b, x sort them by active, accepted, bytes, rejected); u switches to the "
+        "upstreams view; q quits. Exit 1 when "
         "the daemon cannot be reached or goes away.",
     )
     top.add_argument(
@@ -53,6 +54,12 @@ def add_top_parser(subparsers: Any) -> None:
     )
     top.add_argument("--listener", metavar="NAME", help="show only this listener")
     top.add_argument("--once", action="store_true", help="print the table once and exit")
+    top.add_argument(
+        "--upstreams",
+        action="store_true",
+        help="start in the upstreams view (state, cause, ejection, slow-start weight, pool); "
+        "key u switches",
+    )
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -68,6 +75,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(highlight=False, width=_PIPE_WIDTH)
     view = View(source=client.base_url, sort=args.sort, listener=args.listener)
+    view.upstreams = args.upstreams
     view.observe(first)
     if args.once:
         view.keys = False

@@ -55,6 +55,7 @@ class Snapshot:
     ready: bool
     upgrade: dict[str, Any] | None = None  # /healthz `upgrade` while one is under way
     clients: list[dict[str, Any]] = field(default_factory=list)  # `/clients` rows (SPEC §12)
+    targets: list[Any] = field(default_factory=list)  # upstreams_table.TargetRow, from /upstreams
 
 
 def totals_from_metrics(text: str, listener: str | None = None) -> Totals:

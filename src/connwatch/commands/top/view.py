@@ -16,6 +16,7 @@ from connwatch.commands.top.clients_view import (
 )
 from connwatch.commands.top.keys import QUIT_KEYS, SORT_KEYS
 from connwatch.commands.top.model import SORT_FUNCS, SORTS, Snapshot, row_rtts
+from connwatch.commands.top.upstreams_table import UPSTREAMS_KEY, upstreams_table
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -52,6 +53,7 @@ class View:
         self.sort = sort
         self.listener = listener
         self.keys = keys
+        self.upstreams = False  # the upstreams view instead of the connections table (key u)
         self.rates: dict[str, float] = {}
         self._previous: Snapshot | None = None
         self.clients_view = False  # `c` switches to the busiest clients (SPEC section 12)
@@ -75,9 +77,15 @@ class View:
         for key in keys:
             if key in QUIT_KEYS:
                 return "quit"
-            if key.lower() == VIEW_KEY:
+            if key.lower() == VIEW_KEY:  # clients view on or off; never both extra views
                 self.clients_view = not self.clients_view
+                self.upstreams = False
                 action = "sort"
+                continue
+            if key.lower() == UPSTREAMS_KEY:
+                self.upstreams = not self.upstreams
+                self.clients_view = False
+                action = "sort"  # redraw
                 continue
             if self.clients_view:
                 by = CLIENT_SORT_KEYS.get(key.lower())
@@ -113,6 +121,8 @@ class View:
         if self.clients_view:
             table = clients_table(snapshot.clients, self.client_sort, limit, unicode, _size)
             return Group(*header, table)
+        if self.upstreams:
+            return Group(*header, upstreams_table(snapshot.targets, limit, unicode))
         rows = self.sorted_rows(snapshot)
         return Group(*header, self._table(rows, limit, unicode))
 
@@ -132,9 +142,11 @@ class View:
             (f"sort: {sort} {arrow}", "bold cyan"),
         )
         if self.keys and self.clients_view:
-            title.append("   keys: a n b x sort, c connections, q quit", style="dim")
+            title.append("   keys: a n b x sort, c connections, u upstreams, q quit", style="dim")
+        elif self.keys and self.upstreams:
+            title.append("   keys: u connections, c clients, q quit", style="dim")
         elif self.keys:
-            title.append("   keys: b a i r sort, c clients, q quit", style="dim")
+            title.append("   keys: b a i r sort, c clients, u upstreams, q quit", style="dim")
         closed_total = sum(t.closed.values())
         top3 = sorted(((n, r) for r, n in t.closed.items() if n), reverse=True)[:3]
         reasons = dot.join(f"{r} {n}" for n, r in top3)
