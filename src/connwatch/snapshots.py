@@ -98,6 +98,35 @@ class ListenerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolStats:
+    """One target's warm connection pool (SPEC section 9): idle now, borrows, evictions."""
+
+    idle: int
+    hits: int
+    misses: int
+    evictions: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def merged(self, other: PoolStats) -> PoolStats:
+        return PoolStats(
+            self.idle + other.idle,
+            self.hits + other.hits,
+            self.misses + other.misses,
+            _add(self.evictions, other.evictions),
+        )
+
+    def to_wire(self) -> list[Any]:
+        return [self.idle, self.hits, self.misses, self.evictions]
+
+    @staticmethod
+    def from_wire(raw: Any) -> PoolStats | None:
+        return None if raw is None else PoolStats(raw[0], raw[1], raw[2], dict(raw[3]))
+
+
+def _merge_pool(a: PoolStats | None, b: PoolStats | None) -> PoolStats | None:
+    return b if a is None else (a if b is None else a.merged(b))
+
+
+@dataclass(frozen=True, slots=True)
 class TargetStats:
     """One upstream target of one listener: connects and active health checks."""
 
@@ -111,6 +140,7 @@ class TargetStats:
     last_check: float | None = None  # wall-clock seconds
     latency_ms: float | None = None
     consecutive_failures: int = 0
+    pool: PoolStats | None = None  # None: no warm pool for this target (upstream_pool off)
 
     def merged(self, other: TargetStats) -> TargetStats:
         # Health checks run in one process only; connects happen in every worker.
@@ -126,6 +156,7 @@ class TargetStats:
             base.last_check,
             base.latency_ms,
             base.consecutive_failures,
+            _merge_pool(self.pool, other.pool),
         )
 
 
@@ -226,6 +257,7 @@ def stats_to_wire(stats: DaemonStats) -> dict[str, Any]:
                 t.last_check,
                 t.latency_ms,
                 t.consecutive_failures,
+                None if t.pool is None else t.pool.to_wire(),
             ]
             for t in stats.targets.values()
         ],
@@ -254,7 +286,8 @@ def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
         )
     targets = {}
     for row in raw["targets"]:
-        listener, label, state, failures, connect, checks, check_dur, last, latency, cf = row
+        listener, label, state, failures, connect, checks, check_dur, last, latency, cf = row[:10]
+        pool = PoolStats.from_wire(row[10]) if len(row) > 10 else None
         connect_hist = _hist_in(connect)
         assert connect_hist is not None
         targets[(listener, label)] = TargetStats(
@@ -268,6 +301,7 @@ def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
             last,
             latency,
             cf,
+            pool,
         )
     liveness = {}
     for listener, beats, rtt, retrans, states in raw["liveness"]:

@@ -33,6 +33,7 @@ from connwatch.config.models import (
     SendExpectConfig,
     Settings,
     ShutdownConfig,
+    UpstreamPoolConfig,
 )
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "Size",
     "Token",
     "UpstreamAddress",
+    "UpstreamPoolConfig",
     "config_warnings",
     "decode_escapes",
     "effective_yaml",

@@ -31,6 +31,16 @@ LIVENESS_STATES = [str(s) for s in Liveness]
 PROTOCOL_ERROR_KINDS = ["proxy_protocol", "heartbeat_frame"]
 RESULTS = ["success", "failure"]
 BEAT_RESULTS = ["ok", "failed"]
+POOL_EVICTION_REASONS = [
+    "peer_closed",
+    "peer_reset",
+    "not_established",
+    "probe_failed",
+    "unexpected_data",
+    "max_idle_age",
+    "target_down",
+    "shutdown",
+]
 
 
 def _hist(family: HistogramMetricFamily, labels: list[str], snap: HistogramSnapshot) -> None:
@@ -51,6 +61,7 @@ class DaemonCollector(Collector):
         yield from self._connections(stats)
         yield from self._upstreams(stats)
         yield from self._liveness(stats)
+        yield from self._warm_pools(stats)
         yield from self._daemon(stats)
 
     def _connections(self, stats: DaemonStats) -> Iterator[Metric]:
@@ -137,6 +148,36 @@ class DaemonCollector(Collector):
             if ts.check_duration is not None:
                 _hist(check_duration, key, ts.check_duration)
         yield from (active, connect, failures, up, checks, check_duration)
+
+    def _warm_pools(self, stats: DaemonStats) -> Iterator[Metric]:
+        """SPEC section 9: only targets of listeners with `upstream_pool.enabled`."""
+        labels = ["listener", "upstream"]
+        idle = GaugeMetricFamily(
+            "connwatch_upstream_pool_idle",
+            "Warm upstream connections ready in the pool now.",
+            labels=labels,
+        )
+        borrows = CounterMetricFamily(
+            "connwatch_upstream_pool_borrows",
+            "New client connections that took a pooled connection (hit) or found none (miss).",
+            labels=[*labels, "result"],
+        )
+        evictions = CounterMetricFamily(
+            "connwatch_upstream_pool_evictions",
+            "Pooled connections closed before use, by reason.",
+            labels=[*labels, "reason"],
+        )
+        for (listener, label), ts in stats.targets.items():
+            pool = ts.pool
+            if pool is None:
+                continue
+            key = [listener, label]
+            idle.add_metric(key, pool.idle)
+            borrows.add_metric([*key, "hit"], pool.hits)
+            borrows.add_metric([*key, "miss"], pool.misses)
+            for reason in POOL_EVICTION_REASONS:
+                evictions.add_metric([*key, reason], pool.evictions.get(reason, 0))
+        yield from (idle, borrows, evictions)
 
     def _liveness(self, stats: DaemonStats) -> Iterator[Metric]:
         beats = CounterMetricFamily(

@@ -43,6 +43,8 @@ class HealthEvents:
                 self._pool.broadcast("health", listener=listener, target=target.label, state=new)
             )
         owner = self._listeners.get(listener)
+        if owner is not None:
+            owner.target_state_changed(target)  # the warm pool empties or refills
         if new is not HealthState.DOWN or owner is None:
             return
         if owner.config.on_upstream_down != "close":
