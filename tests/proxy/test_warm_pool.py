@@ -143,6 +143,7 @@ async def test_pool_fills_and_its_connections_are_not_client_connections(data_pa
         await up.close()
 
 
+@pytest.mark.both_loops
 @pytest.mark.parametrize("data_path", DATA_PATHS)
 async def test_greeting_sent_while_pooled_reaches_the_client_first(data_path: str) -> None:
     banner = b"220 greeter ready\r\n"
@@ -199,6 +200,7 @@ async def test_pool_cuts_connect_to_first_byte_below_the_greeting_delay(data_pat
     assert with_pool < 0.025 < without, (with_pool, without)
 
 
+@pytest.mark.both_loops
 # -- check before use ------------------------------------------------------------------------------
 @pytest.mark.parametrize("data_path", DATA_PATHS)
 async def test_dead_pooled_connections_are_evicted_never_lent(data_path: str) -> None:
@@ -335,6 +337,7 @@ async def test_unexpected_data_after_the_first_scan_evicts() -> None:
         await up.close()
 
 
+@pytest.mark.both_loops
 async def test_probe_reply_is_consumed() -> None:
     """A probe that is answered keeps the connection, and the client never sees the reply."""
     up = await LateGreeter().start()  # echoes: the probe's reply is the probe itself
@@ -394,5 +397,29 @@ async def test_probe_never_answered_evicts_without_blocking_a_client() -> None:
                 lambda: pool_of(daemon, up.address).evictions.get("probe_failed", 0) >= 1,
                 timeout=5,
             )
+    finally:
+        await up.close()
+
+
+async def test_shutdown_during_a_probe_closes_the_probed_connection() -> None:
+    up = await LateGreeter(echo=False).start()  # never answers: the probe waits its timeout
+    try:
+        cfg = pool_listener(
+            [up.address],
+            min_idle=2,
+            grow=False,
+            validate="probe",
+            scan_interval="100ms",
+            scan_max_interval="100ms",
+        )
+        cfg["health_check"] = {"enabled": False, "timeout": "30s"}
+        async with running_daemon(daemon_config(cfg)) as daemon:
+            warm = daemon.listeners["app"].warm
+            assert warm is not None
+            await eventually(lambda: up.open_connections() == 2)
+            # Both are out of the pool, being probed, when shutdown comes.
+            await eventually(lambda: pool_of(daemon, up.address).idle == 0, timeout=2)
+        assert warm.statistics(up.address) == PoolStats(0, 0, 0, {"shutdown": 2})
+        await eventually(lambda: up.open_connections() == 0, timeout=2)
     finally:
         await up.close()

@@ -272,7 +272,11 @@ class WarmPool:
                 async with asyncio.timeout(interval):
                     await self._wake.wait()
             self._wake.clear()
-            evicted = await self.scan()
+            try:
+                evicted = await self.scan()
+            except Exception:  # a bug must not end scanning for good; cancellation passes
+                self._log.exception("pool_scan_failed")
+                evicted = 0
             cfg = self.config
             if evicted:
                 interval = cfg.scan_interval
@@ -302,9 +306,16 @@ class WarmPool:
                     keep.append(pooled)
             tw.idle = keep
         if probing:
-            verdicts = await asyncio.gather(
-                *(pooled_check.probe(p.sock, cfg.probe, self.probe_timeout) for _, p in probing)
-            )
+            try:
+                verdicts = await asyncio.gather(
+                    *(pooled_check.probe(p.sock, cfg.probe, self.probe_timeout) for _, p in probing)
+                )
+            except BaseException:
+                # close() cancelled the scan: gather let every probe finish its cancellation
+                # first, so no reader is left on these sockets when they close.
+                for tw, pooled in probing:
+                    self._evict(tw, pooled, SHUTDOWN)
+                raise
             for (tw, pooled), reason in zip(probing, verdicts, strict=True):
                 if (
                     reason is not None
