@@ -1,6 +1,9 @@
 """Connection churn load: C concurrent clients each loop connect + "PING\\r\\n" + reply + close.
 
-Bounded by a total count and a wall-clock limit, whichever comes first. Prints one JSON line:
+Bounded by a total count and a wall-clock limit, whichever comes first. `--greeting`: send
+nothing, the upstream speaks first (the time is connect to the greeting); `--interval`: each
+client waits this long between connections (with `--concurrency 1`, a latency run at a steady
+arrival rate rather than a load test). Prints one JSON line:
 {"conns", "errors", "elapsed_s", "conn_per_s", "p50_ms", "p99_ms", "loop"}.
 Standalone (stdlib, uvloop if importable) so the harness runs it as its own process.
 """
@@ -21,8 +24,18 @@ REPLY_END = b"\r\n"
 
 
 class Churn:
-    def __init__(self, port: int, max_conns: int, duration: float) -> None:
+    def __init__(
+        self,
+        port: int,
+        max_conns: int,
+        duration: float,
+        *,
+        greeting: bool = False,
+        interval: float = 0.0,
+    ) -> None:
         self.port = port
+        self.greeting = greeting
+        self.interval = interval
         self.remaining = max_conns
         self.deadline = time.monotonic() + duration
         self.latencies: list[float] = []
@@ -41,13 +54,16 @@ class Churn:
                 self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
                 continue
             self.latencies.append(time.perf_counter() - started)
+            if self.interval:
+                await asyncio.sleep(self.interval)
 
     async def one(self) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         try:
-            writer.write(REQUEST)
+            if not self.greeting:
+                writer.write(REQUEST)
             line = await reader.readuntil(REPLY_END)
-            if not line.startswith(b"+"):
+            if not self.greeting and not line.startswith(b"+"):
                 raise OSError(f"unexpected reply {line[:20]!r}")
         finally:
             writer.close()
@@ -64,7 +80,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    churn = Churn(args.port, args.max_conns, args.duration)
+    churn = Churn(
+        args.port, args.max_conns, args.duration, greeting=args.greeting, interval=args.interval
+    )
     started = time.perf_counter()
     await asyncio.gather(*(churn.worker() for _ in range(args.concurrency)))
     elapsed = time.perf_counter() - started
@@ -94,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--max-conns", type=int, default=20000)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--greeting", action="store_true", help="read the upstream's first line")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between connections")
     args = parser.parse_args(argv)
     name, runner = loop_runner()
     result = runner(run(args))

@@ -35,6 +35,7 @@ from bench.scenarios_idle import (
     run_scrape,
 )
 from bench.scenarios_load import BULK_TABLES, CHURN_TABLES, RR_TABLES, run_bulk, run_churn, run_rr
+from bench.scenarios_pool import POOL_TABLES, run_pool
 
 Runner = Callable[[Context], Results]
 TablesFor = Callable[[Context], list[Table]]
@@ -46,6 +47,7 @@ SCENARIOS: dict[str, tuple[Runner, TablesFor]] = {
     "idle": (run_idle, lambda _c: IDLE_TABLES),
     "heartbeat": (run_heartbeat, heartbeat_tables),
     "scrape": (run_scrape, lambda _c: SCRAPE_TABLES),
+    "pool": (run_pool, lambda _c: POOL_TABLES),
 }
 
 

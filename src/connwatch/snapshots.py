@@ -98,6 +98,35 @@ class ListenerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolStats:
+    """One target's warm connection pool (SPEC section 9): idle now, borrows, evictions."""
+
+    idle: int
+    hits: int
+    misses: int
+    evictions: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def merged(self, other: PoolStats) -> PoolStats:
+        return PoolStats(
+            self.idle + other.idle,
+            self.hits + other.hits,
+            self.misses + other.misses,
+            _add(self.evictions, other.evictions),
+        )
+
+    def to_wire(self) -> list[Any]:
+        return [self.idle, self.hits, self.misses, self.evictions]
+
+    @staticmethod
+    def from_wire(raw: Any) -> PoolStats | None:
+        return None if raw is None else PoolStats(raw[0], raw[1], raw[2], dict(raw[3]))
+
+
+def _merge_pool(a: PoolStats | None, b: PoolStats | None) -> PoolStats | None:
+    return b if a is None else (a if b is None else a.merged(b))
+
+
+@dataclass(frozen=True, slots=True)
 class TargetStats:
     """One upstream target of one listener: connects and active health checks."""
 
@@ -116,6 +145,7 @@ class TargetStats:
     ejected_until: float | None = None  # wall-clock end of a passive ejection
     weight: float = 1.0  # slow start, 0..1
     ejections: int = 0  # counted by the primary only
+    pool: PoolStats | None = None  # None: no warm pool for this target (upstream_pool off)
 
     def merged(self, other: TargetStats) -> TargetStats:
         # Health checks run in one process only; connects happen in every worker.
@@ -135,6 +165,7 @@ class TargetStats:
             ejected_until=self.ejected_until,
             weight=min(self.weight, other.weight),
             ejections=self.ejections + other.ejections,
+            pool=_merge_pool(self.pool, other.pool),
         )
 
 
@@ -256,6 +287,7 @@ def stats_to_wire(stats: DaemonStats) -> dict[str, Any]:
                 t.latency_ms,
                 t.consecutive_failures,
                 [t.cause, t.ejected_until, t.weight, t.ejections],
+                None if t.pool is None else t.pool.to_wire(),
             ]
             for t in stats.targets.values()
         ],
@@ -289,6 +321,7 @@ def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
         cause, ejected_until, weight, ejections = (
             row[10] if len(row) > 10 else ("config", None, 1, 0)
         )
+        pool = PoolStats.from_wire(row[11]) if len(row) > 11 else None
         connect_hist = _hist_in(connect)
         assert connect_hist is not None
         targets[(listener, label)] = TargetStats(
@@ -306,6 +339,7 @@ def stats_from_wire(raw: dict[str, Any]) -> DaemonStats:
             ejected_until=ejected_until,
             weight=weight,
             ejections=ejections,
+            pool=pool,
         )
     liveness = {}
     for listener, beats, rtt, retrans, states in raw["liveness"]:

@@ -32,7 +32,8 @@ def test_reference_is_current() -> None:
 def fields(model: type[BaseModel], path: str = "") -> list[tuple[str, Any]]:
     """(dotted path, FieldInfo) of every field, descending into nested models and lists."""
     found = []
-    for name, field in model.model_fields.items():
+    for attribute, field in model.model_fields.items():
+        name = field.alias or attribute  # as written in YAML (`validate`)
         here = f"{path}.{name}" if path else name
         found.append((here, field))
         annotation = field.annotation
@@ -54,7 +55,8 @@ def test_example_shows_every_option() -> None:
 
     def missing(model: type[BaseModel], node: Any, path: str) -> list[str]:
         gaps = []
-        for name, field in model.model_fields.items():
+        for attribute, field in model.model_fields.items():
+            name = field.alias or attribute  # as written in YAML (`validate`)
             if not isinstance(node, dict) or name not in node:
                 gaps.append(f"{path}{name}")
                 continue

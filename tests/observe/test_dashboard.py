@@ -91,6 +91,29 @@ SPEC_METRICS: dict[str, Metric] = {
         },
     ),
     "connwatch_upstream_ejections_total": Metric("counter", {"listener": _ANY, "upstream": _ANY}),
+    "connwatch_upstream_pool_idle": Metric("gauge", {"listener": _ANY, "upstream": _ANY}),
+    "connwatch_upstream_pool_borrows_total": Metric(
+        "counter", {"listener": _ANY, "upstream": _ANY, "result": frozenset({"hit", "miss"})}
+    ),
+    "connwatch_upstream_pool_evictions_total": Metric(
+        "counter",
+        {
+            "listener": _ANY,
+            "upstream": _ANY,
+            "reason": frozenset(
+                {
+                    "peer_closed",
+                    "peer_reset",
+                    "not_established",
+                    "probe_failed",
+                    "unexpected_data",
+                    "max_idle_age",
+                    "target_down",
+                    "shutdown",
+                }
+            ),
+        },
+    ),
 }
 
 # Labels Prometheus or a scrape config attach to every series.

@@ -52,6 +52,7 @@ def _listener(upstream: str) -> dict[str, object]:
         [upstream],
         heartbeat={"enabled": True, "interval": "50ms", "max_interval": "50ms"},
         health_check={"enabled": True, "interval": "50ms", "max_interval": "50ms", "rise": 1},
+        upstream_pool={"enabled": True, "min_idle": 1},  # the pool's series exist only with it
     )
 
 

@@ -34,6 +34,7 @@ from connwatch.config.models import (
     SendExpectConfig,
     Settings,
     ShutdownConfig,
+    UpstreamPoolConfig,
 )
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "Size",
     "Token",
     "UpstreamAddress",
+    "UpstreamPoolConfig",
     "config_warnings",
     "decode_escapes",
     "effective_yaml",

@@ -312,6 +312,71 @@ class OutlierDetectionConfig(_Model):
         return self
 
 
+class UpstreamPoolConfig(_Model):
+    """Warm upstream connections per target, checked before a client gets one (SPEC section 9).
+
+    The YAML key `validate` is the attribute `validation` (`validate` is a BaseModel method)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_by_name=False, serialize_by_alias=True
+    )
+
+    enabled: StrictBool = Field(
+        default=False,
+        description="Keep connections to each target open and ready; a new client takes one "
+        "instead of connecting. Not with `proxy_protocol.send`.",
+    )
+    min_idle: Annotated[StrictInt, Field(ge=0, le=10000)] = Field(
+        default=2, description="Per target: connections kept connected and ready (0 to 10000)."
+    )
+    max_idle: Annotated[StrictInt, Field(ge=1, le=10000)] = Field(
+        default=32,
+        description="Per target cap when the pool grows with demand; at least `min_idle`.",
+    )
+    grow: StrictBool = Field(
+        default=True,
+        description="Keep ready as many as were taken in the last second (at most `max_idle`).",
+    )
+    max_idle_age: PositiveDuration = Field(
+        default=60.0,
+        description="Retire a pooled connection this old; keep it below the upstream's own "
+        "idle limit (Redis `timeout`, MySQL `wait_timeout`).",
+    )
+    scan_interval: PositiveDuration = Field(
+        default=5.0,
+        description="Check every pooled connection this often; adaptive: scans that find "
+        "nothing stretch it by 1.5 up to `scan_max_interval`.",
+    )
+    scan_max_interval: PositiveDuration = Field(
+        default=30.0, description="Longest time between scans; at least `scan_interval`."
+    )
+    validation: Literal["peek", "probe", "none"] = Field(
+        default="peek",
+        alias="validate",
+        description="`peek`: TCP state and a non-blocking MSG_PEEK before use and at each scan; "
+        "`probe`: also send `probe.send` at each scan and match the reply; `none`: no check.",
+    )
+    probe: SendExpectConfig = Field(
+        default=SendExpectConfig(),
+        description="`validate: probe`: bytes sent at each scan and the reply expected (within "
+        "`health_check.timeout`); the reply is consumed, never seen by a client.",
+    )
+
+    @model_validator(mode="after")
+    def _sizes_in_order(self) -> UpstreamPoolConfig:
+        if self.min_idle > self.max_idle:
+            raise PydanticCustomError(
+                "pool_order",
+                "must be at least min_idle ({value})",
+                {"field": "max_idle", "given": self.max_idle, "value": self.min_idle},
+            )
+        if self.scan_max_interval < self.scan_interval:
+            raise _order_error(
+                "scan_max_interval", self.scan_max_interval, "scan_interval", self.scan_interval
+            )
+        return self
+
+
 class ListenerConfig(_Model):
     name: Annotated[StrictStr, AfterValidator(_listener_name)] = Field(
         description="Unique, `[a-z0-9_-]+`; the `listener` metric label."
@@ -368,6 +433,10 @@ class ListenerConfig(_Model):
     health_check: HealthCheckConfig = Field(
         default=HealthCheckConfig(), description="Active checks of every upstream target."
     )
+    upstream_pool: UpstreamPoolConfig = Field(
+        default=UpstreamPoolConfig(),
+        description="Warm upstream connections, checked before use (SPEC section 9).",
+    )
     outlier_detection: OutlierDetectionConfig = Field(
         default=OutlierDetectionConfig(),
         description="Passive health: eject targets that fail real client connections.",
@@ -381,6 +450,17 @@ class ListenerConfig(_Model):
         default=ClientLimitsConfig(),
         description="Per-client limits and the client key of /clients (SPEC section 12).",
     )
+
+    @model_validator(mode="after")
+    def _pool_without_proxy_header(self) -> ListenerConfig:
+        if self.upstream_pool.enabled and self.proxy_protocol.send != "none":
+            raise PydanticCustomError(
+                "pool_proxy_protocol",
+                "cannot be used with upstream_pool.enabled: the PROXY header carries the "
+                "client's address, unknown when the pool connects",
+                {"field": ("proxy_protocol", "send"), "given": self.proxy_protocol.send},
+            )
+        return self
 
 
 class AdminConfig(_Model):

@@ -97,7 +97,9 @@ def _table(model: type[BaseModel]) -> list[str]:
     for name, field in model.model_fields.items():
         type_name = _type_name(field.annotation, field.metadata)
         description = _cell(field.description or "")
-        rows.append(f"| `{name}` | {type_name} | {_default_text(field)} | {description} |")
+        rows.append(
+            f"| `{field.alias or name}` | {type_name} | {_default_text(field)} | {description} |"
+        )
     return rows
 
 

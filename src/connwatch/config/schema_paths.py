@@ -43,7 +43,7 @@ def _child(annotation: Any, part: str | int) -> Any:
     """The annotation one step down `part`, or _ABSENT when there is no such place."""
     model = _model_of(annotation)
     if model is not None:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+        field = _field_named(model, part) if isinstance(part, str) else None
         return _ABSENT if field is None else field.annotation
     stripped = _strip(annotation)
     if get_origin(stripped) is tuple and isinstance(part, int):
@@ -62,7 +62,17 @@ def _annotation_at(loc: Loc) -> Any:
 
 def _allowed_keys(loc: Loc) -> str:
     model = _model_of(_annotation_at(loc))
-    return ", ".join(model.model_fields) if model is not None else "none"
+    if model is None:
+        return "none"
+    return ", ".join(f.alias or name for name, f in model.model_fields.items())
+
+
+def _field_named(model: type[BaseModel], key: str) -> Any:
+    """The field a YAML key names: its alias where it has one (`validate`), else its name."""
+    for name, field in model.model_fields.items():
+        if (field.alias or name) == key:
+            return field
+    return None
 
 
 def _is_text(annotation: Any) -> bool:

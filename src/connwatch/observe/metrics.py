@@ -33,6 +33,16 @@ RESULTS = ["success", "failure"]
 BEAT_RESULTS = ["ok", "failed"]
 CLIENT_LIMITS = ["max_connections", "connection_rate"]  # `limit` of the client-limit rejections
 LISTENER_LIMITS = ["max_connections", "client_max_connections", "client_connection_rate"]
+POOL_EVICTION_REASONS = [
+    "peer_closed",
+    "peer_reset",
+    "not_established",
+    "probe_failed",
+    "unexpected_data",
+    "max_idle_age",
+    "target_down",
+    "shutdown",
+]
 
 
 def _hist(family: HistogramMetricFamily, labels: list[str], snap: HistogramSnapshot) -> None:
@@ -54,6 +64,7 @@ class DaemonCollector(Collector):
         yield from self._upstreams(stats)
         yield from self._ejections(stats)
         yield from self._liveness(stats)
+        yield from self._warm_pools(stats)
         yield from self._daemon(stats)
         yield from self._clients(stats)
 
@@ -152,6 +163,36 @@ class DaemonCollector(Collector):
         for (listener, label), ts in sorted(stats.targets.items()):
             ejections.add_metric([listener, label], ts.ejections)
         yield ejections
+
+    def _warm_pools(self, stats: DaemonStats) -> Iterator[Metric]:
+        """SPEC section 9: only targets of listeners with `upstream_pool.enabled`."""
+        labels = ["listener", "upstream"]
+        idle = GaugeMetricFamily(
+            "connwatch_upstream_pool_idle",
+            "Warm upstream connections ready in the pool now.",
+            labels=labels,
+        )
+        borrows = CounterMetricFamily(
+            "connwatch_upstream_pool_borrows",
+            "New client connections that took a pooled connection (hit) or found none (miss).",
+            labels=[*labels, "result"],
+        )
+        evictions = CounterMetricFamily(
+            "connwatch_upstream_pool_evictions",
+            "Pooled connections closed before use, by reason.",
+            labels=[*labels, "reason"],
+        )
+        for (listener, label), ts in stats.targets.items():
+            pool = ts.pool
+            if pool is None:
+                continue
+            key = [listener, label]
+            idle.add_metric(key, pool.idle)
+            borrows.add_metric([*key, "hit"], pool.hits)
+            borrows.add_metric([*key, "miss"], pool.misses)
+            for reason in POOL_EVICTION_REASONS:
+                evictions.add_metric([*key, reason], pool.evictions.get(reason, 0))
+        yield from (idle, borrows, evictions)
 
     def _liveness(self, stats: DaemonStats) -> Iterator[Metric]:
         beats = CounterMetricFamily(

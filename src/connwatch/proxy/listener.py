@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import random
@@ -39,8 +40,10 @@ from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
 from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
 from connwatch.proxy.splice import SplicePath, uses_splice
-from connwatch.proxy.upstream import UpstreamPool
-from connwatch.snapshots import ListenerSnapshot
+from connwatch.proxy.splice.path import open_socket
+from connwatch.proxy.upstream import Target, UpstreamPool
+from connwatch.proxy.warm_pool import WarmPool
+from connwatch.snapshots import ListenerSnapshot, TargetStats
 from connwatch.wire import proxy_protocol
 from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
 
@@ -87,6 +90,7 @@ class Listener:
         self._inherited: list[Acceptor] = []  # more sockets taken over from an old process
         self._handed_over = False  # released to a successor: leave a Unix socket's path alone
         self._splice: SplicePath | None = None  # None: the portable data path
+        self.warm: WarmPool | None = None  # warm upstream connections (upstream_pool.enabled)
         self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
         self._log = log.bind(listener=self.name)
         tracker.totals(self.name)  # the listener's series exist from the start, at zero
@@ -112,8 +116,14 @@ class Listener:
             self.accepting,
             self.config.health_check.enabled,
             dict(self.protocol_errors),
-            tuple(t.statistics(self.name, self.config.slow_start) for t in self.pool.targets),
+            tuple(self._target_statistics(t) for t in self.pool.targets),
         )
+
+    def _target_statistics(self, target: Target) -> TargetStats:
+        stats = target.statistics(self.name, self.config.slow_start)
+        if self.warm is None:
+            return stats
+        return dataclasses.replace(stats, pool=self.warm.statistics(target.label))
 
     async def start(self) -> None:
         address = self.config.listen
@@ -136,6 +146,7 @@ class Listener:
         )
         self._acceptor.start()
         self.accepting = True
+        self._configure_warm_pool()
         self._log.info(
             "listener_started",
             listen=str(address),
@@ -150,6 +161,9 @@ class Listener:
         for extra in self._inherited:
             extra.close()
         self._inherited = []
+        if self.warm is not None:  # no client will take a pooled socket now
+            self.warm.close()
+            self.warm = None
         if self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
@@ -206,6 +220,71 @@ class Listener:
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._sock is not None and config.listen.path is None:
             apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
+        if self.accepting:
+            self._configure_warm_pool()
+
+    # -- warm upstream connections (SPEC section 9) ---------------------------------------------
+    def _configure_warm_pool(self) -> None:
+        """Start, adjust or close the warm pool to match the config (start and reload)."""
+        config = self.config
+        if not config.upstream_pool.enabled:
+            if self.warm is not None:
+                self.warm.close()
+                self.warm = None
+            return
+        timeouts = {
+            "connect_timeout": config.connect_timeout,
+            "probe_timeout": config.health_check.timeout,
+        }
+        if self.warm is not None:
+            self.warm.set_timeouts(**timeouts)
+            self.warm.reconfigure(config.upstream_pool, self.pool.targets)
+            return
+        self.warm = WarmPool(
+            self.name,
+            config.upstream_pool,
+            opener=lambda address: open_socket(address, self.upstream_options),
+            **timeouts,
+        )
+        self.warm.start(self.pool.targets)
+
+    def target_state_changed(self, target: Target) -> None:
+        """A target turned DOWN or back: its warm pool is emptied or refilled at once."""
+        if self.warm is not None:
+            self.warm.target_changed(target)
+
+    async def _borrow_or_connect(
+        self, conn: MonitoredConnection, warm: WarmPool
+    ) -> tuple[asyncio.Transport, Target]:
+        """A pooled socket to the target balancing picks, wrapped for this connection's data
+        path; on a miss, a connect as without a pool (same balancing order)."""
+        config = self.config
+        order = self.pool.candidates()
+        if not order:
+            raise NoHealthyUpstreamError("every upstream target is DOWN")
+        sock = warm.take(order[0])
+        if sock is not None:
+            wrapper = self._splice or self._loop
+            try:
+                transport, _ = await wrapper.connect_accepted_socket(conn.upstream_protocol, sock)
+            except OSError:
+                sock.close()
+            else:
+                return transport, order[0]
+        if self._splice is not None:
+            return await self._splice.connect(
+                conn.upstream_protocol,
+                timeout=config.connect_timeout,
+                attempts=config.connect_attempts,
+                order=order,
+            )
+        return await self.pool.connect(
+            conn.upstream_protocol,
+            timeout=config.connect_timeout,
+            attempts=config.connect_attempts,
+            options=self.upstream_options,
+            order=order,
+        )
 
     def _wire_passive(self) -> None:
         """One OutcomeJudge while `outlier_detection.enabled` (kept across reloads, so that open
@@ -357,7 +436,9 @@ class Listener:
             if not self._admit_client(conn, source):
                 return
         try:
-            if self._splice is not None:  # sets its own socket options before connecting
+            if self.warm is not None:
+                transport, target = await self._borrow_or_connect(conn, self.warm)
+            elif self._splice is not None:  # sets its own socket options before connecting
                 transport, target = await self._splice.connect(
                     conn.upstream_protocol,
                     timeout=config.connect_timeout,

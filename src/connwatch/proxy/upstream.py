@@ -158,6 +158,7 @@ class UpstreamPool:
         timeout: float,
         attempts: int,
         options: SocketOptions = NODELAY,
+        order: list[Target] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
         """Connect to the first target that answers, trying up to `attempts` targets in order."""
         loop = asyncio.get_running_loop()
@@ -165,6 +166,7 @@ class UpstreamPool:
             lambda address: open_transport(loop, protocol_factory, address, options),
             timeout=timeout,
             attempts=attempts,
+            order=order,
         )
 
     async def reach(
@@ -173,11 +175,14 @@ class UpstreamPool:
         *,
         timeout: float,
         attempts: int,
+        order: list[Target] | None = None,
     ) -> tuple[T, Target]:
         """`opener(address)` on the targets in balance order until one succeeds, each try within
         `timeout`, at most `attempts` tries; counts failures, durations and connects in flight.
-        Data paths differ only in their opener (a transport here, a raw socket for splice)."""
-        order = self.candidates()
+        Data paths differ only in their opener (a transport here, a raw socket for splice).
+        `order`: candidates() already taken (a warm pool's miss), so balancing advances once."""
+        if order is None:
+            order = self.candidates()
         if not order:
             raise NoHealthyUpstreamError("every upstream target is DOWN")
         errors: list[str] = []

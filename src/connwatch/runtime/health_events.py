@@ -51,6 +51,8 @@ class HealthEvents:
                 )
             )
         owner = self._listeners.get(listener)
+        if owner is not None:
+            owner.target_state_changed(target)  # the warm pool empties or refills
         if new is not HealthState.DOWN or owner is None:
             return
         if owner.config.on_upstream_down != "close":

@@ -67,11 +67,15 @@ class SplicePath:
         *,
         timeout: float,
         attempts: int,
+        order: list[Target] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
         options = self._owner.upstream_options
         sock, target = await self._owner.pool.reach(
-            lambda address: open_socket(address, options), timeout=timeout, attempts=attempts
+            lambda address: open_socket(address, options),
+            timeout=timeout,
+            attempts=attempts,
+            order=order,
         )
         transport = self._transport(sock, protocol_factory())
         transport.start()
