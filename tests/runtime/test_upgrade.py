@@ -26,6 +26,7 @@ from tests.support import (
     daemon_config,
     eventually,
     free_port,
+    http_request,
     listener_config,
     parse_metrics,
     run_probe,
@@ -424,3 +425,32 @@ async def test_heartbeat_responder_is_handed_over(tmp_path: Path) -> None:
                 assert (await run_probe(heartbeat, "--type", "heartbeat")).returncode == 0
             finally:
                 assert await new.stop() == 0
+
+
+async def test_the_new_admin_closes_a_connection_of_the_draining_old(tmp_path: Path) -> None:
+    path = upgrade_path(tmp_path)
+    async with EchoUpstream() as upstream:
+        shutdown = {"drain_timeout": "20s", "quiet_close": False}
+        cfg = config(upstream, path, workers=2, shutdown=shutdown)
+        async with DaemonProcess(tmp_path, cfg) as old:
+            reader, writer = await streaming_client(old.port("app"))
+            try:
+                new = await successor(tmp_path, "new", cfg)
+                try:
+                    await old.wait_for("upgrade_released", role="handed_over")
+                    (record,) = await new.connections()
+                    status, _ = await http_request(
+                        "DELETE", new.admin_port, f"/connections/{record['id']}"
+                    )
+                    assert status == 202
+                    assert await reader.read() == b""  # closed by the old process
+                    assert await old.wait_exit(20) == 0
+                    metrics = await new.metrics()
+                    reason = (
+                        'connwatch_connections_closed_total{listener="app",reason="admin_closed"}'
+                    )
+                    assert metrics[reason] == 1
+                finally:
+                    assert await new.stop() == 0
+            finally:
+                writer.close()
