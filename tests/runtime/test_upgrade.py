@@ -5,6 +5,7 @@ config changes apply; every failure leaves the old process serving, unchanged.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,12 @@ from typing import Any
 import pytest
 
 from connwatch.commands.top.admin_client import AdminClient
-from connwatch.runtime.upgrade.messages import PROTOCOL_VERSION, MessageSocket, close_fds
+from connwatch.runtime.upgrade.messages import (
+    PROTOCOL_VERSION,
+    MessageSocket,
+    UpgradeError,
+    close_fds,
+)
 from tests.runtime.upgrade_support import echo_once, failed_takeover, successor, upgrade_path
 from tests.support import (
     LOOPBACK,
@@ -454,3 +460,35 @@ async def test_the_new_admin_closes_a_connection_of_the_draining_old(tmp_path: P
                     assert await new.stop() == 0
             finally:
                 writer.close()
+
+
+async def test_a_process_speaking_another_protocol_version_is_not_taken_over(
+    tmp_path: Path,
+) -> None:
+    """A version that cannot speak this hand-over: the new process exits 1 before binding."""
+    path = upgrade_path(tmp_path)
+    async with EchoUpstream() as upstream:
+        cfg = config(upstream, path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen()
+        server.setblocking(False)
+
+        async def other_version() -> None:
+            conn_sock, _ = await asyncio.get_running_loop().sock_accept(server)
+            conn = MessageSocket(conn_sock)
+            await conn.receive()
+            await conn.send({"ok": True, "version": PROTOCOL_VERSION + 1, "sockets": []})
+            with contextlib.suppress(UpgradeError):
+                await conn.receive()  # the new process hangs up
+            conn.close()
+
+        task = asyncio.get_running_loop().create_task(other_version())
+        try:
+            code, err = await failed_takeover(tmp_path, "new", cfg)
+            await task
+        finally:
+            server.close()
+            os.unlink(path)
+        assert code == 1
+        assert f"speaks upgrade protocol {PROTOCOL_VERSION + 1}" in err
