@@ -5,6 +5,7 @@ config changes apply; every failure leaves the old process serving, unchanged.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,12 @@ from typing import Any
 import pytest
 
 from connwatch.commands.top.admin_client import AdminClient
-from connwatch.runtime.upgrade.messages import PROTOCOL_VERSION, MessageSocket, close_fds
+from connwatch.runtime.upgrade.messages import (
+    PROTOCOL_VERSION,
+    MessageSocket,
+    UpgradeError,
+    close_fds,
+)
 from tests.runtime.upgrade_support import echo_once, failed_takeover, successor, upgrade_path
 from tests.support import (
     LOOPBACK,
@@ -26,6 +32,7 @@ from tests.support import (
     daemon_config,
     eventually,
     free_port,
+    http_request,
     listener_config,
     parse_metrics,
     run_probe,
@@ -424,3 +431,64 @@ async def test_heartbeat_responder_is_handed_over(tmp_path: Path) -> None:
                 assert (await run_probe(heartbeat, "--type", "heartbeat")).returncode == 0
             finally:
                 assert await new.stop() == 0
+
+
+async def test_the_new_admin_closes_a_connection_of_the_draining_old(tmp_path: Path) -> None:
+    path = upgrade_path(tmp_path)
+    async with EchoUpstream() as upstream:
+        shutdown = {"drain_timeout": "20s", "quiet_close": False}
+        cfg = config(upstream, path, workers=2, shutdown=shutdown)
+        async with DaemonProcess(tmp_path, cfg) as old:
+            reader, writer = await streaming_client(old.port("app"))
+            try:
+                new = await successor(tmp_path, "new", cfg)
+                try:
+                    await old.wait_for("upgrade_released", role="handed_over")
+                    (record,) = await new.connections()
+                    status, _ = await http_request(
+                        "DELETE", new.admin_port, f"/connections/{record['id']}"
+                    )
+                    assert status == 202
+                    assert await reader.read() == b""  # closed by the old process
+                    assert await old.wait_exit(20) == 0
+                    metrics = await new.metrics()
+                    reason = (
+                        'connwatch_connections_closed_total{listener="app",reason="admin_closed"}'
+                    )
+                    assert metrics[reason] == 1
+                finally:
+                    assert await new.stop() == 0
+            finally:
+                writer.close()
+
+
+async def test_a_process_speaking_another_protocol_version_is_not_taken_over(
+    tmp_path: Path,
+) -> None:
+    """A version that cannot speak this hand-over: the new process exits 1 before binding."""
+    path = upgrade_path(tmp_path)
+    async with EchoUpstream() as upstream:
+        cfg = config(upstream, path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen()
+        server.setblocking(False)
+
+        async def other_version() -> None:
+            conn_sock, _ = await asyncio.get_running_loop().sock_accept(server)
+            conn = MessageSocket(conn_sock)
+            await conn.receive()
+            await conn.send({"ok": True, "version": PROTOCOL_VERSION + 1, "sockets": []})
+            with contextlib.suppress(UpgradeError):
+                await conn.receive()  # the new process hangs up
+            conn.close()
+
+        task = asyncio.get_running_loop().create_task(other_version())
+        try:
+            code, err = await failed_takeover(tmp_path, "new", cfg)
+            await task
+        finally:
+            server.close()
+            os.unlink(path)
+        assert code == 1
+        assert f"speaks upgrade protocol {PROTOCOL_VERSION + 1}" in err
