@@ -74,33 +74,9 @@ def counted(argv: list[str], where: Path) -> list[str]:
     ]
 
 
-def control(root_pid: int, *args: str) -> None:
-    """callgrind_control for every callgrind run of ours (the subject and its workers), by pid:
-    without one it would switch every callgrind run on the machine, another user's too, and
-    their counts would end up in our dumps."""
-    for pid in _process_tree(root_pid):
-        subprocess.run(
-            ["callgrind_control", *args, str(pid)], capture_output=True, timeout=60, check=False
-        )
-
-
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (Linux /proc)."""
-    found, todo = [], [pid]
-    while todo:
-        here = todo.pop()
-        found.append(here)
-        try:
-            tasks = os.listdir(f"/proc/{here}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{here}/task/{task}/children") as children:
-                    todo.extend(int(child) for child in children.read().split())
-            except OSError:
-                continue
-    return found
+def control(*args: str) -> None:
+    """callgrind_control for every callgrind run of ours (the subject and its workers)."""
+    subprocess.run(["callgrind_control", *args], capture_output=True, timeout=60, check=False)
 
 
 def dumped_instructions(where: Path) -> int:
@@ -147,14 +123,14 @@ def measure(target: Target, args: argparse.Namespace, root: Path) -> list[int]:
             if why:
                 raise SystemExit(f"{name}: failed to start under valgrind: {why}")
             churn(port, WARMUP_CONNS, 10)  # imports and first-use caches are not counted
-            control(subject.pid, "-i", "on")
+            control("-i", "on")
             started = time.monotonic()
             if load == "churn":
                 churn(port, args.conns, 10)
             else:
                 rr(port, args.requests)
-            control(subject.pid, "-d")
-            control(subject.pid, "-i", "off")
+            control("-d")
+            control("-i", "off")
             print(f"  {name} {load}: {time.monotonic() - started:.0f} s", file=sys.stderr)
             counts.append(dumped_instructions(where))
         finally:
