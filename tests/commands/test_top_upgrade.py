@@ -16,7 +16,7 @@ def _render(snapshot: Snapshot) -> str:
 
 def test_header_shows_an_upgrade_in_progress() -> None:
     upgrade = {"state": "draining_predecessor", "peer_pid": 4242}
-    text = _render(Snapshot(0.0, [], Totals(), [], True, upgrade))
+    text = _render(Snapshot(0.0, [], Totals(), [], True, upgrade=upgrade))
     assert "upgrade      draining predecessor (pid 4242)" in text
 
 

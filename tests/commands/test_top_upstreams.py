@@ -63,7 +63,7 @@ def test_rows_from_the_upstreams_body() -> None:
 
 
 def test_u_switches_to_the_upstreams_view_and_back() -> None:
-    snapshot = Snapshot(0.0, [], Totals(), [], True, target_rows(BODY))
+    snapshot = Snapshot(0.0, [], Totals(), [], True, targets=target_rows(BODY))
     view = View(source="test")
     assert "no open connections" in _render(view, snapshot)
     assert view.press("u") == "sort"

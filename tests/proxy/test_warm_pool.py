@@ -138,7 +138,7 @@ async def test_pool_fills_and_its_connections_are_not_client_connections(data_pa
             assert stats.listeners["app"].upstream_active.get(up.address, 0) == 0
             target = stats.targets[("app", up.address)]
             assert sum(target.connect_duration.counts) >= 3  # pool connects are observed
-            assert up.open_connections() == 3
+            await eventually(lambda: up.open_connections() == 3)  # the accepts may trail
     finally:
         await up.close()
 
@@ -289,7 +289,7 @@ async def test_shutdown_closes_every_pooled_connection() -> None:
         async with running_daemon(daemon_config(pool_listener([up.address], min_idle=3))) as d:
             await eventually(lambda: pool_of(d, up.address).idle == 3)
             warm = d.listeners["app"].warm
-            assert up.open_connections() == 3
+            await eventually(lambda: up.open_connections() == 3)  # the accepts may trail
         assert warm is not None
         assert warm.statistics(up.address) == PoolStats(0, 0, 0, {"shutdown": 3})
         await eventually(lambda: up.open_connections() == 0)
@@ -313,7 +313,7 @@ async def test_pooled_connection_older_than_max_idle_age_is_replaced() -> None:
                 lambda: pool_of(daemon, up.address).evictions.get("max_idle_age", 0) >= 2
             )
             assert pool_of(daemon, up.address).idle <= 1
-            assert up.accepted >= 3
+            await eventually(lambda: up.accepted >= 3)  # the upstream's accept may trail
     finally:
         await up.close()
 
