@@ -74,26 +74,9 @@ def counted(argv: list[str], where: Path) -> list[str]:
     ]
 
 
-def control(*args: str, pids: list[int]) -> None:
-    """callgrind_control for our subject and its workers only. Without PIDs it would switch
-    and dump every callgrind run on the machine: another A/B running beside this one would
-    count garbage (and so would this one)."""
-    argv = ["callgrind_control", *args, *map(str, pids)]
-    subprocess.run(argv, capture_output=True, timeout=60, check=False)
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (worker processes run under callgrind too)."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        todo += [int(c) for c in children]
-    return tree
+def control(*args: str) -> None:
+    """callgrind_control for every callgrind run of ours (the subject and its workers)."""
+    subprocess.run(["callgrind_control", *args], capture_output=True, timeout=60, check=False)
 
 
 def dumped_instructions(where: Path) -> int:
@@ -140,15 +123,14 @@ def measure(target: Target, args: argparse.Namespace, root: Path) -> list[int]:
             if why:
                 raise SystemExit(f"{name}: failed to start under valgrind: {why}")
             churn(port, WARMUP_CONNS, 10)  # imports and first-use caches are not counted
-            pids = process_tree(subject.pid)
-            control("-i", "on", pids=pids)
+            control("-i", "on")
             started = time.monotonic()
             if load == "churn":
                 churn(port, args.conns, 10)
             else:
                 rr(port, args.requests)
-            control("-d", pids=pids)
-            control("-i", "off", pids=pids)
+            control("-d")
+            control("-i", "off")
             print(f"  {name} {load}: {time.monotonic() - started:.0f} s", file=sys.stderr)
             counts.append(dumped_instructions(where))
         finally:
