@@ -43,6 +43,9 @@ log = structlog.get_logger("connwatch.pool")
 
 Opener = Callable[["Address"], Coroutine[Any, Any, socket.socket]]
 _DEMAND_WINDOW = 1.0  # seconds: `grow` keeps ready as many as were taken in the last one
+# After a borrow the refill waits this long: the borrowing client's first exchange goes first,
+# not behind a connect on the same loop (on loopback that connect costs it ~0.15 ms at p50).
+_REFILL_DELAY = 0.005
 
 
 class _Pooled:
@@ -68,6 +71,7 @@ class TargetWarm:
         "idle",
         "last_window",
         "misses",
+        "refill_timer",
         "target",
     )
 
@@ -81,6 +85,7 @@ class TargetWarm:
         self._window_start = 0.0
         self._window_count = 0
         self.last_window = 0  # borrows in the last full window
+        self.refill_timer: asyncio.TimerHandle | None = None
 
     def note_demand(self, now: float) -> None:
         if now - self._window_start >= _DEMAND_WINDOW:
@@ -141,6 +146,9 @@ class WarmPool:
         for label in list(self._targets):
             if label not in wanted:
                 tw = self._targets.pop(label)
+                if tw.refill_timer is not None:
+                    tw.refill_timer.cancel()
+                    tw.refill_timer = None
                 self._evict_all(tw, SHUTDOWN)
         for label, target in wanted.items():
             known = self._targets.get(label)
@@ -171,6 +179,9 @@ class WarmPool:
         for task in list(self._tasks):
             task.cancel()
         for tw in self._targets.values():
+            if tw.refill_timer is not None:
+                tw.refill_timer.cancel()
+                tw.refill_timer = None
             self._evict_all(tw, SHUTDOWN)
 
     # -- lending --------------------------------------------------------------------------------
@@ -196,8 +207,14 @@ class WarmPool:
             tw.misses += 1
         else:
             tw.hits += 1
-        self._refill(tw)
+        if tw.refill_timer is None:
+            loop = asyncio.get_running_loop()
+            tw.refill_timer = loop.call_later(_REFILL_DELAY, self._refill_later, tw)
         return sock
+
+    def _refill_later(self, tw: TargetWarm) -> None:
+        tw.refill_timer = None
+        self._refill(tw)
 
     def target_changed(self, target: Target) -> None:
         """A target's health changed: DOWN empties its pool at once, back up refills it."""
