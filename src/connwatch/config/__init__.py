@@ -23,17 +23,20 @@ from connwatch.config.loading import effective_yaml, load_settings, one_listener
 from connwatch.config.models import (
     AdminConfig,
     ClientLimitsConfig,
-    HealthCheckConfig,
     HeartbeatConfig,
-    HttpCheckConfig,
     KeepaliveConfig,
     KeepaliveLegs,
     ListenerConfig,
     LogConfig,
     ProxyProtocolConfig,
-    SendExpectConfig,
     Settings,
     ShutdownConfig,
+)
+from connwatch.config.upstream_models import (
+    HealthCheckConfig,
+    HttpCheckConfig,
+    OutlierDetectionConfig,
+    SendExpectConfig,
     UpstreamPoolConfig,
 )
 
@@ -55,6 +58,7 @@ __all__ = [
     "ListenerConfig",
     "Loc",
     "LogConfig",
+    "OutlierDetectionConfig",
     "Port",
     "PositiveDuration",
     "ProxyProtocolConfig",

@@ -15,7 +15,9 @@ from typing import Annotated
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
+    ConfigDict,
     Field,
     PlainSerializer,
     PlainValidator,
@@ -238,3 +240,9 @@ def _expect_text(value: object) -> str:
 @functools.lru_cache(maxsize=64)
 def _expect_regex(pattern: str) -> re.Pattern[bytes]:
     return re.compile(pattern.encode("utf-8", "strict"))
+
+
+class _Model(BaseModel):
+    """The base of every config section: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")

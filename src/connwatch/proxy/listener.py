@@ -9,7 +9,6 @@ import errno
 import os
 import random
 import socket
-import stat
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from connwatch._types import (
-    Address,
     CloseReason,
     ConnectionLedger,
     ConnectionState,
@@ -34,6 +32,7 @@ from connwatch.exceptions import (
     UpstreamConnectError,
 )
 from connwatch.proxy.acceptor import Acceptor
+from connwatch.proxy.binding import bind_tcp, bind_unix
 from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.proxy.legs import ReadBuffer, Timeouts
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("connwatch.listener")
 
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
-_BACKLOG = 4096
 PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
 
 
@@ -490,45 +488,3 @@ def _options(cfg: KeepaliveConfig) -> SocketOptions:
         count=cfg.count,
         user_timeout=cfg.user_timeout,
     )
-
-
-def bind_tcp(address: Address, *, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket; host "" means every interface (IPv6 dual-stack where possible)."""
-    host = address.host
-    family = socket.AF_INET6 if (":" in host or (not host and socket.has_ipv6)) else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6 and not host:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), address.port))
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"address {address} is already in use") from exc
-        raise
-    return sock
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening Unix stream socket at `path`, replacing a stale socket file."""
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove_stale_socket(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
