@@ -24,6 +24,7 @@ import structlog
 from connwatch._types import HealthState
 from connwatch.config import HealthCheckConfig
 from connwatch.health.checks import MAX_REPLY, CheckResult, ProtocolErrorCallback, run_check
+from connwatch.health.state_changes import StateChangeCallback, change_state
 from connwatch.proxy.upstream import Target
 from connwatch.snapshots import MonitorStats
 
@@ -44,8 +45,6 @@ log = structlog.get_logger("connwatch.health")
 
 ADAPTIVE_FACTOR = 1.5  # SPEC section 8: each passing check stretches the interval by this
 JITTER = 0.1  # ±10% on each wait, so sidecars started together do not probe in lockstep
-
-StateChangeCallback = Callable[[str, Target, HealthState, HealthState], None]
 
 
 # --- rise / fall and the adaptive interval ------------------------------------------------------
@@ -241,24 +240,6 @@ class HealthMonitor:
         detail: str,
         cause: str = "active_check",
     ) -> None:
-        old = target.state
-        if new is old:
-            return
-        target.state = new
-        target.cause = cause
-        level = log.warning if new is HealthState.DOWN else log.info
-        level(
-            "upstream_state_changed",
-            listener=listener,
-            upstream=target.label,
-            old=str(old),
-            new=str(new),
-            cause=cause,
-            detail=detail,
+        change_state(
+            listener, target, new, cause=cause, detail=detail, on_change=self._on_state_change
         )
-        if self._on_state_change is None:
-            return
-        try:
-            self._on_state_change(listener, target, old, new)
-        except Exception:  # one faulty observer must not stop the checks
-            log.exception("state_change_callback_failed", listener=listener, upstream=target.label)

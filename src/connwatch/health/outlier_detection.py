@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import structlog
 
 from connwatch._types import HealthState, Throttle
+from connwatch.health.state_changes import StateChangeCallback, change_state
 from connwatch.proxy.listener import Listener
 from connwatch.proxy.upstream import Target
 
 log = structlog.get_logger("connwatch.health")
 
 PASSIVE = "passive"  # the `cause` of a state change made here
-
-StateChangeCallback = Callable[[str, Target, HealthState, HealthState], None]
 
 
 @dataclass(slots=True)
@@ -142,26 +141,16 @@ class OutlierDetector:
         self._set_state(listener, target, HealthState.UNKNOWN, "ejection time over")
 
     def _set_state(self, listener: str, target: Target, new: HealthState, detail: str) -> None:
-        old = target.state
-        target.state = new
-        target.cause = PASSIVE
-        if old is not new:
-            level = log.warning if new is HealthState.DOWN else log.info
-            level(
-                "upstream_state_changed",
-                listener=listener,
-                upstream=target.label,
-                old=str(old),
-                new=str(new),
-                cause=PASSIVE,
-                detail=detail,
-            )
-        if self._on_state_change is None:
-            return
-        try:  # relays to workers (with the ejection) even when the state was already DOWN
-            self._on_state_change(listener, target, old, new)
-        except Exception:  # one faulty observer must not stop passive health
-            log.exception("state_change_callback_failed", listener=listener, upstream=target.label)
+        # Relayed to workers (with the ejection) even when the state was already DOWN.
+        change_state(
+            listener,
+            target,
+            new,
+            cause=PASSIVE,
+            detail=detail,
+            on_change=self._on_state_change,
+            notify_unchanged=True,
+        )
 
     @property
     def enabled(self) -> bool:
