@@ -25,6 +25,15 @@ UPSTREAM_CHUNK = 4096
 
 
 # -- upstream servers -----------------------------------------------------------------------------
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close a stream with a RST (SO_LINGER 0), as a crashing peer would; a socket that has
+    already closed is only aborted."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 class EchoUpstream:
     """The one test upstream: a loopback (or unix) server that echoes.
 
@@ -113,10 +122,7 @@ class EchoUpstream:
     def reset_all(self) -> None:
         """Close every leg with a RST (SO_LINGER 0)."""
         for writer in self.writers:
-            sock = writer.get_extra_info("socket")
-            with contextlib.suppress(OSError):  # a leg that has already closed
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            reset(writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1

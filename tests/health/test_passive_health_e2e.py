@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import datetime
 import json
-import socket
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,14 @@ from typing import Any
 import pytest
 
 from connwatch.proxy.splice import SPLICE_AVAILABLE
-from tests.support import LOOPBACK, DaemonProcess, daemon_config, eventually, listener_config
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
+from tests.support import (
+    LOOPBACK,
+    DaemonProcess,
+    daemon_config,
+    eventually,
+    listener_config,
+    reset,
+)
 
 
 class Upstream:
@@ -51,10 +54,7 @@ class Upstream:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepts.append(time.time())
         if self.resetting:
-            writer.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET
-            )
-            writer.transport.abort()
+            reset(writer)
             return
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(5):

@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -34,11 +33,11 @@ from tests.support import (
     eventually,
     free_port,
     listener_config,
+    reset,
 )
 
 KiB, MiB = 1024, 1024 * 1024
 PROMPT = 2.0  # seconds within which a fault must reach the client
-_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -135,9 +134,7 @@ class Transfer:
     def reset(self) -> None:
         """Close with RST (SO_LINGER 0), as a crashing client would."""
         assert self.writer is not None
-        sock = self.writer.transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        self.writer.transport.abort()
+        reset(self.writer)
 
 
 # -- upstream faults ------------------------------------------------------------------------------

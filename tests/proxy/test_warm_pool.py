@@ -8,17 +8,21 @@ test_warm_pool_redis.py, worker processes and reload in test_warm_pool_daemon.py
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import statistics
-import struct
 import time
 from typing import Any
 
 import pytest
 
 from connwatch.snapshots import PoolStats
-from tests.support import LOOPBACK, daemon_config, eventually, listener_config, running_daemon
+from tests.support import (
+    LOOPBACK,
+    daemon_config,
+    eventually,
+    listener_config,
+    reset,
+    running_daemon,
+)
 
 DATA_PATHS = ["portable", "splice"]
 
@@ -75,10 +79,7 @@ class LateGreeter:
 
     def reset_all(self) -> None:
         for writer in list(self.writers):
-            sock = writer.get_extra_info("socket")
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            reset(writer)
 
     async def close(self) -> None:
         if self._server is not None:

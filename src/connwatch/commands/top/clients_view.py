@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from connwatch.commands.top.cells import cell_size, glyphs, new_table
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -43,16 +45,12 @@ def clients_table(
     sort: str,
     limit: int | None,
     unicode: bool,
-    size: Callable[[float], str],
 ) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    arrow = " ▼" if unicode else " v"
-    to = "→" if unicode else "->"
+    arrow, to = glyphs(unicode)
     mark = {name: arrow if sort == name else "" for name in CLIENT_SORTS}
-    table = Table(box=box.SIMPLE_HEAD if unicode else box.ASCII2, pad_edge=False, expand=False)
+    table = new_table(unicode)
     table.add_column("CLIENT", no_wrap=True)
     table.add_column("LISTENER", no_wrap=True)
     table.add_column("ACTIVE" + mark["active"], justify="right", no_wrap=True)
@@ -71,8 +69,8 @@ def clients_table(
             str(row.get("listener", "")),
             str(row.get("active", 0)),
             str(row.get("accepted", 0)),
-            size(row.get("bytes_client_to_upstream", 0)),
-            size(row.get("bytes_upstream_to_client", 0)),
+            cell_size(row.get("bytes_client_to_upstream", 0)),
+            cell_size(row.get("bytes_upstream_to_client", 0)),
             Text(f"{by_conn}/{by_rate}", style="red" if by_conn or by_rate else "dim"),
             str(row.get("last_seen", "")),
         )

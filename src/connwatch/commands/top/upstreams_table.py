@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from connwatch.commands.top.cells import new_table
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -77,11 +79,9 @@ def _pool(pool: Mapping[str, Any] | None) -> str:
 
 
 def upstreams_table(rows: list[TargetRow], limit: int | None, unicode: bool) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=box.SIMPLE_HEAD if unicode else box.ASCII2, pad_edge=False, expand=False)
+    table = new_table(unicode)
     for column, right in (
         ("LISTENER", False),
         ("UPSTREAM", False),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from connwatch.commands.top.cells import cell_duration, cell_ms, cell_size, glyphs, new_table
 from connwatch.commands.top.clients_view import (
     CLIENT_SORT_KEYS,
     VIEW_KEY,
@@ -119,7 +120,7 @@ class View:
         limit = None if height is None else max(1, height - chrome)
         header = self._header(snapshot, stale, unicode)
         if self.clients_view:
-            table = clients_table(snapshot.clients, self.client_sort, limit, unicode, _size)
+            table = clients_table(snapshot.clients, self.client_sort, limit, unicode)
             return Group(*header, table)
         if self.upstreams:
             return Group(*header, upstreams_table(snapshot.targets, limit, unicode))
@@ -157,8 +158,8 @@ class View:
         )
         rates = Text.assemble(
             ("bytes/s      ", "bold"),
-            f"c{to}u {_size(self.rates.get(_C2U, 0.0))}/s{dot}",
-            f"u{to}c {_size(self.rates.get(_U2C, 0.0))}/s",
+            f"c{to}u {cell_size(self.rates.get(_C2U, 0.0))}/s{dot}",
+            f"u{to}c {cell_size(self.rates.get(_U2C, 0.0))}/s",
             "    ",
             ("liveness ", "bold"),
         )
@@ -186,13 +187,10 @@ class View:
         return lines
 
     def _table(self, rows: list[dict[str, Any]], limit: int | None, unicode: bool) -> Table:
-        from rich import box
-        from rich.table import Table
 
-        arrow = " ▼" if unicode else " v"
-        to = "→" if unicode else "->"
+        arrow, to = glyphs(unicode)
         marks = {name: arrow if self.sort == name else "" for name in SORTS}
-        table = Table(box=box.SIMPLE_HEAD if unicode else box.ASCII2, pad_edge=False, expand=False)
+        table = new_table(unicode)
         table.add_column("ID", no_wrap=True)
         table.add_column("LISTENER", no_wrap=True)
         table.add_column("CLIENT", no_wrap=True)
@@ -222,7 +220,7 @@ class View:
         ups = " ".join(f"{u.address}={u.status}" for u in snapshot.upstreams) or "-"
         return (
             f"active={t.active} accepted={t.accepted} closed={sum(t.closed.values())} "
-            f"c2u={_size(self.rates.get(_C2U, 0.0))}/s u2c={_size(self.rates.get(_U2C, 0.0))}/s "
+            f"c2u={cell_size(self.rates.get(_C2U, 0.0))}/s u2c={cell_size(self.rates.get(_U2C, 0.0))}/s "
             f"liveness: {states} upstreams: {ups} {'ready' if snapshot.ready else 'NOT-READY'}"
         )
 
@@ -244,46 +242,17 @@ def _cells(row: Mapping[str, Any]) -> Iterator[str | Text]:
     yield str(row.get("listener", ""))
     yield str(row.get("client", ""))
     yield str(row.get("upstream") or "-")
-    yield _duration(float(row.get("age_s", 0.0)))
-    yield _duration(float(row.get("idle_s", 0.0)))
-    yield _size(row.get("bytes_client_to_upstream", 0))
-    yield _size(row.get("bytes_upstream_to_client", 0))
+    yield cell_duration(float(row.get("age_s", 0.0)))
+    yield cell_duration(float(row.get("idle_s", 0.0)))
+    yield cell_size(row.get("bytes_client_to_upstream", 0))
+    yield cell_size(row.get("bytes_upstream_to_client", 0))
     yield str(row.get("state", ""))
     liveness = str(row.get("liveness", ""))
     yield Text(liveness, style=_LIVENESS_STYLE.get(liveness, ""))
     client, upstream = row_rtts(row)
-    yield f"{_ms(client)}/{_ms(upstream)}"
+    yield f"{cell_ms(client)}/{cell_ms(upstream)}"
     failures = int((row.get("heartbeat") or {}).get("failures", 0))
     yield Text(str(failures), style="red" if failures else "dim")
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
-
-
-def _size(n: float) -> str:
-    """1536 -> '1.5KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _duration(seconds: float) -> str:
-    """Compact ages: 4.2s, 42s, 3m07s, 2h05m, 3d04h."""
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def is_unicode(console: Console) -> bool:
