@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import chart, docread
 from bench.peers import (
     CONNWATCH_VARIANTS,
     DEFAULT_PEERS,
@@ -36,6 +38,7 @@ from bench.scenarios_idle import (
 )
 from bench.scenarios_load import BULK_TABLES, CHURN_TABLES, RR_TABLES, run_bulk, run_churn, run_rr
 from bench.scenarios_pool import POOL_TABLES, run_pool
+from bench.targets import render as render_targets
 
 Runner = Callable[[Context], Results]
 TablesFor = Callable[[Context], list[Table]]
@@ -71,6 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     p.add_argument("--json", type=Path, help="write all samples and summaries here")
+    p.add_argument(
+        "--chart", type=Path, help="write a PNG chart of the ratios here (needs matplotlib)"
+    )
+    p.add_argument(
+        "--instructions",
+        type=Path,
+        help="merge this bench/instructions.py --json output into the targets table and chart",
+    )
     p.add_argument("--connwatch-workers", type=int, default=1)
     p.add_argument(
         "--connwatch-set",
@@ -100,6 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
     if args.rounds < 1 or args.duration <= 0 or args.idle_conns < 1:
         p.error("--rounds, --duration and --idle-conns must be positive")
+    if args.chart and importlib.util.find_spec("matplotlib") is None:  # before any load runs
+        p.error("--chart needs matplotlib: pip install -e '.[bench]'")
+    if args.instructions and not args.instructions.is_file():
+        p.error(f"--instructions: no file {args.instructions}")
     return args
 
 
@@ -205,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # before any load runs: a missing folder must not cost a finished scenario
         args.json.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"meta": meta(args), "scenarios": {}}
+    if args.instructions:
+        docread.merge_instructions(doc, json.loads(args.instructions.read_text()))
     refs = ["direct", "haproxy"]
     try:
         for name in args.scenarios or list(SCENARIOS):
@@ -220,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             doc["scenarios"][name] = results.to_json(scenario_refs)
             if args.json:  # written after each scenario, so an interrupted run keeps its part
                 args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        print(render_targets(doc), end="\n\n", flush=True)
+        if args.chart:
+            drawn = chart.draw(doc, args.chart)
+            print(f"chart: {args.chart} ({drawn} panels)" if drawn else "chart: nothing to draw")
     finally:
         if args.keep:
             print(f"configs and logs kept in {workdir}", file=sys.stderr)

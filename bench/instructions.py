@@ -23,6 +23,8 @@ subject at the defaults.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--conns", type=int, default=1000, help="churn: connections counted")
     p.add_argument("--requests", type=int, default=20000, help="rr: requests counted")
+    p.add_argument(
+        "--json", type=Path, help="also write the counts here (bench/run.py --instructions)"
+    )
     return p.parse_args(argv)
 
 
@@ -211,12 +217,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| subject | k instructions / connection (churn) | k instructions / request (rr) |")
     print("| --- | --- | --- |")
+    doc = json_meta(args)
     with tempfile.TemporaryDirectory(prefix="connwatch-instr-") as tmp:
         for target in targets:
             per_conn, per_req = measure(target, args, Path(tmp))
-            conns, reqs = args.conns, args.requests
-            print(f"| {target.name} | {per_conn / conns / 1e3:.1f} | {per_req / reqs / 1e3:.2f} |")
+            conn, req = per_conn / args.conns, per_req / args.requests
+            print(f"| {target.name} | {conn / 1e3:.1f} | {req / 1e3:.2f} |", flush=True)
+            doc["subjects"][target.name] = {
+                "label": target.label,
+                "instructions_per_conn": conn,
+                "instructions_per_request": req,
+            }
+            if args.json:  # after each subject, so an interrupted run keeps its part
+                args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
+
+
+def json_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """The document's head; its options name the variants as bench/run.py's meta does, so
+    bench/docread.py finds the splice subject the same way in both."""
+    options = {
+        "proxies": args.proxies,
+        "connwatch_variant": args.connwatch_variant,
+        "connwatch_set": [],
+        "connwatch_workers": 1,
+        "connwatch_src": str(args.connwatch_src) if args.connwatch_src else None,
+        "conns": args.conns,
+        "requests": args.requests,
+    }
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return {"meta": {"started": started, "argv": sys.argv, "options": options}, "subjects": {}}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Samples -> medians, spread and ratios; markdown tables and the JSON document."""
+"""Samples -> medians, spread and ratios; markdown tables and the JSON document; and, run as
+a script, the targets table and chart again from a saved JSON document."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 Sample = dict[str, float]
@@ -151,3 +155,30 @@ def _cells(results: Results, table: Table, name: str, refs: list[str]) -> list[s
 
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench/report.py results.json [--instructions I.json] [--chart out.png]`: the
+    targets table (and the chart) again from a saved run, without running anything."""
+    # Imported here: run as a script, `bench` is importable only after the path fix below.
+    from bench import chart, docread, targets
+
+    p = argparse.ArgumentParser(prog="bench/report.py", description=main.__doc__)
+    p.add_argument("results", type=Path, help="JSON written by bench/run.py --json")
+    p.add_argument("--instructions", type=Path, help="JSON written by bench/instructions.py")
+    p.add_argument("--chart", type=Path, help="write the PNG chart of the ratios here")
+    args = p.parse_args(argv)
+    doc = docread.load(args.results, args.instructions)
+    print(targets.render(doc))
+    if args.chart:
+        if not chart.draw(doc, args.chart):
+            print("chart: nothing to draw (no HAProxy figures in this run)", file=sys.stderr)
+            return 1
+        print(f"chart: {args.chart}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script, bench/ is sys.path[0]: swap it for the folder holding the package.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    sys.exit(main())

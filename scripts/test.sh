@@ -26,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,bench]'  # bench: tests/bench draw the chart
 
 echo "== ruff"
 .venv/bin/ruff check src tests bench
