@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import targets as t
-from bench.docread import FLOOR, HAPROXY, Doc, instructions, label, median, subjects
+from bench.docread import (
+    FLOOR,
+    HAPROXY,
+    Doc,
+    instruction_roles,
+    instructions,
+    label,
+    median,
+    run_roles,
+    subjects,
+)
 from bench.targets import X
 
 COLOURS = {
@@ -34,6 +44,7 @@ KIND_NAMES = {
 }
 TARGET_COLOUR = "#d62728"
 MET_SHADE = "#2ca02c"
+JUDGED_EDGE = "#000000"
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class Bar:
     value: float
     text: str
     kind: str
+    judged: bool = False  # the subject a target of the panel is for: drawn outlined
 
 
 @dataclass(frozen=True)
@@ -72,22 +84,23 @@ class Measure:
     target_ratio: float | None = None  # the target as x HAProxy
     target_abs: float | None = None  # the target in the metric's unit
     target_text: str = ""
+    role: str = "defaults"  # the Roles field naming the subject the target is for
 
 
 MEASURES = [
-    Measure("bulk, 1 stream: GB/s", "bulk", "gbps_1", "GB/s", False, t.BULK_1, None,
-            f"target ≥ {t.BULK_1:g}{X}"),
-    Measure("bulk, 1 stream: proxy CPU s/GB", "bulk", "cpu_s_per_gb_1", "s/GB", True, None,
-            t.BULK_CPU_S_PER_GB, f"target ≤ {t.BULK_CPU_S_PER_GB:.2f} s/GB"),
+    Measure("bulk, 1 stream: GB/s", "bulk", "gbps_1", "GB/s", target_ratio=t.BULK_1,
+            target_text=f"target ≥ {t.BULK_1:g}{X}"),
+    Measure("bulk, 1 stream: proxy CPU s/GB", "bulk", "cpu_s_per_gb_1", "s/GB", True,
+            target_abs=t.BULK_CPU_S_PER_GB, target_text=f"target ≤ {t.BULK_CPU_S_PER_GB:.2f} s/GB"),
     Measure("bulk, 8 streams: GB/s", "bulk", "gbps_8", "GB/s"),
-    Measure("churn: conn/s", "churn", "conn_per_s", "conn/s", False, t.CHURN_W2, None,
-            f"target ≥ {t.CHURN_W2:.2f}{X} (workers: 2)"),
+    Measure("churn: conn/s", "churn", "conn_per_s", "conn/s", target_ratio=t.CHURN_W2,
+            target_text=f"target ≥ {t.CHURN_W2:.2f}{X} (workers: 2)", role="workers2"),
     Measure("churn: proxy CPU µs per connection", "churn", "cpu_us_per_conn", "µs", True),
     Measure("rr, 50 clients: PING req/s", "rr", "c50.PING_INLINE.rps", "req/s"),
     Measure("rr, 500 clients, -P 16: PING req/s", "rr", "c500_P16.PING_INLINE.rps", "req/s",
-            False, t.RR_P16_500, None, f"target ≥ {t.RR_P16_500:.1f}{X}"),
-    Measure("idle: RSS KiB per connection", "idle", "kib_per_conn", "KiB", True, None,
-            t.IDLE_KIB, f"target ≤ {t.IDLE_KIB:g} KiB"),
+            target_ratio=t.RR_P16_500, target_text=f"target ≥ {t.RR_P16_500:.1f}{X}"),
+    Measure("idle: RSS KiB per connection", "idle", "kib_per_conn", "KiB", True,
+            target_abs=t.IDLE_KIB, target_text=f"target ≤ {t.IDLE_KIB:g} KiB"),
 ]  # fmt: skip
 
 
@@ -119,13 +132,16 @@ def ratio_panel(doc: Doc, m: Measure) -> Panel | None:
     panel = Panel(
         f"{m.title} ({better} is better)", f"{X} HAProxy", lower_is_better=better == "lower"
     )
+    has_target = m.target_ratio is not None or m.target_abs is not None
+    judged = getattr(run_roles(doc), m.role) if has_target else None
     for subject in subjects(doc, m.scenario):
         value = median(doc, m.scenario, subject, m.key)
         if subject == "direct" or value is None:
             continue
         x = value / ref
         text = f"{x:.2f}{X}  {short(value)} {m.unit}"
-        panel.bars.append(Bar(label(doc, m.scenario, subject), x, text, kind(subject)))
+        name = label(doc, m.scenario, subject)
+        panel.bars.append(Bar(name, x, text, kind(subject), subject == judged))
     if m.target_ratio is not None:
         panel.lines.append(Line(m.target_ratio, m.target_text))
     if m.target_abs is not None:
@@ -138,6 +154,7 @@ def heartbeat_panel(doc: Doc) -> Panel | None:
     panel = Panel(
         title, "µs (heartbeat-on CPU - off) / beats", reference=None, lower_is_better=True
     )
+    judged = run_roles(doc).defaults
     for subject in subjects(doc, "heartbeat"):
         if not subject.endswith(":hb1s"):
             continue
@@ -145,7 +162,8 @@ def heartbeat_panel(doc: Doc) -> Panel | None:
         found = t.heartbeat_us(doc, base)
         if found is not None:
             name = label(doc, "heartbeat", subject).removesuffix(" (heartbeat 1s)")
-            panel.bars.append(Bar(name, found[0], f"{found[0]:.1f} µs", kind(base)))
+            text = f"{found[0]:.1f} µs"
+            panel.bars.append(Bar(name, found[0], text, kind(base), base == judged))
     panel.lines.append(Line(t.HEARTBEAT_US, f"target ≤ {t.HEARTBEAT_US:g} µs"))
     return panel if panel.bars else None
 
@@ -158,12 +176,14 @@ def instruction_panel(doc: Doc, which: int) -> Panel | None:
     what = "connection (churn)" if which == 0 else "request (rr)"
     panel = Panel(f"instructions per {what} (lower is better)", f"{X} Protocol floor")
     panel.lower_is_better = True
+    found = instruction_roles(doc)
+    judged = {found.defaults, found.splice} if which == 0 else {found.defaults}
     for subject, entry in doc["instructions"].get("subjects", {}).items():
         count = instructions(doc, subject)
         if count is not None:
             x = count[which] / floor[which]
-            name = str(entry.get("label", subject))
-            panel.bars.append(Bar(name, x, f"{x:.2f}{X}  {short(count[which])}", kind(subject)))
+            name, text = str(entry.get("label", subject)), f"{x:.2f}{X}  {short(count[which])}"
+            panel.bars.append(Bar(name, x, text, kind(subject), subject in judged))
     if which == 0:
         panel.lines.append(
             Line(t.INSTR_CONN_PORTABLE, f"target ≤ {t.figure(t.INSTR_CONN_PORTABLE)}{X}")
@@ -190,9 +210,13 @@ def title(doc: Doc) -> str:
     opts = meta.get("options", {})
     when = meta.get("started", "unknown time")
     rounds, duration = opts.get("rounds", "?"), opts.get("duration", "?")
-    return (
+    text = (
         f"connwatch against HAProxy, the Python floor and other proxies — run of {when}, "
         f"{rounds} round(s) of {duration} s; bars are ratios of medians within the run"
+    )
+    counted = doc.get("instructions", {}).get("meta", {}).get("started")
+    return (
+        f"{text}\ninstructions counted by bench/instructions.py at {counted}" if counted else text
     )
 
 
@@ -228,8 +252,14 @@ def draw(doc: Doc, out: Path) -> int:
 def _draw_panel(ax: Any, panel: Panel) -> None:
     ys = list(range(len(panel.bars)))
     values = [b.value for b in panel.bars]
-    ax.barh(ys, values, color=[COLOURS[b.kind] for b in panel.bars], height=0.7)
+    ax.barh(
+        ys, values, height=0.7, color=[COLOURS[b.kind] for b in panel.bars],
+        edgecolor=[JUDGED_EDGE if b.judged else "none" for b in panel.bars],
+        linewidth=[1.8 if b.judged else 0.0 for b in panel.bars],
+    )  # fmt: skip
     ax.set_yticks(ys, [b.label for b in panel.bars], fontsize=9)
+    for tick, bar in zip(ax.get_yticklabels(), panel.bars, strict=True):
+        tick.set_fontweight("bold" if bar.judged else "normal")
     ax.set_ylim(len(ys) - 0.5, -1.3)  # first subject on top; a free row above it for targets
     right = max([*values, *(line.x for line in panel.lines), panel.reference or 0.0])
     ax.set_xlim(0, right * 1.55)  # room for the value labels
@@ -269,4 +299,7 @@ def _legend(fig: Any) -> None:
     handles: list[Any] = [Patch(color=COLOURS[k], label=KIND_NAMES[k]) for k in COLOURS]
     handles.append(Line2D([], [], color=TARGET_COLOUR, linestyle="--", label="issue 15 target"))
     handles.append(Patch(color=MET_SHADE, alpha=0.12, label="target met"))
+    handles.append(
+        Patch(facecolor="white", edgecolor=JUDGED_EDGE, linewidth=1.8, label="setting judged")
+    )
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)

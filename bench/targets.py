@@ -112,6 +112,23 @@ def instr_per_request(doc: Doc, _roles: Roles) -> Row:
 # --- bench/run.py scenarios -----------------------------------------------------------------
 
 
+def others(doc: Doc, scenario: str, key: str, names: dict[str, str], as_ratio: bool) -> str:
+    """'; Envoy 0.65x, floor 0.64x' for the peers this run has (ratios to HAProxy, or figures)."""
+    parts = []
+    for shown, subject in names.items():
+        value = (
+            ratio(doc, scenario, subject, HAPROXY, key)
+            if as_ratio
+            else median(doc, scenario, subject, key)
+        )
+        if value is not None:
+            parts.append(f"{shown} {times(value) if as_ratio else num(value)}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+PEERS_SEEN = {"Envoy": ENVOY, "floor": FLOOR}
+
+
 def churn_w2(doc: Doc, roles: Roles) -> Row:
     title, target = "churn, `workers: 2`", f"≥ {CHURN_W2:.2f}{X} HAProxy, and ahead of Envoy"
     key, w2 = "conn_per_s", roles.workers2
@@ -120,10 +137,11 @@ def churn_w2(doc: Doc, roles: Roles) -> Row:
     x = ratio(doc, "churn", w2, HAPROXY, key)
     envoy = median(doc, "churn", ENVOY, key)
     mine = median(doc, "churn", w2, key)
+    if x is None:
+        return Row(title, "-", target, NO_DATA)
     now = (
-        f"{times(x)} HAProxy ({num(mine)} vs {num(median(doc, 'churn', HAPROXY, key))} conn/s);"
-        f" Envoy {times(ratio(doc, 'churn', ENVOY, HAPROXY, key))},"
-        f" floor {times(ratio(doc, 'churn', FLOOR, HAPROXY, key))}"
+        f"{times(x)} HAProxy ({num(mine)} vs {num(median(doc, 'churn', HAPROXY, key))} conn/s)"
+        + others(doc, "churn", key, PEERS_SEEN, as_ratio=True)
     )
     ahead = None if envoy is None or mine is None else mine > envoy
     return Row(title, now, target, verdict(at_least(x, CHURN_W2), ahead))
@@ -138,10 +156,12 @@ def bulk_1(doc: Doc, roles: Roles) -> Row:
     x = ratio(doc, "bulk", subject, HAPROXY, "gbps_1")
     envoy_x = ratio(doc, "bulk", ENVOY, HAPROXY, "gbps_1")
     cpu = median(doc, "bulk", subject, "cpu_s_per_gb_1")
+    if x is None:
+        return Row(title, "-", target, NO_DATA)
     now = (
         f"{times(x)} HAProxy ({num(median(doc, 'bulk', subject, 'gbps_1'))} vs "
-        f"{num(median(doc, 'bulk', HAPROXY, 'gbps_1'))} GB/s), {num(cpu)} CPU-s/GB;"
-        f" Envoy {times(envoy_x)}, floor {times(ratio(doc, 'bulk', FLOOR, HAPROXY, 'gbps_1'))}"
+        f"{num(median(doc, 'bulk', HAPROXY, 'gbps_1'))} GB/s), {num(cpu)} CPU-s/GB"
+        + others(doc, "bulk", "gbps_1", PEERS_SEEN, as_ratio=True)
     )
     vs_envoy = None if x is None or envoy_x is None else x >= envoy_x
     checks = (at_least(x, BULK_1), vs_envoy, at_most(cpu, BULK_CPU_S_PER_GB))
@@ -151,11 +171,11 @@ def bulk_1(doc: Doc, roles: Roles) -> Row:
 def idle(doc: Doc, roles: Roles) -> Row:
     title, target = "idle connection, shipped defaults", f"≤ {IDLE_KIB:g} KiB"
     kib = median(doc, "idle", roles.defaults, "kib_per_conn") if roles.defaults else None
-    now = (
-        f"{num(kib, suffix=' KiB')} (HAProxy {num(median(doc, 'idle', HAPROXY, 'kib_per_conn'))},"
-        f" floor {num(median(doc, 'idle', FLOOR, 'kib_per_conn'))})"
-    )
-    return Row(title, now if kib is not None else "-", target, verdict(at_most(kib, IDLE_KIB)))
+    if kib is None:
+        return Row(title, "-", target, NO_DATA)
+    seen = {"HAProxy": HAPROXY, "floor": FLOOR}
+    now = f"{num(kib, suffix=' KiB')}" + others(doc, "idle", "kib_per_conn", seen, as_ratio=False)
+    return Row(title, now, target, verdict(at_most(kib, IDLE_KIB)))
 
 
 def rr_p16_500(doc: Doc, roles: Roles) -> Row:
@@ -165,15 +185,15 @@ def rr_p16_500(doc: Doc, roles: Roles) -> Row:
     if x is None or roles.defaults is None:
         return Row(title, "-", target, NO_DATA)
     now = (
-        f"{times(x)} ({num(median(doc, 'rr', roles.defaults, key))} vs "
-        f"{num(median(doc, 'rr', HAPROXY, key))} PING req/s);"
-        f" floor {times(ratio(doc, 'rr', FLOOR, HAPROXY, key))}"
+        f"{times(x)} HAProxy ({num(median(doc, 'rr', roles.defaults, key))} vs "
+        f"{num(median(doc, 'rr', HAPROXY, key))} PING req/s)"
+        + others(doc, "rr", key, {"floor": FLOOR}, as_ratio=True)
     )
     return Row(title, now, target, verdict(at_least(x, RR_P16_500)))
 
 
-def heartbeat_us(doc: Doc, subject: str) -> tuple[float, float, float] | None:
-    """(µs of CPU per connection-beat, CPU % with heartbeats, beats/s) of a connwatch subject.
+def heartbeat_us(doc: Doc, subject: str) -> tuple[float, float, float, float] | None:
+    """(µs of CPU per connection-beat, CPU % with heartbeats, without, beats/s) of a subject.
 
     The cost is heartbeat-on CPU minus heartbeat-off CPU of the same setting when the run has
     both (the watchdog's own cost), divided by the beats counted in the same window.
@@ -183,7 +203,7 @@ def heartbeat_us(doc: Doc, subject: str) -> tuple[float, float, float] | None:
     if on_pct is None or not beats:
         return None
     off_pct = median(doc, "heartbeat", f"{subject}:hb_off", "cpu_pct") or 0.0
-    return (on_pct - off_pct) / 100 / beats * 1e6, on_pct, beats
+    return (on_pct - off_pct) / 100 / beats * 1e6, on_pct, off_pct, beats
 
 
 def heartbeat(doc: Doc, roles: Roles) -> Row:
@@ -191,8 +211,8 @@ def heartbeat(doc: Doc, roles: Roles) -> Row:
     found = heartbeat_us(doc, roles.defaults) if roles.defaults else None
     if found is None:
         return Row(title, "-", target, NO_DATA)
-    us, pct, beats = found
-    now = f"{us:.1f} µs ({pct:.2f} % of a core for {beats:,.0f} beats/s)"
+    us, on, off, beats = found
+    now = f"{us:.1f} µs ({on:.2f} % of a core with heartbeats, {off:.2f} % without; {beats:,.0f} beats/s)"
     return Row(title, now, target, verdict(us <= HEARTBEAT_US))
 
 

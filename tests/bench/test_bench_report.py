@@ -55,7 +55,7 @@ def test_every_row_of_the_issue_filled_from_the_run(doc: docread.Doc) -> None:
         f"1.51{X} HAProxy (1.19 vs 0.79 GB/s)"
     )
     assert "0.68 CPU-s/GB" in now["bulk, 1 stream, shipped defaults"]
-    assert now["idle connection, shipped defaults"].startswith("3.95 KiB (HAProxy 3.30")
+    assert now["idle connection, shipped defaults"].startswith("3.95 KiB; HAProxy 3.30, floor 2.75")
     assert now["rr `-P 16`, 500 clients"].startswith(f"0.91{X}")
     # 9.25 % of a core (heartbeats off: 0.00 %) for 7,998 beats/s: 11.6 µs a beat.
     assert now["heartbeat, per connection-beat"].startswith("11.6 µs")
@@ -130,6 +130,9 @@ def test_panels_are_ratios_to_haproxy_with_the_targets_where_they_fall(
     assert bars["connwatch"].value == pytest.approx(1.19 / 0.79)
     assert bars["Python Protocol floor"].kind == "floor"
     assert [line.x for line in bulk.lines] == [targets.BULK_1]
+    assert [b.label for b in bulk.bars if b.judged] == ["connwatch"]  # the shipped defaults
+    churn = panels["churn: conn/s (higher is better)"]
+    assert [b.label for b in churn.bars if b.judged] == ["connwatch [w2]"]
     idle = panels["idle: RSS KiB per connection (lower is better)"]
     assert idle.lines[0].x == pytest.approx(2.5 / 3.30)  # 2.5 KiB against HAProxy's 3.30
     heartbeat = panels["heartbeat: CPU µs per connection-beat (lower is better)"]
