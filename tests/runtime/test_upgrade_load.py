@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 TRANSFERS = 20
 TRANSFER_BYTES = int(os.environ.get("UPGRADE_TEST_TRANSFER_MIB", "64")) * 1024 * 1024
 RATE = 200  # new short connections a second
+STALL_REPORT_S = 60.0  # seconds after the release: transfers still moving then are reported
 DRAIN_TIMEOUT = 120.0  # seconds: the old process's drain bound in these tests
 ACCEPTED = 'connwatch_connections_accepted_total{listener="app"}'
 C2U = 'connwatch_bytes_total{direction="client_to_upstream",listener="app"}'
@@ -136,6 +137,7 @@ async def short_load(port: int, stop: asyncio.Event, tally: Tally, seed: int) ->
 @dataclass
 class Transfer:
     index: int
+    port: int = 0  # the client's local port: finds its sockets in `ss` if it stalls
     sent: int = 0
     received: int = 0
     corrupted: bool = False
@@ -147,6 +149,7 @@ async def long_transfer(port: int, transfer: Transfer, released: asyncio.Event, 
     """Trickle (never quiet) until the old process has released its listeners, then send the
     rest at full speed; compare every byte echoed."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    transfer.port = writer.get_extra_info("sockname")[1]
     tally.connections += 1
     offset = transfer.index * 7919
 
@@ -219,8 +222,10 @@ async def upgrade_under_load(
     sampling = asyncio.get_running_loop().create_task(sampler.run(stop_sampling))
     current = first
     figures: list[dict[str, Any]] = []
+    load: list[asyncio.Task[None]] = []
     try:
         for run, count in enumerate(workers):
+            before = (tally.connections, tally.sent, tally.received)
             stop_short = asyncio.Event()
             released = asyncio.Event()
             shorts = asyncio.get_running_loop().create_task(
@@ -229,13 +234,18 @@ async def upgrade_under_load(
             transfers = [Transfer(i) for i in range(TRANSFERS)]
             streams = [long_transfer(port, t, released, tally) for t in transfers]
             moving = asyncio.get_running_loop().create_task(_gather(streams))
+            load[:] = [shorts, moving]
             await asyncio.sleep(0.5)  # short connections and trickling transfers before
             began = time.monotonic()
             new = await successor(tmp_path, f"run{run}", {**cfg, "workers": count})
             await current.wait_for("upgrade_released", role="handed_over", timeout=30)
             released_at = time.monotonic()
             released.set()
-            await moving
+            try:
+                await asyncio.wait_for(asyncio.shield(moving), STALL_REPORT_S)
+            except TimeoutError:
+                await report_stall(transfers, new.admin_port, port)
+                await moving
             code = await current.wait_exit(DRAIN_TIMEOUT + 15)
             exited_at = time.monotonic()
             await new.wait_for("upgrade_complete", role="took_over", timeout=30)
@@ -250,18 +260,41 @@ async def upgrade_under_load(
                     "old_exit_code": code,
                     "old_drained_s": round(exited_at - released_at, 3),
                     "transfers_after_release": sum(t.ended_at > released_at for t in transfers),
+                    "transfers_complete": sum(t.received == TRANSFER_BYTES for t in transfers),
                     "transfer_errors": [t.error for t in transfers if t.error],
                     "transfers_corrupted": sum(t.corrupted for t in transfers),
                     "transfers_incomplete": sum(t.received != TRANSFER_BYTES for t in transfers),
+                    "connections": tally.connections - before[0],
+                    "bytes_sent": tally.sent - before[1],
+                    "bytes_echoed": tally.received - before[2],
                     "short_ok_so_far": tally.ok,
                     **tally.bad(),
                 }
             )
+            print("upgrade under load:", figures[-1])  # at once: a later failure keeps them
             current = new
     finally:
+        for task in load:  # a step failed: stop the load, or the test hangs until killed
+            task.cancel()
+        await asyncio.gather(*load, return_exceptions=True)
         stop_sampling.set()
         await sampling
     return current, figures, tally, sampler
+
+
+async def report_stall(transfers: list[Transfer], admin_port: int, port: int) -> None:
+    """Transfers still moving STALL_REPORT_S after the release (they take seconds): print what
+    each holds, their sockets' kernel queues and the old process's records of them, then go on
+    waiting (the drain bound decides pass or fail)."""
+    stuck = [t for t in transfers if not t.ended_at]
+    print("STALL after release:", stuck)
+    ports = " or ".join(f"sport = :{t.port} or dport = :{t.port}" for t in stuck)
+    ss = await asyncio.create_subprocess_exec(
+        "ss", "-tinoem", f"( {ports} )", stdout=asyncio.subprocess.PIPE
+    )
+    print((await ss.communicate())[0].decode())
+    status, body = await http_request("GET", admin_port, "/connections?listener=app&min_idle=5")
+    print("connections idle 5 s or more (the old process's among them):", status, body.decode())
 
 
 async def _gather(coros: list[Any]) -> None:
@@ -299,10 +332,15 @@ async def _run(tmp_path: Path, workers: list[int]) -> None:
             last, figures, tally, sampler = await upgrade_under_load(
                 tmp_path, workers[1:], port, cfg, first
             )
-            for line in figures:
-                print("upgrade under load:", line)
             final = parse((await http_request("GET", last.admin_port, "/metrics"))[1].decode())
-            print("clients:", tally, "samples:", len(sampler.samples))
+            print(
+                "clients:",
+                tally,
+                "samples:",
+                len(sampler.samples),
+                "decreasing:",
+                len(sampler.decreases()),
+            )
             for line in figures:
                 assert line["old_exit_code"] == 0, line
                 assert line["old_drained_s"] < DRAIN_TIMEOUT, line

@@ -24,6 +24,8 @@ class ControlChannel:
         self.reader = reader
         self.writer = writer
         self._lock = asyncio.Lock()
+        self._owed = 0  # answers still to come for callers that stopped waiting (see `call`)
+        self.timeout = _CALL_TIMEOUT
 
     @classmethod
     async def open(cls, sock: socket.socket) -> ControlChannel:
@@ -31,7 +33,7 @@ class ControlChannel:
         return cls(reader, writer)
 
     async def send(self, message: dict[str, Any]) -> None:
-        self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        self.writer.write(_line(message))
         await self.writer.drain()
 
     async def receive(self) -> dict[str, Any] | None:
@@ -42,14 +44,33 @@ class ControlChannel:
         return message
 
     async def call(self, op: str, **args: Any) -> Any:
-        async with self._lock, asyncio.timeout(_CALL_TIMEOUT):
-            await self.send({"op": op, **args})
-            answer = await self.receive()
+        """One request and its answer. A caller that stops waiting (timeout, cancellation)
+        leaves its answer owed: the next call skips it, or every later answer would be taken
+        for the request after its own (a `connections` list read as `stats`)."""
+        async with self._lock:
+            sent = False
+            try:
+                async with asyncio.timeout(self.timeout):
+                    self.writer.write(_line({"op": op, **args}))  # queued whole: never half sent
+                    sent = True
+                    await self.writer.drain()
+                    answer = await self._answer()
+            except (TimeoutError, asyncio.CancelledError):
+                if sent:
+                    self._owed += 1
+                raise
         if answer is None:
             raise ConnectionError("worker closed its control socket")
         if not answer.get("ok"):
             raise RuntimeError(f"worker failed {op}: {answer.get('error')}")
         return answer.get("result")
+
+    async def _answer(self) -> dict[str, Any] | None:
+        while True:
+            answer = await self.receive()
+            if answer is None or not self._owed:
+                return answer
+            self._owed -= 1  # a late answer to an abandoned request
 
     def close(self) -> None:
         self.writer.close()
@@ -76,6 +97,10 @@ async def serve_control(
         await channel.send({"ok": True, "result": result})
         if op == "stop" and stop_ends:
             return
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def inherited_channel_socket(fd: int) -> socket.socket:

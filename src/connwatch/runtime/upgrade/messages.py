@@ -34,6 +34,7 @@ class MessageSocket:
         self._buffer = bytearray()
         self._fds: list[int] = []
         self._lock = asyncio.Lock()  # serialises request/answer pairs (see `call`)
+        self._owed = 0  # answers still to come for callers that stopped waiting (see `call`)
 
     async def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         body = json.dumps(message, separators=(",", ":")).encode()
@@ -65,12 +66,30 @@ class MessageSocket:
         return message, fds
 
     async def call(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send a request and wait for its answer (no descriptors either way)."""
-        async with self._lock, asyncio.timeout(timeout):
-            await self.send(message)
-            answer, fds = await self.receive()
-        _close_fds(fds)
-        return answer
+        """Send a request and wait for its answer (no descriptors either way).
+
+        A caller that stops waiting (timeout, cancellation) leaves its answer owed: the next
+        call skips it, or every later answer would be taken for the request after its own.
+        A request cut off while being sent may be half written: the socket is closed then.
+        """
+        async with self._lock:
+            sent = False
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.send(message)
+                    sent = True
+                    while True:
+                        answer, fds = await self.receive()
+                        _close_fds(fds)
+                        if not self._owed:
+                            return answer
+                        self._owed -= 1  # a late answer to an abandoned request
+            except (TimeoutError, asyncio.CancelledError):
+                if sent:
+                    self._owed += 1
+                else:
+                    self.close()
+                raise
 
     def close(self) -> None:
         _close_fds(self._fds)
