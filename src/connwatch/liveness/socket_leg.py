@@ -1,14 +1,15 @@
 """One socket of a watched connection: the fd the watchdog borrows from its transport to read
 TCP_INFO through, and what the watchdog remembers of the socket between beats.
 
-`SocketLeg.read` and `SocketLeg.observe` run at every beat for every socket: plain attribute
-reads and one `read_tcp_core()` system call, nothing more.
+`SocketLeg.beat` runs at every beat for every socket: plain attribute reads, one getsockopt
+system call and one precompiled unpack, nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Final
 
 from connwatch._types import Side
@@ -16,18 +17,23 @@ from connwatch.histogram import Histogram
 from connwatch.liveness.tcp_info import (
     CORE_ACKED,
     CORE_RTT_US,
+    CORE_SIZE,
     CORE_SND_WND,
     CORE_STATE,
     CORE_TOTAL_RETRANS,
     CORE_UNACKED,
     TCP_ESTABLISHED,
+    TCP_INFO_SUPPORTED,
     TcpCore,
-    read_tcp_core,
+    core_of_short,
+    unpack_core,
 )
 
 __all__ = ["BorrowedSocket", "SocketLeg", "borrow_socket"]
 
 _TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_TCP_INFO: Final[int] = getattr(socket, "TCP_INFO", -1)
 
 
 class BorrowedSocket(socket.socket):
@@ -45,7 +51,9 @@ class BorrowedSocket(socket.socket):
 
 
 def borrow_socket(transport: asyncio.BaseTransport | None) -> socket.socket | None:
-    sock = None if transport is None else transport.get_extra_info("socket")
+    if not TCP_INFO_SUPPORTED or transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in _TCP_FAMILIES:
         return None  # Unix socket legs have no TCP_INFO: the byte counts are all we judge by
     if type(sock) is socket.socket:
@@ -101,18 +109,31 @@ class SocketLeg:
             self._sock = borrow_socket(self.transport)
         return self._sock
 
-    def read(self) -> TcpCore | None:
+    def beat(self, now: float) -> TcpCore | None:
+        """Read TCP_INFO and count RTT and retransmits (SPEC section 8). Returns the fields when
+        they need `verdicts.judge`; None when the socket is plainly fine (established, nothing
+        in flight, window open: the common case) or has no TCP_INFO to read.
+
+        This runs at every beat for every socket, so `read_tcp_core` is inlined here.
+        """
         transport = self.transport
         # A closing transport may already have closed the fd, whose number the next accept can
         # reuse: never read through a borrowed fd once its owner is closing.
         if transport is None or transport.is_closing():
             return None
-        sock = self.sock
-        return None if sock is None else read_tcp_core(sock)
-
-    def observe(self, core: TcpCore, now: float) -> bool:
-        """Count RTT and retransmits (SPEC section 8); True when the socket is plainly fine:
-        established, nothing in flight, window open. Anything else needs `verdicts.judge`."""
+        sock = self._sock if self.borrowed else self.sock
+        if sock is None:
+            return None
+        try:
+            data = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, CORE_SIZE)
+        except (OSError, ValueError):
+            return None
+        try:
+            core: TcpCore | None = unpack_core(data)
+        except struct.error:  # an older kernel's shorter struct
+            core = core_of_short(data)
+        if core is None:
+            return None
         self.rtt.observe(core[CORE_RTT_US] / 1e6)
         total = core[CORE_TOTAL_RETRANS]
         if total > self.retrans:
@@ -123,11 +144,12 @@ class SocketLeg:
             and not core[CORE_UNACKED]
             and core[CORE_SND_WND] > 0
         ):
+            # What `verdicts.track_progress` records of a socket with nothing in flight.
             self.progress_at = now
             self.acked = core[CORE_ACKED]
             self.in_flight = False
-            return True
-        return False
+            return None
+        return core
 
     def release(self) -> None:
         if isinstance(self._sock, BorrowedSocket):

@@ -29,7 +29,6 @@ Byte offsets (native byte order, no padding up to offset 236):
 
 from __future__ import annotations
 
-import operator
 import socket
 import struct
 import sys
@@ -48,18 +47,22 @@ __all__ = [
     "CORE_NOTSENT",
     "CORE_PROBES",
     "CORE_RTT_US",
+    "CORE_SIZE",
     "CORE_SND_WND",
     "CORE_STATE",
     "CORE_TOTAL_RETRANS",
     "CORE_UNACKED",
     "TCP_ESTABLISHED",
     "TCP_INFO_SIZE",
+    "TCP_INFO_SUPPORTED",
     "TCP_STATES",
     "TcpCore",
     "TcpInfo",
+    "core_of_short",
     "parse_tcp_info",
     "read_tcp_core",
     "read_tcp_info",
+    "unpack_core",
 ]
 
 # include/net/tcp_states.h
@@ -235,21 +238,21 @@ def read_tcp_info(sock: SocketLike) -> TcpInfo | None:
     return parse_tcp_info(data)
 
 
-# The watchdog's fields, as (name, struct code, offset): one sparse unpack, then reordered.
+# The watchdog's fields, in memory order: one sparse unpack gives them in this order.
 CORE_FIELDS: Final = (
     "state",
     "retransmits",
     "probes",
     "unacked",
-    "rtt_us",
-    "rttvar_us",
     "last_data_sent_ms",
     "last_data_recv_ms",
     "last_ack_recv_ms",
+    "rtt_us",
+    "rttvar_us",
     "total_retrans",
+    "bytes_acked",
     "notsent_bytes",
     "snd_wnd",
-    "bytes_acked",
 )
 TcpCore = tuple[int, ...]  # what read_tcp_core() returns
 # Positions in read_tcp_core()'s tuple; -1 there means "this kernel does not report it".
@@ -272,18 +275,32 @@ _CORE_AT: Final = {
 }  # fmt: skip
 
 
-def _sparse_struct(layout: Mapping[str, tuple[str, int]]) -> tuple[struct.Struct, list[str]]:
-    """A Struct reading only the named fields, skipping the bytes between them."""
-    fmt, pos, names = "=", 0, []
-    for name, (code, offset) in sorted(layout.items(), key=lambda item: item[1][1]):
+def _sparse_struct(layout: Mapping[str, tuple[str, int]]) -> struct.Struct:
+    """A Struct reading only the named fields (in `CORE_FIELDS` order), skipping the rest."""
+    fmt, pos = "=", 0
+    for name in CORE_FIELDS:
+        code, offset = layout[name]
+        assert offset >= pos, f"{name} out of memory order"
         fmt += f"{offset - pos}x{code}" if offset > pos else code
         pos = offset + struct.calcsize("=" + code)
-        names.append(name)
-    return struct.Struct(fmt), names
+    return struct.Struct(fmt)
 
 
-_CORE_LAYOUT, _CORE_MEMORY_ORDER = _sparse_struct(_CORE_AT)
-_CORE_REORDER: Final = operator.itemgetter(*(_CORE_MEMORY_ORDER.index(n) for n in CORE_FIELDS))
+_CORE_LAYOUT: Final = _sparse_struct(_CORE_AT)
+CORE_SIZE: Final = _CORE_LAYOUT.size  # bytes to ask getsockopt for: through snd_wnd
+# The hot path's parser: `Struct.unpack` of exactly CORE_SIZE bytes; it raises struct.error on
+# the shorter struct of an older kernel, which `core_of_short()` then reads.
+unpack_core: Final = _CORE_LAYOUT.unpack
+TCP_INFO_SUPPORTED: Final = _SUPPORTED
+
+
+def core_of_short(data: bytes) -> TcpCore | None:
+    """The core tuple from fewer than CORE_SIZE bytes: missing fields are -1."""
+    info = parse_tcp_info(data)
+    if info is None:
+        return None
+    values = (getattr(info, name) for name in CORE_FIELDS)
+    return tuple(-1 if value is None else value for value in values)
 
 
 def read_tcp_core(sock: SocketLike) -> TcpCore | None:
@@ -295,14 +312,11 @@ def read_tcp_core(sock: SocketLike) -> TcpCore | None:
     if not _SUPPORTED:
         return None
     try:
-        data = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _CORE_LAYOUT.size)
+        data = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, CORE_SIZE)
     except (OSError, ValueError):
         return None
-    if len(data) >= _CORE_LAYOUT.size:
-        core: TcpCore = _CORE_REORDER(_CORE_LAYOUT.unpack_from(data))
-        return core
-    info = parse_tcp_info(data)
-    if info is None:
-        return None
-    values = (getattr(info, name) for name in CORE_FIELDS)
-    return tuple(-1 if value is None else value for value in values)
+    try:
+        core: TcpCore = unpack_core(data)
+    except struct.error:
+        return core_of_short(data)
+    return core

@@ -41,7 +41,8 @@ import structlog
 
 from connwatch._types import Clock, ConnectionState, Liveness, WatchedConnection
 from connwatch.config import HeartbeatConfig
-from connwatch.liveness.timer_wheel import NEVER, TimerWheel
+from connwatch.liveness.tcp_info import TcpCore
+from connwatch.liveness.timer_wheel import TimerWheel
 from connwatch.liveness.verdicts import (
     Verdict,
     failure_figures,
@@ -172,29 +173,43 @@ class Watchdog:
             self._scheduler.schedule(rec, self._clock() + rec.interval)
 
     def _beats(self, ready: list[WatchRecord], now: float) -> None:
+        beat = self._beat
         for rec in ready:
             conn = rec.conn
             if conn.watch is rec and conn.state in _OPEN_STATES:
-                self._beat(rec, now)
+                beat(rec, now)
 
     def _beat(self, rec: WatchRecord, now: float) -> Liveness:
+        # A leg gives its TCP_INFO fields only when they need judging; None when plainly fine.
+        client = rec.client.beat(now)
+        upstream = rec.upstream.beat(now)
+        if client is not None or upstream is not None:
+            return self._judge(rec, now, client, upstream)
+        # The common case, kept to plain attribute work: every socket established, nothing in
+        # flight, window open (what `judge` and `_passed` decide for it, without the calls).
         conn = rec.conn
         config = rec.config
-        client = rec.client.read()
-        upstream = rec.upstream.read()
-        # Fast path, the common case: every socket established, nothing in flight, window open.
-        plain = client is None or rec.client.observe(client, now)
-        plain = (upstream is None or rec.upstream.observe(upstream, now)) and plain
-        if plain:
-            if conn.half_closed:
-                liveness = Liveness.HALF_CLOSED
-            elif now - conn.last_activity > config.max_interval:
-                liveness = Liveness.IDLE
-            else:
-                liveness = Liveness.OK
-            self._passed(rec, liveness, now, NEVER)
-            return liveness
-        verdict = judge(conn, config, now, client, upstream, rec)
+        if conn.half_closed:
+            liveness = Liveness.HALF_CLOSED
+        elif now - conn.last_activity > config.max_interval:
+            liveness = Liveness.IDLE
+        else:
+            liveness = Liveness.OK
+        rec.totals.ok += 1
+        rec.failures = 0
+        if liveness is rec.liveness:
+            interval = rec.interval * _GROWTH
+            rec.interval = interval if interval < config.max_interval else config.max_interval
+        else:
+            self._change(rec, liveness)
+        if not self._closed:
+            self._scheduler.schedule(rec, now + rec.interval)
+        return liveness
+
+    def _judge(
+        self, rec: WatchRecord, now: float, client: TcpCore | None, upstream: TcpCore | None
+    ) -> Liveness:
+        verdict = judge(rec.conn, rec.config, now, client, upstream, rec)
         if verdict.cause is None:
             self._passed(rec, verdict.liveness, now, verdict.recheck_at)
         else:
