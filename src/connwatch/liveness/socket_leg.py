@@ -15,18 +15,13 @@ from typing import Final
 from connwatch._types import Side
 from connwatch.histogram import Histogram
 from connwatch.liveness.tcp_info import (
-    CORE_ACKED,
-    CORE_RTT_US,
     CORE_SIZE,
-    CORE_SND_WND,
-    CORE_STATE,
-    CORE_TOTAL_RETRANS,
-    CORE_UNACKED,
     TCP_ESTABLISHED,
     TCP_INFO_SUPPORTED,
     TcpCore,
-    core_of_short,
-    unpack_core,
+    parse_core,
+    plain_of_short,
+    unpack_plain,
 )
 
 __all__ = ["BorrowedSocket", "SocketLeg", "borrow_socket"]
@@ -129,27 +124,23 @@ class SocketLeg:
         except (OSError, ValueError):
             return None
         try:
-            core: TcpCore | None = unpack_core(data)
+            fields: TcpCore | None = unpack_plain(data)
         except struct.error:  # an older kernel's shorter struct
-            core = core_of_short(data)
-        if core is None:
+            fields = plain_of_short(data)
+        if fields is None:
             return None
-        self.rtt.observe(core[CORE_RTT_US] / 1e6)
-        total = core[CORE_TOTAL_RETRANS]
+        state, unacked, rtt_us, total, acked, snd_wnd = fields
+        self.rtt.observe(rtt_us / 1e6)
         if total > self.retrans:
             self.retransmits[self.side] += total - self.retrans
             self.retrans = total
-        if (
-            core[CORE_STATE] == TCP_ESTABLISHED
-            and not core[CORE_UNACKED]
-            and core[CORE_SND_WND] > 0
-        ):
+        if state == TCP_ESTABLISHED and not unacked and snd_wnd > 0:
             # What `verdicts.track_progress` records of a socket with nothing in flight.
             self.progress_at = now
-            self.acked = core[CORE_ACKED]
+            self.acked = acked
             self.in_flight = False
             return None
-        return core
+        return parse_core(data)
 
     def release(self) -> None:
         if isinstance(self._sock, BorrowedSocket):

@@ -29,6 +29,7 @@ Byte offsets (native byte order, no padding up to offset 236):
 
 from __future__ import annotations
 
+import operator
 import socket
 import struct
 import sys
@@ -52,17 +53,19 @@ __all__ = [
     "CORE_STATE",
     "CORE_TOTAL_RETRANS",
     "CORE_UNACKED",
+    "PLAIN_FIELDS",
     "TCP_ESTABLISHED",
     "TCP_INFO_SIZE",
     "TCP_INFO_SUPPORTED",
     "TCP_STATES",
     "TcpCore",
     "TcpInfo",
-    "core_of_short",
+    "parse_core",
     "parse_tcp_info",
+    "plain_of_short",
     "read_tcp_core",
     "read_tcp_info",
-    "unpack_core",
+    "unpack_plain",
 ]
 
 # include/net/tcp_states.h
@@ -275,32 +278,53 @@ _CORE_AT: Final = {
 }  # fmt: skip
 
 
-def _sparse_struct(layout: Mapping[str, tuple[str, int]]) -> struct.Struct:
-    """A Struct reading only the named fields (in `CORE_FIELDS` order), skipping the rest."""
+# What a beat reads first (`SocketLeg.beat`): enough to find a socket plainly fine, in memory
+# order. The rest of the core is unpacked only for a socket that needs judging.
+PLAIN_FIELDS: Final = ("state", "unacked", "rtt_us", "total_retrans", "bytes_acked", "snd_wnd")
+
+
+def _sparse_struct(names: tuple[str, ...]) -> struct.Struct:
+    """A Struct reading only the named fields (given in memory order), skipping the rest."""
     fmt, pos = "=", 0
-    for name in CORE_FIELDS:
-        code, offset = layout[name]
+    for name in names:
+        code, offset = _CORE_AT[name]
         assert offset >= pos, f"{name} out of memory order"
         fmt += f"{offset - pos}x{code}" if offset > pos else code
         pos = offset + struct.calcsize("=" + code)
     return struct.Struct(fmt)
 
 
-_CORE_LAYOUT: Final = _sparse_struct(_CORE_AT)
+_CORE_LAYOUT: Final = _sparse_struct(CORE_FIELDS)
+_PLAIN_LAYOUT: Final = _sparse_struct(PLAIN_FIELDS)
 CORE_SIZE: Final = _CORE_LAYOUT.size  # bytes to ask getsockopt for: through snd_wnd
-# The hot path's parser: `Struct.unpack` of exactly CORE_SIZE bytes; it raises struct.error on
-# the shorter struct of an older kernel, which `core_of_short()` then reads.
-unpack_core: Final = _CORE_LAYOUT.unpack
+assert _PLAIN_LAYOUT.size == CORE_SIZE
+# The hot path's parser: `Struct.unpack` of exactly CORE_SIZE bytes, PLAIN_FIELDS only. It raises
+# struct.error on the shorter struct of an older kernel, which `plain_of_short()` then reads.
+unpack_plain: Final = _PLAIN_LAYOUT.unpack
+_PLAIN_OF_CORE: Final = operator.itemgetter(*(CORE_FIELDS.index(n) for n in PLAIN_FIELDS))
 TCP_INFO_SUPPORTED: Final = _SUPPORTED
 
 
-def core_of_short(data: bytes) -> TcpCore | None:
-    """The core tuple from fewer than CORE_SIZE bytes: missing fields are -1."""
+def parse_core(data: bytes) -> TcpCore | None:
+    """The watchdog's fields from getsockopt's bytes; on an older kernel's shorter struct a
+    field it does not return is -1; None when even the base struct is missing."""
+    if len(data) >= CORE_SIZE:
+        core: TcpCore = _CORE_LAYOUT.unpack_from(data)
+        return core
     info = parse_tcp_info(data)
     if info is None:
         return None
     values = (getattr(info, name) for name in CORE_FIELDS)
     return tuple(-1 if value is None else value for value in values)
+
+
+def plain_of_short(data: bytes) -> TcpCore | None:
+    """PLAIN_FIELDS from fewer than CORE_SIZE bytes (-1 where missing), as `parse_core`."""
+    core = parse_core(data)
+    if core is None:
+        return None
+    plain: TcpCore = _PLAIN_OF_CORE(core)
+    return plain
 
 
 def read_tcp_core(sock: SocketLike) -> TcpCore | None:
@@ -315,8 +339,4 @@ def read_tcp_core(sock: SocketLike) -> TcpCore | None:
         data = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, CORE_SIZE)
     except (OSError, ValueError):
         return None
-    try:
-        core: TcpCore = unpack_core(data)
-    except struct.error:
-        return core_of_short(data)
-    return core
+    return parse_core(data)

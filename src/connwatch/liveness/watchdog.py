@@ -92,8 +92,7 @@ class Watchdog:
             # Accepted before the listener's config reached us: adopt it now.
             totals.remove(rec)
             rec.configured = True
-            rec.config = config.heartbeat
-            rec.interval = config.heartbeat.interval
+            rec.adopt(config.heartbeat)
             totals.add(rec)
             self._start(rec)
 
@@ -188,10 +187,10 @@ class Watchdog:
         # The common case, kept to plain attribute work: every socket established, nothing in
         # flight, window open (what `judge` and `_passed` decide for it, without the calls).
         conn = rec.conn
-        config = rec.config
+        max_interval = rec.max_interval
         if conn.half_closed:
             liveness = Liveness.HALF_CLOSED
-        elif now - conn.last_activity > config.max_interval:
+        elif now - conn.last_activity > max_interval:
             liveness = Liveness.IDLE
         else:
             liveness = Liveness.OK
@@ -199,7 +198,7 @@ class Watchdog:
         rec.failures = 0
         if liveness is rec.liveness:
             interval = rec.interval * _GROWTH
-            rec.interval = interval if interval < config.max_interval else config.max_interval
+            rec.interval = interval if interval < max_interval else max_interval
         else:
             self._change(rec, liveness)
         if not self._closed:
