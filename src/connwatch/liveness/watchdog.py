@@ -65,6 +65,11 @@ log = structlog.get_logger("connwatch.watchdog")
 _GROWTH: Final = 1.5  # SPEC section 8
 _EARLY_MIN: Final = 0.005  # seconds: the soonest a stall re-check is scheduled
 _OPEN_STATES: Final = (ConnectionState.OPEN, ConnectionState.HALF_CLOSED)
+# The plain beat's verdicts as module constants: on Python 3.11 `Liveness.OK` is a ~0.2 µs
+# lookup through the enum's metaclass, a global is ~15 ns.
+_OK: Final = Liveness.OK
+_IDLE: Final = Liveness.IDLE
+_HALF_CLOSED: Final = Liveness.HALF_CLOSED
 
 
 class Watchdog:
@@ -189,11 +194,11 @@ class Watchdog:
         conn = rec.conn
         max_interval = rec.max_interval
         if conn.half_closed:
-            liveness = Liveness.HALF_CLOSED
+            liveness = _HALF_CLOSED
         elif now - conn.last_activity > max_interval:
-            liveness = Liveness.IDLE
+            liveness = _IDLE
         else:
-            liveness = Liveness.OK
+            liveness = _OK
         rec.totals.ok += 1
         rec.failures = 0
         if liveness is rec.liveness:
