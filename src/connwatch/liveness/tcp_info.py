@@ -3,7 +3,8 @@
 The liveness watchdog calls this at every heartbeat for every socket, so the read is one
 system call and one precompiled `struct.Struct` unpack. `read_tcp_info()` returns the full
 frozen record; `read_tcp_core()` returns a plain tuple of the few fields the watchdog needs
-and costs about half as much (figures in docs/tcp_info.md, from bench/tcp_info_cost.py).
+and costs about half as much (figures in docs/tcp_info.md, from bench/tcp_info_cost.py). A beat
+itself (`socket_leg.SocketLeg.beat`) unpacks first only `PLAIN_FIELDS`, with `unpack_plain`.
 
 The layout is include/uapi/linux/tcp.h. The kernel copies min(optlen, sizeof(struct tcp_info))
 bytes, so an older kernel returns a shorter struct: fields past the returned length are None in

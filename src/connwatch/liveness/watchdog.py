@@ -25,7 +25,8 @@ forward to the moment the stall would reach `stall_timeout`, so once a stall is 
 adaptive interval does not add itself to the detection time.
 
 One scheduler serves every connection of the process (`timer_wheel.TimerWheel`): beats due
-within one tick (10 ms) run in one wake-up. The hot path reads `read_tcp_core()` (a plain tuple);
+within one tick (10 ms) run in one wake-up. At a beat each socket gives six TCP_INFO fields
+(`SocketLeg.beat`); a connection whose sockets are plainly fine is settled without `judge`, and
 the full `TcpInfo` is read only for a failure's log line. The judging itself is in `verdicts`,
 the per-listener counters and per-connection records in `watch_records`, the per-socket state
 in `socket_leg`.
