@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,13 +17,18 @@ import uvloop
 from connwatch._types import SocketLike
 from connwatch.liveness.tcp_info import (
     CORE_FIELDS,
+    CORE_SIZE,
+    PLAIN_FIELDS,
     TCP_ESTABLISHED,
     TCP_INFO_SIZE,
     TCP_STATES,
     TcpInfo,
+    parse_core,
     parse_tcp_info,
+    plain_of_short,
     read_tcp_core,
     read_tcp_info,
+    unpack_plain,
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux")
@@ -217,6 +223,45 @@ def test_core_tuple_matches_the_record() -> None:
         else:
             assert value == getattr(info, name), name
     assert set(CORE_FIELDS) <= {f.name for f in fields(TcpInfo)}
+
+
+def test_plain_fields_match_the_record() -> None:
+    with tcp_pair() as (client, server):
+        client.sendall(b"z" * 3000)
+        recv_exactly(server, 3000)
+        wait_for_info(client, lambda i: i.bytes_acked == 3001, "ACK")
+        raw = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, CORE_SIZE)
+    info = parse_tcp_info(raw)
+    assert info is not None
+    plain = unpack_plain(raw)
+    assert plain == tuple(getattr(info, name) for name in PLAIN_FIELDS)
+    assert plain[PLAIN_FIELDS.index("bytes_acked")] == 3001
+    assert parse_core(raw) == tuple(getattr(info, name) for name in CORE_FIELDS)
+    assert set(PLAIN_FIELDS) <= set(CORE_FIELDS)
+
+
+def test_core_and_plain_fields_from_older_kernels() -> None:
+    """A kernel whose struct ends before a field gives -1 there; the fast unpack refuses it."""
+    with tcp_pair() as (client, server):
+        client.sendall(b"w" * 100)
+        recv_exactly(server, 100)
+        raw = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, CORE_SIZE)
+    full = parse_core(raw)
+    assert full is not None
+    assert len(raw) == CORE_SIZE
+    for cut in (104, 136, 228):
+        with pytest.raises(struct.error):
+            unpack_plain(raw[:cut])
+    base = parse_core(raw[:104])  # before pacing_rate: no bytes_acked, notsent_bytes, snd_wnd
+    assert base is not None
+    missing = {"bytes_acked", "notsent_bytes", "snd_wnd"}
+    for name, value, whole in zip(CORE_FIELDS, base, full, strict=True):
+        assert value == (-1 if name in missing else whole), name
+    assert plain_of_short(raw[:228]) == tuple(  # before snd_wnd (Linux < 5.4)
+        -1 if name == "snd_wnd" else full[CORE_FIELDS.index(name)] for name in PLAIN_FIELDS
+    )
+    assert parse_core(raw[:103]) is None
+    assert plain_of_short(raw[:103]) is None
 
 
 def test_closed_socket_gives_none() -> None:

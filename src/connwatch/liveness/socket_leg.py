@@ -1,33 +1,34 @@
 """One socket of a watched connection: the fd the watchdog borrows from its transport to read
 TCP_INFO through, and what the watchdog remembers of the socket between beats.
 
-`SocketLeg.read` and `SocketLeg.observe` run at every beat for every socket: plain attribute
-reads and one `read_tcp_core()` system call, nothing more.
+`SocketLeg.beat` runs at every beat for every socket: plain attribute reads, one getsockopt
+system call and one precompiled unpack, nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Final
 
 from connwatch._types import Side
 from connwatch.histogram import Histogram
 from connwatch.liveness.tcp_info import (
-    CORE_ACKED,
-    CORE_RTT_US,
-    CORE_SND_WND,
-    CORE_STATE,
-    CORE_TOTAL_RETRANS,
-    CORE_UNACKED,
+    CORE_SIZE,
     TCP_ESTABLISHED,
+    TCP_INFO_SUPPORTED,
     TcpCore,
-    read_tcp_core,
+    parse_core,
+    plain_of_short,
+    unpack_plain,
 )
 
 __all__ = ["BorrowedSocket", "SocketLeg", "borrow_socket"]
 
 _TCP_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6})
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_TCP_INFO: Final[int] = getattr(socket, "TCP_INFO", -1)
 
 
 class BorrowedSocket(socket.socket):
@@ -45,7 +46,9 @@ class BorrowedSocket(socket.socket):
 
 
 def borrow_socket(transport: asyncio.BaseTransport | None) -> socket.socket | None:
-    sock = None if transport is None else transport.get_extra_info("socket")
+    if not TCP_INFO_SUPPORTED or transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in _TCP_FAMILIES:
         return None  # Unix socket legs have no TCP_INFO: the byte counts are all we judge by
     if type(sock) is socket.socket:
@@ -101,33 +104,43 @@ class SocketLeg:
             self._sock = borrow_socket(self.transport)
         return self._sock
 
-    def read(self) -> TcpCore | None:
+    def beat(self, now: float) -> TcpCore | None:
+        """Read TCP_INFO and count RTT and retransmits (SPEC section 8). Returns the fields when
+        they need `verdicts.judge`; None when the socket is plainly fine (established, nothing
+        in flight, window open: the common case) or has no TCP_INFO to read.
+
+        This runs at every beat for every socket, so `read_tcp_core` is inlined here.
+        """
         transport = self.transport
         # A closing transport may already have closed the fd, whose number the next accept can
         # reuse: never read through a borrowed fd once its owner is closing.
         if transport is None or transport.is_closing():
             return None
-        sock = self.sock
-        return None if sock is None else read_tcp_core(sock)
-
-    def observe(self, core: TcpCore, now: float) -> bool:
-        """Count RTT and retransmits (SPEC section 8); True when the socket is plainly fine:
-        established, nothing in flight, window open. Anything else needs `verdicts.judge`."""
-        self.rtt.observe(core[CORE_RTT_US] / 1e6)
-        total = core[CORE_TOTAL_RETRANS]
+        sock = self._sock if self.borrowed else self.sock
+        if sock is None:
+            return None
+        try:
+            data = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, CORE_SIZE)
+        except (OSError, ValueError):
+            return None
+        try:
+            fields: TcpCore | None = unpack_plain(data)
+        except struct.error:  # an older kernel's shorter struct
+            fields = plain_of_short(data)
+        if fields is None:
+            return None
+        state, unacked, rtt_us, total, acked, snd_wnd = fields
+        self.rtt.observe(rtt_us / 1e6)
         if total > self.retrans:
             self.retransmits[self.side] += total - self.retrans
             self.retrans = total
-        if (
-            core[CORE_STATE] == TCP_ESTABLISHED
-            and not core[CORE_UNACKED]
-            and core[CORE_SND_WND] > 0
-        ):
+        if state == TCP_ESTABLISHED and not unacked and snd_wnd > 0:
+            # What `verdicts.track_progress` records of a socket with nothing in flight.
             self.progress_at = now
-            self.acked = core[CORE_ACKED]
+            self.acked = acked
             self.in_flight = False
-            return True
-        return False
+            return None
+        return parse_core(data)
 
     def release(self) -> None:
         if isinstance(self._sock, BorrowedSocket):

@@ -3,7 +3,8 @@
 The liveness watchdog calls this at every heartbeat for every socket, so the read is one
 system call and one precompiled `struct.Struct` unpack. `read_tcp_info()` returns the full
 frozen record; `read_tcp_core()` returns a plain tuple of the few fields the watchdog needs
-and costs about half as much (figures in docs/tcp_info.md, from bench/tcp_info_cost.py).
+and costs about half as much (figures in docs/tcp_info.md, from bench/tcp_info_cost.py). A beat
+itself (`socket_leg.SocketLeg.beat`) unpacks first only `PLAIN_FIELDS`, with `unpack_plain`.
 
 The layout is include/uapi/linux/tcp.h. The kernel copies min(optlen, sizeof(struct tcp_info))
 bytes, so an older kernel returns a shorter struct: fields past the returned length are None in
@@ -48,18 +49,24 @@ __all__ = [
     "CORE_NOTSENT",
     "CORE_PROBES",
     "CORE_RTT_US",
+    "CORE_SIZE",
     "CORE_SND_WND",
     "CORE_STATE",
     "CORE_TOTAL_RETRANS",
     "CORE_UNACKED",
+    "PLAIN_FIELDS",
     "TCP_ESTABLISHED",
     "TCP_INFO_SIZE",
+    "TCP_INFO_SUPPORTED",
     "TCP_STATES",
     "TcpCore",
     "TcpInfo",
+    "parse_core",
     "parse_tcp_info",
+    "plain_of_short",
     "read_tcp_core",
     "read_tcp_info",
+    "unpack_plain",
 ]
 
 # include/net/tcp_states.h
@@ -235,21 +242,21 @@ def read_tcp_info(sock: SocketLike) -> TcpInfo | None:
     return parse_tcp_info(data)
 
 
-# The watchdog's fields, as (name, struct code, offset): one sparse unpack, then reordered.
+# The watchdog's fields, in memory order: one sparse unpack gives them in this order.
 CORE_FIELDS: Final = (
     "state",
     "retransmits",
     "probes",
     "unacked",
-    "rtt_us",
-    "rttvar_us",
     "last_data_sent_ms",
     "last_data_recv_ms",
     "last_ack_recv_ms",
+    "rtt_us",
+    "rttvar_us",
     "total_retrans",
+    "bytes_acked",
     "notsent_bytes",
     "snd_wnd",
-    "bytes_acked",
 )
 TcpCore = tuple[int, ...]  # what read_tcp_core() returns
 # Positions in read_tcp_core()'s tuple; -1 there means "this kernel does not report it".
@@ -272,18 +279,53 @@ _CORE_AT: Final = {
 }  # fmt: skip
 
 
-def _sparse_struct(layout: Mapping[str, tuple[str, int]]) -> tuple[struct.Struct, list[str]]:
-    """A Struct reading only the named fields, skipping the bytes between them."""
-    fmt, pos, names = "=", 0, []
-    for name, (code, offset) in sorted(layout.items(), key=lambda item: item[1][1]):
+# What a beat reads first (`SocketLeg.beat`): enough to find a socket plainly fine, in memory
+# order. The rest of the core is unpacked only for a socket that needs judging.
+PLAIN_FIELDS: Final = ("state", "unacked", "rtt_us", "total_retrans", "bytes_acked", "snd_wnd")
+
+
+def _sparse_struct(names: tuple[str, ...]) -> struct.Struct:
+    """A Struct reading only the named fields (given in memory order), skipping the rest."""
+    fmt, pos = "=", 0
+    for name in names:
+        code, offset = _CORE_AT[name]
+        assert offset >= pos, f"{name} out of memory order"
         fmt += f"{offset - pos}x{code}" if offset > pos else code
         pos = offset + struct.calcsize("=" + code)
-        names.append(name)
-    return struct.Struct(fmt), names
+    return struct.Struct(fmt)
 
 
-_CORE_LAYOUT, _CORE_MEMORY_ORDER = _sparse_struct(_CORE_AT)
-_CORE_REORDER: Final = operator.itemgetter(*(_CORE_MEMORY_ORDER.index(n) for n in CORE_FIELDS))
+_CORE_LAYOUT: Final = _sparse_struct(CORE_FIELDS)
+_PLAIN_LAYOUT: Final = _sparse_struct(PLAIN_FIELDS)
+CORE_SIZE: Final = _CORE_LAYOUT.size  # bytes to ask getsockopt for: through snd_wnd
+assert _PLAIN_LAYOUT.size == CORE_SIZE
+# The hot path's parser: `Struct.unpack` of exactly CORE_SIZE bytes, PLAIN_FIELDS only. It raises
+# struct.error on the shorter struct of an older kernel, which `plain_of_short()` then reads.
+unpack_plain: Final = _PLAIN_LAYOUT.unpack
+_PLAIN_OF_CORE: Final = operator.itemgetter(*(CORE_FIELDS.index(n) for n in PLAIN_FIELDS))
+TCP_INFO_SUPPORTED: Final = _SUPPORTED
+
+
+def parse_core(data: bytes) -> TcpCore | None:
+    """The watchdog's fields from getsockopt's bytes; on an older kernel's shorter struct a
+    field it does not return is -1; None when even the base struct is missing."""
+    if len(data) >= CORE_SIZE:
+        core: TcpCore = _CORE_LAYOUT.unpack_from(data)
+        return core
+    info = parse_tcp_info(data)
+    if info is None:
+        return None
+    values = (getattr(info, name) for name in CORE_FIELDS)
+    return tuple(-1 if value is None else value for value in values)
+
+
+def plain_of_short(data: bytes) -> TcpCore | None:
+    """PLAIN_FIELDS from fewer than CORE_SIZE bytes (-1 where missing), as `parse_core`."""
+    core = parse_core(data)
+    if core is None:
+        return None
+    plain: TcpCore = _PLAIN_OF_CORE(core)
+    return plain
 
 
 def read_tcp_core(sock: SocketLike) -> TcpCore | None:
@@ -295,14 +337,7 @@ def read_tcp_core(sock: SocketLike) -> TcpCore | None:
     if not _SUPPORTED:
         return None
     try:
-        data = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _CORE_LAYOUT.size)
+        data = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, CORE_SIZE)
     except (OSError, ValueError):
         return None
-    if len(data) >= _CORE_LAYOUT.size:
-        core: TcpCore = _CORE_REORDER(_CORE_LAYOUT.unpack_from(data))
-        return core
-    info = parse_tcp_info(data)
-    if info is None:
-        return None
-    values = (getattr(info, name) for name in CORE_FIELDS)
-    return tuple(-1 if value is None else value for value in values)
+    return parse_core(data)

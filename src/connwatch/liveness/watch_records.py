@@ -83,6 +83,7 @@ class WatchRecord:
         "failures",
         "interval",
         "liveness",
+        "max_interval",
         "scheduled",
         "slot",
         "totals",
@@ -93,8 +94,7 @@ class WatchRecord:
         self.conn = conn
         self.totals = totals
         self.configured = totals.config is not None
-        self.config = totals.config or HeartbeatConfig()
-        self.interval = self.config.interval
+        self.adopt(totals.config or HeartbeatConfig())
         self.failures = 0
         self.liveness = Liveness.OK
         self.slot = 0  # the timer wheel's slot this record is due in
@@ -113,6 +113,13 @@ class WatchRecord:
             totals.retransmits,
             now,
         )
+
+    def adopt(self, config: HeartbeatConfig) -> None:
+        self.config = config
+        self.interval = config.interval
+        # Read at every beat: a plain slot, where a pydantic model's attribute goes through
+        # its __getattr__ hook.
+        self.max_interval = config.max_interval
 
     @property
     def beating(self) -> bool:
