@@ -202,7 +202,8 @@ class ListenerConfig(_Model):
     data_path: Annotated[Literal["portable", "splice", "auto"], AfterValidator(_data_path)] = Field(
         default="portable",
         description="splice: zero-copy os.splice socket→pipe→socket on Linux; auto: splice "
-        "where available; portable: asyncio BufferedProtocol",
+        "where available; portable: asyncio transports (data_received for small reads, "
+        "a BufferedProtocol for busy flows)",
     )
     proxy_protocol: ProxyProtocolConfig = Field(
         default=ProxyProtocolConfig(), description="PROXY protocol on either leg."

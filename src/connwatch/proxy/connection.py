@@ -169,13 +169,13 @@ class MonitoredConnection:
 
     # -- wiring, called by the listener ---------------------------------------------------------
     @property
-    def client_protocol(self) -> asyncio.BufferedProtocol:
+    def client_protocol(self) -> asyncio.Protocol:
         return self.client_leg
 
     def client_transport(self) -> asyncio.Transport | None:
         return self.client_leg.transport
 
-    def upstream_protocol(self) -> asyncio.BufferedProtocol:
+    def upstream_protocol(self) -> asyncio.Protocol:
         return self.upstream_leg
 
     def own_task(self, task: asyncio.Task[None]) -> None:

@@ -1,7 +1,15 @@
 """The two protocol legs of a proxied connection, the read buffer they share and their limits.
 
-Hot path (per chunk): `Leg.buffer_updated` writes a view of the shared read buffer to the other
-leg and adds to a plain int. Everything else (timers, liveness, metrics) reads those ints.
+Hot path (per read): a leg hands what it read to the other leg's transport and adds to a plain
+int. Everything else (timers, liveness, metrics) reads those ints. Two read paths, switched per
+leg by how much each read brings (`transport.set_protocol`):
+
+- small reads (requests, replies, an idle stream): `Leg` is an `asyncio.Protocol`, one Python
+  call per read (`data_received`); the loop's own read buffer, nothing per connection;
+- bulk (a read of `BULK_READ` or more, or of the whole buffer if that is smaller): the leg's
+  `BulkReader`, a `BufferedProtocol` whose reads land in the listener's shared `ReadBuffer` and
+  go out without another copy; after `QUIET_READS` smaller reads in a row the leg goes back.
+
 The connection that owns the legs (`connection.MonitoredConnection`) is seen here only as a
 `LegOwner`, so this module needs nothing of connection.py.
 """
@@ -9,10 +17,17 @@ The connection that owns the legs (`connection.MonitoredConnection`) is seen her
 from __future__ import annotations
 
 import asyncio
-import time
+from time import monotonic
 from typing import Any, Protocol, cast
 
 from connwatch._types import ConnectionObserver, Direction, Side
+
+#: A read this large means a busy flow: the leg moves to the copy-free buffered path. Below it, a
+#: copy into a fresh `bytes` costs less than the buffered path's second Python call per read.
+BULK_READ = 32 * 1024
+_MIN_BULK_READ = 4096  # the smallest buffer_size: smaller reads never switch (one comparison)
+#: Reads in a row under BULK_READ after which a bulk leg goes back to small reads.
+QUIET_READS = 4
 
 
 class ReadBuffer:
@@ -23,11 +38,13 @@ class ReadBuffer:
     it, so the buffer is then handed over and a fresh one made (`renew`).
     """
 
-    __slots__ = ("size", "view")
+    __slots__ = ("bulk_read", "size", "view")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.view = memoryview(bytearray(size))
+        # A read of this many bytes moves a leg to this buffer (`Leg.data_received`).
+        self.bulk_read = min(BULK_READ, size)
 
     def renew(self) -> None:
         self.view = memoryview(bytearray(self.size))
@@ -66,10 +83,11 @@ class LegOwner(Protocol):
     def leg_lost(self, leg: Leg, exc: BaseException | None) -> None: ...
 
 
-class Leg(asyncio.BufferedProtocol):
-    """One side's protocol. Reads land in the shared buffer and go straight to the other leg."""
+class Leg(asyncio.Protocol):
+    """One side's protocol. What it reads goes straight to the other leg's transport."""
 
     __slots__ = (
+        "bulk",
         "bytes_in",
         "conn",
         "eof",
@@ -92,6 +110,7 @@ class Leg(asyncio.BufferedProtocol):
         self.eof = False
         self.lost = False
         self.write_paused = False  # between pause_writing() and resume_writing()
+        self.bulk: BulkReader | None = None  # the transport's protocol while the flow is busy
 
     # -- asyncio callbacks; none of them awaits ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,13 +118,27 @@ class Leg(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.conn.leg_made(self)
 
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.last_activity = monotonic()
+        nbytes = len(data)
+        self.bytes_in += nbytes
+        sink = self.sink
+        if sink is None:  # the upstream is not connected yet (uvloop may read once after pause)
+            conn.hold(data)
+            return
+        sink.write(data)  # bytes: a transport may keep it queued as it is
+        if nbytes >= _MIN_BULK_READ and nbytes >= conn.buffer.bulk_read:
+            self._to_bulk()
+
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.conn.buffer.view
 
     def buffer_updated(self, nbytes: int) -> None:
+        """A read into the shared buffer (the bulk path; the splice path's rare copies)."""
         conn = self.conn
         buf = conn.buffer
-        conn.last_activity = time.monotonic()
+        conn.last_activity = monotonic()
         self.bytes_in += nbytes
         sink = self.sink
         if sink is None:  # the upstream is not connected yet (uvloop may read once after pause)
@@ -139,6 +172,22 @@ class Leg(asyncio.BufferedProtocol):
         self.lost = True
         self.conn.leg_lost(self, exc)
 
+    # -- switching read paths -------------------------------------------------------------------
+    def _to_bulk(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.bulk is None:
+            self.bulk = BulkReader(self)
+        transport.set_protocol(self.bulk)
+
+    def to_small_reads(self) -> None:
+        """Back to `data_received`; the BulkReader goes, so an idle leg holds nothing of it."""
+        transport = self.transport
+        self.bulk = None
+        if transport is not None and not transport.is_closing():
+            transport.set_protocol(self)
+
     # -- helpers --------------------------------------------------------------------------------
     @property
     def socket(self) -> Any:
@@ -152,3 +201,40 @@ class Leg(asyncio.BufferedProtocol):
 
 def _direction_into(side: Side) -> Direction:
     return Direction.CLIENT_TO_UPSTREAM if side is Side.UPSTREAM else Direction.UPSTREAM_TO_CLIENT
+
+
+class BulkReader(asyncio.BufferedProtocol):
+    """A busy leg's protocol: reads land in the listener's shared buffer (no copy into a
+    `bytes`), the rest is the leg's. Made on the first large read, dropped after QUIET_READS
+    small ones."""
+
+    __slots__ = ("leg", "quiet")
+
+    def __init__(self, leg: Leg) -> None:
+        self.leg = leg
+        self.quiet = 0  # reads in a row under BULK_READ
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.leg.conn.buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        leg = self.leg
+        leg.buffer_updated(nbytes)
+        if nbytes >= leg.conn.buffer.bulk_read:
+            self.quiet = 0
+            return
+        self.quiet += 1
+        if self.quiet >= QUIET_READS:
+            leg.to_small_reads()
+
+    def eof_received(self) -> bool:
+        return self.leg.eof_received()
+
+    def pause_writing(self) -> None:
+        self.leg.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.leg.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.leg.connection_lost(exc)
