@@ -300,6 +300,7 @@ class MonitoredConnection:
     def _shut(self, *, abort: bool, reset: bool = False) -> None:
         if self.state is not ConnectionState.CLOSED:
             self.state = ConnectionState.CLOSING
+        flushing = False
         for leg in (self.client_leg, self.upstream_leg):
             t = leg.transport
             if t is None or leg.lost:
@@ -308,10 +309,19 @@ class MonitoredConnection:
                 _set_linger_reset(t)
             if abort:
                 t.abort()
-            elif not t.is_closing():
+                continue
+            if not t.is_closing():
                 t.close()
-        if not abort:
+            flushing = flushing or t.get_write_buffer_size() > 0
+        if abort:
+            return
+        # A transport with nothing left to send reports its loss at once: the grace timer is
+        # armed only while bytes are still going out (most closes need none).
+        if flushing:
             self._schedule(_CLOSE_GRACE)
+        elif self._timer is not None:  # an idle/lifetime check has nothing left to do
+            self._timer.cancel()
+            self._timer = None
 
     def _maybe_finish(self) -> None:
         if self.state is ConnectionState.CLOSED or not (

@@ -20,7 +20,7 @@ from connwatch.exceptions import (
 )
 from connwatch.histogram import LATENCY_BUCKETS, Histogram
 from connwatch.proxy.slow_start import admit, weight
-from connwatch.proxy.sockopts import SocketOptions, apply_to_fd
+from connwatch.proxy.sockopts import SocketOptions, apply_to_tcp_fd
 from connwatch.snapshots import TargetStats
 
 T = TypeVar("T")
@@ -220,8 +220,8 @@ async def open_transport(
             protocol_factory, address.host or "127.0.0.1", address.port
         )
         sock = transport.get_extra_info("socket")
-        if sock is not None and options:
-            apply_to_fd(sock.fileno(), sock.family, options)
+        if sock is not None and options:  # a TCP socket: its family need not be asked
+            apply_to_tcp_fd(sock.fileno(), options)
     return transport
 
 

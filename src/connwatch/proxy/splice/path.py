@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import socket
 from collections.abc import Callable
@@ -111,9 +110,12 @@ async def _connect(
     sock = _new_socket(family)
     try:
         for level, option, value in options:
-            # An option the kernel refuses is skipped, the others still set (as sockopts does).
-            with contextlib.suppress(OSError):
+            # An option the kernel refuses is skipped, the others still set (as sockopts does);
+            # try/except, not contextlib.suppress: three Python calls an option fewer.
+            try:  # noqa: SIM105
                 sock.setsockopt(level, option, value)
+            except OSError:
+                pass
         await poller(loop).connect(sock, addr)
     except BaseException:
         sock.close()
