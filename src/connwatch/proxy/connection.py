@@ -195,11 +195,6 @@ class MonitoredConnection:
         if self.preamble is not None:
             self.preamble(self)
 
-    def take_held(self) -> bytes:
-        held = b"".join(self._pending) if self._pending else b""
-        self._pending = None
-        return held
-
     def peek_held(self) -> bytes:
         if self._pending and len(self._pending) > 1:
             self._pending = [b"".join(self._pending)]
@@ -222,7 +217,8 @@ class MonitoredConnection:
         client = self.client_leg.transport
         assert up is not None
         assert client is not None
-        held = preface + self.take_held()
+        held = preface + b"".join(self._pending) if self._pending else preface
+        self._pending = None
         if held:
             up.write(held)
         self.client_leg.sink = up
@@ -234,7 +230,8 @@ class MonitoredConnection:
             # resume_writing() starts the client, not we (else reading would never pause again).
             client.resume_reading()
         self.observer.connection_opened(self)
-        self._arm_timer()
+        if self.timeouts.any:
+            self._arm_timer()
 
     def leg_made(self, leg: Leg) -> None:
         t = leg.transport
@@ -260,20 +257,21 @@ class MonitoredConnection:
 
     def _note_end(self, leg: Leg) -> None:
         if self._end_reason is None:
-            self._end_reason = _ended_by(leg.side)
+            self._end_reason = _ENDED_BY[leg.side]
         if self.client_leg.eof and self.upstream_leg.eof:
             self._shut(abort=False)
         elif self.state is ConnectionState.OPEN:
             self.state = ConnectionState.HALF_CLOSED
-            self._arm_timer()
+            if self.timeouts.any:
+                self._arm_timer()
 
     def leg_lost(self, leg: Leg, exc: BaseException | None) -> None:
-        reason = reason_for_error(leg.side, exc)
+        reason = None if exc is None else reason_for_error(leg.side, exc)
         if reason is not None and self._reason is None:
             self._reason = reason
         elif self._end_reason is None and self._reason is None:
             # The peer's side vanished without an EOF first (e.g. the transport closed under us).
-            self._end_reason = _ended_by(leg.side)
+            self._end_reason = _ENDED_BY[leg.side]
         other = leg.other
         assert other is not None
         if not other.lost:
@@ -281,7 +279,8 @@ class MonitoredConnection:
                 other.lost = True  # never connected
             else:
                 self._shut(abort=reason is not None, reset=reason in _RESETS)
-        self._maybe_finish()
+        if other.lost:  # both legs gone (else the other's loss finishes it)
+            self._maybe_finish()
 
     # -- closing --------------------------------------------------------------------------------
     def close(self, reason: CloseReason, *, abort: bool = False) -> None:
@@ -398,8 +397,7 @@ class MonitoredConnection:
 _RESETS = (CloseReason.CLIENT_RESET, CloseReason.UPSTREAM_RESET)
 
 
-def _ended_by(side: Side) -> CloseReason:
-    return CloseReason.CLIENT_CLOSED if side is Side.CLIENT else CloseReason.UPSTREAM_CLOSED
+_ENDED_BY = {Side.CLIENT: CloseReason.CLIENT_CLOSED, Side.UPSTREAM: CloseReason.UPSTREAM_CLOSED}
 
 
 def _set_linger_reset(transport: asyncio.BaseTransport) -> None:

@@ -36,16 +36,14 @@ class ReadBuffer:
 class Timeouts:
     """The per-listener limits a connection enforces (seconds; 0 = off)."""
 
-    __slots__ = ("half_close", "idle", "max_lifetime")
+    __slots__ = ("any", "half_close", "idle", "max_lifetime")
 
     def __init__(self, idle: float, half_close: float, max_lifetime: float) -> None:
         self.idle = idle
         self.half_close = half_close
         self.max_lifetime = max_lifetime
-
-    @property
-    def any(self) -> bool:
-        return bool(self.idle or self.half_close or self.max_lifetime)
+        # Whether any is on: an attribute, not a property (read twice for every connection).
+        self.any = bool(idle or half_close or max_lifetime)
 
 
 class LegOwner(Protocol):

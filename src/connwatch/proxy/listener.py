@@ -309,7 +309,7 @@ class Listener:
         """One connection's set-up: take over the accepted socket, then reach an upstream."""
         wrapper = self._splice or self._loop
         try:
-            await wrapper.connect_accepted_socket(lambda: conn.client_protocol, sock)
+            await wrapper.connect_accepted_socket(lambda: conn.client_leg, sock)
         except OSError:
             sock.close()  # the client left before we could wrap its socket
             return

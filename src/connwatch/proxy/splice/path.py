@@ -44,10 +44,16 @@ class SplicePath:
     def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
         self._owner = owner
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
+        self._shared: tuple[int, PipePool] | None = None  # that pool, looked up once a size
 
     def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
         chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
-        pipes = self._pipes or pipe_pool(chunk)
+        pipes = self._pipes
+        if pipes is None:
+            shared = self._shared
+            if shared is None or shared[0] != chunk:
+                shared = self._shared = (chunk, pipe_pool(chunk))
+            pipes = shared[1]
         loop = asyncio.get_running_loop()
         return SpliceTransport(loop, sock, cast(Leg, protocol), pipes, chunk)
 
