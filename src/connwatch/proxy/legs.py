@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from connwatch._types import ConnectionObserver, Direction, Side
 
@@ -93,8 +93,9 @@ class Leg(asyncio.BufferedProtocol):
 
     # -- asyncio callbacks; none of them awaits ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it. (No cast():
+        # a Python call for every leg.)
+        self.transport = transport  # type: ignore[assignment]
         self.conn.leg_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:

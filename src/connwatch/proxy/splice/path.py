@@ -6,11 +6,11 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from connwatch.proxy.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
 from connwatch.proxy.splice.poller import poller
-from connwatch.proxy.splice.transport import Leg, SpliceTransport
+from connwatch.proxy.splice.transport import SpliceTransport
 
 if TYPE_CHECKING:
     from connwatch._types import Address
@@ -55,7 +55,8 @@ class SplicePath:
                 shared = self._shared = (chunk, pipe_pool(chunk))
             pipes = shared[1]
         loop = asyncio.get_running_loop()
-        return SpliceTransport(loop, sock, cast(Leg, protocol), pipes, chunk)
+        # The protocol is a connection leg (no cast(): a Python call for every leg).
+        return SpliceTransport(loop, sock, protocol, pipes, chunk)  # type: ignore[arg-type]
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
