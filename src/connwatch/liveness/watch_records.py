@@ -4,7 +4,8 @@ histograms, snapshotted at scrape time), per connection its record (`WatchRecord
 
 from __future__ import annotations
 
-from collections import Counter
+import asyncio
+from collections import Counter, deque
 from typing import Final
 
 from connwatch._types import Liveness, Side, WatchedConnection
@@ -27,10 +28,12 @@ class ListenerTotals:
         "failed",
         "members",
         "ok",
+        "promotion",
         "retransmits",
         "rtt",
         "states",
         "unbeaten",
+        "waiting",
     )
 
     def __init__(self, config: HeartbeatConfig | None) -> None:
@@ -42,6 +45,10 @@ class ListenerTotals:
         self.states: Counter[Liveness] = Counter()  # connections with beats, by last verdict
         self.members: set[WatchRecord] = set()
         self.unbeaten: set[WatchRecord] = set()  # heartbeats off, or not configured yet
+        # Watched, no record yet (`conn.watch` is when it was watched), in the order watched;
+        # those closed since are skipped. The watchdog's timer makes their records.
+        self.waiting: deque[WatchedConnection] = deque()
+        self.promotion: asyncio.TimerHandle | None = None
 
     def add(self, rec: WatchRecord) -> None:
         self.members.add(rec)

@@ -34,6 +34,7 @@ in `socket_leg`.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -71,6 +72,8 @@ _OPEN_STATES: Final = (ConnectionState.OPEN, ConnectionState.HALF_CLOSED)
 _OK: Final = Liveness.OK
 _IDLE: Final = Liveness.IDLE
 _HALF_CLOSED: Final = Liveness.HALF_CLOSED
+# Seconds: records are made this long before their first beat, a batch a timer callback.
+_PROMOTE_AHEAD: Final = 0.1
 
 
 class Watchdog:
@@ -93,6 +96,7 @@ class Watchdog:
         totals = self._totals.get(listener)
         if totals is None:
             totals = self._totals[listener] = ListenerTotals(config.heartbeat)
+        self._promote(totals, until=None)  # the waiting ones keep the config they came with
         totals.config = config.heartbeat
         for rec in [r for r in totals.unbeaten if not r.configured]:
             # Accepted before the listener's config reached us: adopt it now.
@@ -108,24 +112,90 @@ class Watchdog:
         totals = self._totals.get(conn.listener)
         if totals is None:  # the listener accepted before configure() reached us
             totals = self._totals[conn.listener] = ListenerTotals(None)
-        rec = WatchRecord(conn, totals, self._clock())
+        now = self._clock()
+        config = totals.config
+        if config is not None and config.enabled:
+            # No record until its first beat is near: most connections close before that. Till
+            # then `conn.watch` is the time it was watched, and it counts as `ok` (a new
+            # record's liveness).
+            conn.watch = now
+            totals.states[Liveness.OK] += 1
+            if not totals.waiting:
+                self._arm_promotion(totals, config.interval)
+            totals.waiting.append(conn)
+            return
+        rec = WatchRecord(conn, totals, now)
         conn.watch = rec
         totals.add(rec)
         self._start(rec)
 
     def unwatch(self, conn: WatchedConnection) -> None:
         rec = conn.watch
+        if isinstance(rec, float):  # no beat was near yet (it stays in `waiting`, skipped)
+            conn.watch = None
+            totals = self._totals.get(conn.listener)
+            if totals is not None:
+                totals.states[Liveness.OK] -= 1
+            return
         if not isinstance(rec, WatchRecord):
             return
         conn.watch = None
         rec.release()
         rec.totals.remove(rec)
 
+    # -- records made when the first beat is near ----------------------------------------------
+    def _record(self, conn: WatchedConnection) -> object | None:
+        """`conn.watch`, its record made now if it was still waiting for one."""
+        if isinstance(conn.watch, float):
+            totals = self._totals.get(conn.listener)
+            if totals is not None:
+                self._adopt(conn, totals)
+        return conn.watch
+
+    def _adopt(self, conn: WatchedConnection, totals: ListenerTotals) -> None:
+        """The record of a waiting connection, scheduled for the beat it was due at."""
+        watched_at = conn.watch
+        assert isinstance(watched_at, float)
+        rec = WatchRecord(conn, totals, watched_at)
+        conn.watch = rec
+        totals.members.add(rec)  # counted in `states` already, when it was watched
+        if not self._closed:
+            self._scheduler.schedule(rec, watched_at + rec.interval)
+
+    def _arm_promotion(self, totals: ListenerTotals, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        totals.promotion = loop.call_later(max(delay, _PROMOTE_AHEAD), self._promote_due, totals)
+
+    def _promote_due(self, totals: ListenerTotals) -> None:
+        totals.promotion = None
+        if not self._closed:
+            self._promote(totals, until=self._clock() + _PROMOTE_AHEAD)
+
+    def _promote(self, totals: ListenerTotals, until: float | None) -> None:
+        """Records for the waiting connections whose first beat is due by `until` (None: all);
+        the timer set again for the next."""
+        waiting = totals.waiting
+        config = totals.config
+        interval = 0.0 if config is None else config.interval
+        while waiting:
+            conn = waiting[0]
+            watched_at = conn.watch
+            if isinstance(watched_at, float):
+                if until is not None and watched_at + interval > until:
+                    if totals.promotion is None:
+                        self._arm_promotion(totals, watched_at + interval - self._clock())
+                    return
+                self._adopt(conn, totals)
+            waiting.popleft()
+        if totals.promotion is not None:
+            totals.promotion.cancel()
+            totals.promotion = None
+
     def describe(self, conn: WatchedConnection) -> dict[str, Any]:
         """The `/connections` fields `liveness`, `heartbeat` and `tcp`, TCP figures read now."""
         client = read_core(conn.client_socket)
         upstream = read_core(conn.upstream_socket)
-        rec = conn.watch
+        rec = self._record(conn)
         tcp = None
         if client is not None or upstream is not None:
             tcp = {"client": tcp_figures(client), "upstream": tcp_figures(upstream)}
@@ -155,6 +225,9 @@ class Watchdog:
         self._closed = True
         self._scheduler.close()
         for totals in self._totals.values():
+            if totals.promotion is not None:
+                totals.promotion.cancel()
+                totals.promotion = None
             for rec in totals.members:
                 rec.release()
 
@@ -165,7 +238,7 @@ class Watchdog:
         Returns the liveness judged; None when the connection is not watched, not configured
         yet or not open.
         """
-        rec = conn.watch
+        rec = self._record(conn)
         if not isinstance(rec, WatchRecord) or not rec.beating or self._closed:
             return None
         if conn.state not in _OPEN_STATES:

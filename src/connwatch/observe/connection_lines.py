@@ -35,30 +35,35 @@ class ConnectionEvents:
         self.refresh_logger()
 
     def opened(self, conn: MonitoredConnection) -> None:
-        # Direct reads, as in `closed`: once per connection, no snapshot.
-        if self.enabled and self._admit("connection_opened"):
+        # Direct reads, as in `closed`: once per connection, no snapshot, no property calls.
+        if self.enabled and (not self.limit or self._admit("connection_opened")):
+            target = conn.target
             self._lines.info(
                 "connection_opened",
                 conn_id=conn.id,
                 listener=conn.listener,
                 client=conn.client,
-                upstream=conn.upstream,
+                upstream=None if target is None else target.label,
             )
 
-    def closed(self, conn: MonitoredConnection, reason: str, duration: float) -> None:
-        """The one `connection_closed` line. It reads the connection directly: this runs once
-        per connection, and a `statistics()` snapshot here cost +4 % instructions per
-        connection (bench/instructions.py churn)."""
-        if self.enabled and self._admit("connection_closed"):
+    def closed(
+        self, conn: MonitoredConnection, reason: str, duration: float, c2u: int, u2c: int
+    ) -> None:
+        """The one `connection_closed` line; `c2u`, `u2c`: the bytes each way, as the tracker
+        read them. It reads the connection directly: this runs once per connection, and a
+        `statistics()` snapshot here cost +4 % instructions per connection
+        (bench/instructions.py churn)."""
+        if self.enabled and (not self.limit or self._admit("connection_closed")):
+            target = conn.target
             self._lines.info(
                 "connection_closed",
                 conn_id=conn.id,
                 listener=conn.listener,
                 client=conn.client,
-                upstream=conn.upstream,
+                upstream=None if target is None else target.label,
                 duration_s=round(duration, 6),
-                bytes_client_to_upstream=conn.bytes_client_to_upstream,
-                bytes_upstream_to_client=conn.bytes_upstream_to_client,
+                bytes_client_to_upstream=c2u,
+                bytes_upstream_to_client=u2c,
                 reason=reason,
             )
 

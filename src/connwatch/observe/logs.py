@@ -28,11 +28,11 @@ class _Stamper:
     TimeStamper (a datetime per line) is a measurable share of the cost.
     """
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("prefix", "second")
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self.second = -1
+        self.prefix = ""  # the formatted `second`
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
         event["timestamp"] = self.now()
@@ -41,10 +41,13 @@ class _Stamper:
     def now(self) -> str:
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        if second != self.second:
+            self.turn(second)
+        return f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
+
+    def turn(self, second: int) -> None:
+        self.second = second
+        self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 class LineLogger:
@@ -115,7 +118,12 @@ class JsonInfoLines:
     def info(self, event: str, **fields: Any) -> None:
         fields["event"] = event
         fields["level"] = "info"
-        fields["timestamp"] = self._stamp.now()
+        stamp = self._stamp  # its `now()` inline: two lines per connection come through here
+        now = time.time()
+        second = int(now)
+        if second != stamp.second:
+            stamp.turn(second)
+        fields["timestamp"] = f"{stamp.prefix}.{int((now - second) * 1e6):06d}Z"
         self._out.write_line(
             orjson.dumps(
                 fields, default=_fallback, option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE

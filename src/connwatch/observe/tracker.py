@@ -67,10 +67,12 @@ class Tracker:
 
     def accepted(self, conn: MonitoredConnection) -> None:
         """A client was accepted (it counts even if it is refused at once)."""
-        self.totals(conn.listener).accepted += 1
+        name = conn.listener
+        (self._totals.get(name) or self.totals(name)).accepted += 1
+        if not self._live:  # (already clear otherwise: no call for every connection)
+            self._empty.clear()
         self._live[conn.id] = conn
-        self._active[conn.listener] += 1
-        self._empty.clear()
+        self._active[name] += 1
 
     def shed(self, listener: str) -> None:
         """A client accepted and closed at once because the process had no fd to serve it."""
@@ -88,23 +90,26 @@ class Tracker:
     def connection_closed(self, conn: MonitoredConnection) -> None:
         if self._live.pop(conn.id, None) is None:
             return
-        self._active[conn.listener] -= 1
-        totals = self.totals(conn.listener)
+        name = conn.listener
+        self._active[name] -= 1
+        totals = self._totals.get(name) or self.totals(name)
         # Direct reads, not conn.statistics(): a frozen snapshot here cost +4 % instructions
-        # per connection (bench/instructions.py churn); the close path stays plain reads.
+        # per connection (bench/instructions.py churn); the close path stays plain reads, and
+        # the connection line is given what was read here rather than reading it again.
         reason = conn.reason or CloseReason.ERROR
         totals.closed[reason] += 1
         c2u, u2c = conn.bytes_client_to_upstream, conn.bytes_upstream_to_client
         totals.bytes_closed[Direction.CLIENT_TO_UPSTREAM] += c2u
         totals.bytes_closed[Direction.UPSTREAM_TO_CLIENT] += u2c
-        duration = conn.age()
+        duration = conn.closed_at - conn.opened_at if conn.closed_at else conn.age()
         totals.duration.observe(duration)
-        if conn.target is not None and conn.target.active > 0:  # a target is set once opened
-            conn.target.active -= 1
+        target = conn.target
+        if target is not None and target.active > 0:  # a target is set once opened
+            target.active -= 1
         key = conn.client_key
-        if key is not None and (summary := self._clients.get(conn.listener)) is not None:
+        if key is not None and (summary := self._clients.get(name)) is not None:
             summary.closed(key, c2u, u2c, conn.opened_wall + duration)
-        self.events.closed(conn, str(reason), duration)
+        self.events.closed(conn, str(reason), duration, c2u, u2c)
         if not self._live:
             self._empty.set()
 

@@ -41,6 +41,7 @@ class Acceptor:
     ) -> None:
         self.sock = sock
         self._family, self._type = int(sock.family), int(sock.type)
+        self._socket_class = _accepted_class(sock.family, sock.type)
         self.on_socket = on_socket
         self.on_shed = on_shed  # called for each client turned away for lack of fds
         self.name = name
@@ -90,7 +91,7 @@ class Acceptor:
                 # socket.accept() without its wrapper, which looks up family and type (two enum
                 # conversions) for every client.
                 fd, peer = self.sock._accept()  # type: ignore[attr-defined]
-                return socket.socket(self._family, self._type, 0, fileno=fd), peer
+                return self._socket_class(self._family, self._type, 0, fileno=fd), peer
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -156,6 +157,23 @@ class Acceptor:
     def _resume(self) -> None:
         self._retry = None
         self.start()
+
+
+_ACCEPTED_CLASSES: dict[tuple[int, int], type[socket.socket]] = {}
+
+
+def _accepted_class(family: socket.AddressFamily, kind: socket.SocketKind) -> type[socket.socket]:
+    """A socket class whose `family` and `type` are constants of the listening socket's.
+
+    socket.socket answers both through Python properties that convert to enums (four Python
+    calls each time); the loop asks them three times while taking over an accepted socket.
+    """
+    cls = _ACCEPTED_CLASSES.get((family, kind))
+    if cls is None:
+        name = f"AcceptedSocket_{family.name}_{kind.name}"
+        attrs = {"__slots__": (), "family": family, "type": kind}
+        cls = _ACCEPTED_CLASSES[(family, kind)] = type(name, (socket.socket,), attrs)
+    return cls
 
 
 def _open_reserve() -> int | None:

@@ -179,13 +179,13 @@ class MonitoredConnection:
         return self.upstream_leg
 
     def own_task(self, task: asyncio.Task[None]) -> None:
-        """The connect task: held strongly, cancelled if the connection goes first."""
+        """The connect task: held strongly, cancelled if the connection goes first. The task
+        lets go of itself when its coroutine ends (`task_ended`): cheaper than a done callback,
+        which would cost a loop callback per connection."""
         self._connect_task = task
-        task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if self._connect_task is task:
-            self._connect_task = None
+    def task_ended(self) -> None:
+        self._connect_task = None
 
     def hold(self, data: bytes) -> None:
         """Client bytes that arrived before the upstream leg exists (reading is paused by then)."""
@@ -194,11 +194,6 @@ class MonitoredConnection:
         self._pending.append(data)
         if self.preamble is not None:
             self.preamble(self)
-
-    def take_held(self) -> bytes:
-        held = b"".join(self._pending) if self._pending else b""
-        self._pending = None
-        return held
 
     def peek_held(self) -> bytes:
         if self._pending and len(self._pending) > 1:
@@ -222,7 +217,8 @@ class MonitoredConnection:
         client = self.client_leg.transport
         assert up is not None
         assert client is not None
-        held = preface + self.take_held()
+        held = preface + b"".join(self._pending) if self._pending else preface
+        self._pending = None
         if held:
             up.write(held)
         self.client_leg.sink = up
@@ -234,7 +230,8 @@ class MonitoredConnection:
             # resume_writing() starts the client, not we (else reading would never pause again).
             client.resume_reading()
         self.observer.connection_opened(self)
-        self._arm_timer()
+        if self.timeouts.any:
+            self._arm_timer()
 
     def leg_made(self, leg: Leg) -> None:
         t = leg.transport
@@ -260,20 +257,21 @@ class MonitoredConnection:
 
     def _note_end(self, leg: Leg) -> None:
         if self._end_reason is None:
-            self._end_reason = _ended_by(leg.side)
+            self._end_reason = _ENDED_BY[leg.side]
         if self.client_leg.eof and self.upstream_leg.eof:
             self._shut(abort=False)
         elif self.state is ConnectionState.OPEN:
             self.state = ConnectionState.HALF_CLOSED
-            self._arm_timer()
+            if self.timeouts.any:
+                self._arm_timer()
 
     def leg_lost(self, leg: Leg, exc: BaseException | None) -> None:
-        reason = reason_for_error(leg.side, exc)
+        reason = None if exc is None else reason_for_error(leg.side, exc)
         if reason is not None and self._reason is None:
             self._reason = reason
         elif self._end_reason is None and self._reason is None:
             # The peer's side vanished without an EOF first (e.g. the transport closed under us).
-            self._end_reason = _ended_by(leg.side)
+            self._end_reason = _ENDED_BY[leg.side]
         other = leg.other
         assert other is not None
         if not other.lost:
@@ -281,7 +279,8 @@ class MonitoredConnection:
                 other.lost = True  # never connected
             else:
                 self._shut(abort=reason is not None, reset=reason in _RESETS)
-        self._maybe_finish()
+        if other.lost:  # both legs gone (else the other's loss finishes it)
+            self._maybe_finish()
 
     # -- closing --------------------------------------------------------------------------------
     def close(self, reason: CloseReason, *, abort: bool = False) -> None:
@@ -300,6 +299,7 @@ class MonitoredConnection:
     def _shut(self, *, abort: bool, reset: bool = False) -> None:
         if self.state is not ConnectionState.CLOSED:
             self.state = ConnectionState.CLOSING
+        flushing = False
         for leg in (self.client_leg, self.upstream_leg):
             t = leg.transport
             if t is None or leg.lost:
@@ -308,10 +308,19 @@ class MonitoredConnection:
                 _set_linger_reset(t)
             if abort:
                 t.abort()
-            elif not t.is_closing():
+                continue
+            if not t.is_closing():
                 t.close()
-        if not abort:
+            flushing = flushing or t.get_write_buffer_size() > 0
+        if abort:
+            return
+        # A transport with nothing left to send reports its loss at once: the grace timer is
+        # armed only while bytes are still going out (most closes need none).
+        if flushing:
             self._schedule(_CLOSE_GRACE)
+        elif self._timer is not None:  # an idle/lifetime check has nothing left to do
+            self._timer.cancel()
+            self._timer = None
 
     def _maybe_finish(self) -> None:
         if self.state is ConnectionState.CLOSED or not (
@@ -388,8 +397,7 @@ class MonitoredConnection:
 _RESETS = (CloseReason.CLIENT_RESET, CloseReason.UPSTREAM_RESET)
 
 
-def _ended_by(side: Side) -> CloseReason:
-    return CloseReason.CLIENT_CLOSED if side is Side.CLIENT else CloseReason.UPSTREAM_CLOSED
+_ENDED_BY = {Side.CLIENT: CloseReason.CLIENT_CLOSED, Side.UPSTREAM: CloseReason.UPSTREAM_CLOSED}
 
 
 def _set_linger_reset(transport: asyncio.BaseTransport) -> None:

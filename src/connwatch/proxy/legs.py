@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from connwatch._types import ConnectionObserver, Direction, Side
 
@@ -53,16 +53,14 @@ class ReadBuffer:
 class Timeouts:
     """The per-listener limits a connection enforces (seconds; 0 = off)."""
 
-    __slots__ = ("half_close", "idle", "max_lifetime")
+    __slots__ = ("any", "half_close", "idle", "max_lifetime")
 
     def __init__(self, idle: float, half_close: float, max_lifetime: float) -> None:
         self.idle = idle
         self.half_close = half_close
         self.max_lifetime = max_lifetime
-
-    @property
-    def any(self) -> bool:
-        return bool(self.idle or self.half_close or self.max_lifetime)
+        # Whether any is on: an attribute, not a property (read twice for every connection).
+        self.any = bool(idle or half_close or max_lifetime)
 
 
 class LegOwner(Protocol):
@@ -114,8 +112,9 @@ class Leg(asyncio.Protocol):
 
     # -- asyncio callbacks; none of them awaits ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it. (No cast():
+        # a Python call for every leg.)
+        self.transport = transport  # type: ignore[assignment]
         self.conn.leg_made(self)
 
     def data_received(self, data: bytes) -> None:

@@ -306,24 +306,28 @@ class Listener:
         conn.own_task(self._loop.create_task(self._serve(conn, sock, peer)))
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
-        """One connection's set-up: take over the accepted socket, then reach an upstream."""
+        """One connection's set-up, as its task (`conn.own_task`), which it lets go at the end:
+        take over the accepted socket, then reach an upstream."""
         wrapper = self._splice or self._loop
         try:
-            await wrapper.connect_accepted_socket(lambda: conn.client_protocol, sock)
-        except OSError:
-            sock.close()  # the client left before we could wrap its socket
-            return
-        # Refused only now: a transport closed inside connection_made never reports its loss.
-        # (Accepted just before a hand-over to a successor: served here, not refused.)
-        draining = not self.accepting and not self._handed_over
-        if self.tracker.active(self.name) > self.config.max_connections or draining:
-            reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
-            conn.close(reason, abort=True)
-        # With PROXY protocol the client key is the header's address: admitted once it is read.
-        elif conn.state is ConnectionState.CONNECTING and (
-            self.config.proxy_protocol.accept or self._admit_client(conn, peer)
-        ):
-            await self._connect(conn, peer)
+            try:
+                await wrapper.connect_accepted_socket(lambda: conn.client_leg, sock)
+            except OSError:
+                sock.close()  # the client left before we could wrap its socket
+                return
+            # Refused only now: a transport closed inside connection_made never reports its
+            # loss. (Accepted just before a hand-over to a successor: served here, not refused.)
+            draining = not self.accepting and not self._handed_over
+            if self.tracker.active(self.name) > self.config.max_connections or draining:
+                reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
+                conn.close(reason, abort=True)
+            # With PROXY protocol the client key is the header's address: admitted once read.
+            elif conn.state is ConnectionState.CONNECTING and (
+                self.config.proxy_protocol.accept or self._admit_client(conn, peer)
+            ):
+                await self._connect(conn, peer)
+        finally:
+            conn.task_ended()
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
@@ -471,7 +475,8 @@ class Listener:
         if self.timeouts.max_lifetime:
             jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
             conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
-        conn.upstream_connected(target, self._proxy_preface(conn, header))
+        sends_header = self.config.proxy_protocol.send != "none"
+        conn.upstream_connected(target, self._proxy_preface(conn, header) if sends_header else b"")
         if self._acceptor is not None:
             self._acceptor.served()
 

@@ -195,12 +195,23 @@ def apply_to_fd(fd: int, family: int, options: SocketOptions) -> None:
     uvloop's transport sockets build a new socket object for every get/setsockopt call; this
     borrows the fd once instead (family and type given, so no detection syscalls either).
     """
-    if family not in _TCP_FAMILIES or fd < 0:
+    if family in _TCP_FAMILIES:
+        apply_to_tcp_fd(fd, options)
+
+
+def apply_to_tcp_fd(fd: int, options: SocketOptions) -> None:
+    """`apply_to_fd` for an fd known to be a TCP socket (no family to look up)."""
+    if fd < 0:
         return
-    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    # The options are set on the fd: the wrapper's family matters not, IPv6 or IPv4.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
     try:
+        # Inline rather than `_set` per option: this runs for every upstream connection.
         for level, option, value in options:
-            if not _set(sock, level, option, value):
-                return
+            try:
+                sock.setsockopt(level, option, value)
+            except (OSError, ValueError):
+                if sock.fileno() < 0:  # closed under us: nothing more to set
+                    return
     finally:
         sock.detach()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from connwatch.proxy.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
 from connwatch.proxy.splice.poller import poller
-from connwatch.proxy.splice.transport import Leg, SpliceTransport
+from connwatch.proxy.splice.transport import SpliceTransport
 
 if TYPE_CHECKING:
     from connwatch._types import Address
@@ -45,12 +44,19 @@ class SplicePath:
     def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
         self._owner = owner
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
+        self._shared: tuple[int, PipePool] | None = None  # that pool, looked up once a size
 
     def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
         chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
-        pipes = self._pipes or pipe_pool(chunk)
+        pipes = self._pipes
+        if pipes is None:
+            shared = self._shared
+            if shared is None or shared[0] != chunk:
+                shared = self._shared = (chunk, pipe_pool(chunk))
+            pipes = shared[1]
         loop = asyncio.get_running_loop()
-        return SpliceTransport(loop, sock, cast(Leg, protocol), pipes, chunk)
+        # The protocol is a connection leg (no cast(): a Python call for every leg).
+        return SpliceTransport(loop, sock, protocol, pipes, chunk)  # type: ignore[arg-type]
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
@@ -111,9 +117,12 @@ async def _connect(
     sock = _new_socket(family)
     try:
         for level, option, value in options:
-            # An option the kernel refuses is skipped, the others still set (as sockopts does).
-            with contextlib.suppress(OSError):
+            # An option the kernel refuses is skipped, the others still set (as sockopts does);
+            # try/except, not contextlib.suppress: three Python calls an option fewer.
+            try:  # noqa: SIM105
                 sock.setsockopt(level, option, value)
+            except OSError:
+                pass
         await poller(loop).connect(sock, addr)
     except BaseException:
         sock.close()

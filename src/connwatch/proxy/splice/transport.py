@@ -11,7 +11,6 @@ sink, a readable socket is spliced into a pipe and the pipe into the sink's sock
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import socket
@@ -405,8 +404,11 @@ class SpliceTransport(asyncio.Transport):
 
     def _shutdown_write(self) -> None:
         # A peer that already reset shows it on the next read, with the right close reason.
-        with contextlib.suppress(OSError):
+        # (try/except, not contextlib.suppress: three Python calls fewer, once per connection)
+        try:  # noqa: SIM105
             self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     # -- the end --------------------------------------------------------------------------------
     def _fatal(self, exc: OSError) -> None:
