@@ -119,7 +119,7 @@ class Watchdog:
             # then `conn.watch` is the time it was watched, and it counts as `ok` (a new
             # record's liveness).
             conn.watch = now
-            totals.states[Liveness.OK] += 1
+            totals.states[_OK] += 1
             if not totals.waiting:
                 self._arm_promotion(totals, config.interval)
             totals.waiting.append(conn)
@@ -135,7 +135,7 @@ class Watchdog:
             conn.watch = None
             totals = self._totals.get(conn.listener)
             if totals is not None:
-                totals.states[Liveness.OK] -= 1
+                totals.states[_OK] -= 1
             return
         if not isinstance(rec, WatchRecord):
             return

@@ -11,7 +11,7 @@ import random
 import socket
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -53,6 +53,7 @@ log = structlog.get_logger("connwatch.listener")
 
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
 PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
+_CONNECTING: Final = ConnectionState.CONNECTING  # a global: `Enum.X` is ~0.17 µs on 3.11
 
 
 class Listener:
@@ -322,7 +323,7 @@ class Listener:
                 reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
                 conn.close(reason, abort=True)
             # With PROXY protocol the client key is the header's address: admitted once read.
-            elif conn.state is ConnectionState.CONNECTING and (
+            elif conn.state is _CONNECTING and (
                 self.config.proxy_protocol.accept or self._admit_client(conn, peer)
             ):
                 await self._connect(conn, peer)
@@ -432,7 +433,7 @@ class Listener:
         header = None
         if config.proxy_protocol.accept:
             header = await self._read_proxy_header(conn)
-            if header is None or conn.state is not ConnectionState.CONNECTING:
+            if header is None or conn.state is not _CONNECTING:
                 return
             source = header.source if header.source is not None else peer
             if not self._admit_client(conn, source):
@@ -469,7 +470,7 @@ class Listener:
                     suppressed=suppressed,
                 )
             return
-        if conn.state is not ConnectionState.CONNECTING:  # the client left while we were connecting
+        if conn.state is not _CONNECTING:  # the client left while we were connecting
             transport.abort()
             return
         if self.timeouts.max_lifetime:

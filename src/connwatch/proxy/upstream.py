@@ -10,7 +10,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from connwatch._types import Address, Clock, HealthState
 from connwatch.exceptions import (
@@ -26,6 +26,9 @@ from connwatch.snapshots import TargetStats
 
 T = TypeVar("T")
 NODELAY: SocketOptions = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+# A global, not `HealthState.DOWN` (an enum metaclass lookup, ~0.17 µs on 3.11): balancing reads
+# it for every target on every connection.
+_DOWN: Final = HealthState.DOWN
 
 
 class Target:
@@ -87,7 +90,7 @@ class Target:
 
     @property
     def usable(self) -> bool:
-        return self._state is not HealthState.DOWN
+        return self._state is not _DOWN
 
     def weight(self, slow_start: float, now: float | None = None) -> float:
         """The slow-start weight now: 0 while DOWN, else FLOOR..1 over the window."""
