@@ -155,3 +155,32 @@ def test_connection_lines_render_as_the_structlog_chain_does() -> None:
     assert len(console) == 1
     assert "connection_closed" in console[0]
     assert "{" not in console[0]
+
+
+def test_connection_lines_stay_whole_on_a_full_nonblocking_pipe() -> None:
+    """The connection lines' own write (inline, for speed) falls back to waiting for room when
+    the descriptor is non-blocking and full, and to writing the rest of a line cut short."""
+    import threading
+
+    from connwatch.observe.logs import JsonInfoLines, LineLogger
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    count, pad = 200, "x" * 6000  # longer than PIPE_BUF: the kernel may take part of a line
+    received = bytearray()
+
+    def drain() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(1000):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    with os.fdopen(write_end, "w") as stream:
+        lines = JsonInfoLines(LineLogger(stream))
+        for i in range(count):
+            lines.info("connection_closed", conn_id=f"0-{i}", pad=pad)
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    ids = [json.loads(line)["conn_id"] for line in bytes(received).splitlines()]
+    assert ids == [f"0-{i}" for i in range(count)]
