@@ -51,11 +51,10 @@ class MonitoredConnection:
 
     Lifecycle: CONNECTING (client accepted, upstream connect under way) → OPEN → HALF_CLOSED (one
     direction ended) → CLOSING (we or the peers are closing) → CLOSED (both legs gone). Exactly one
-    close reason is recorded; see `close()` and `_final_reason()` for which one wins.
+    close reason is recorded; see `close()` and `reason` for which one wins.
     """
 
     __slots__ = (
-        "_connect_task",
         "_end_reason",
         "_pending",
         "_reason",
@@ -65,6 +64,7 @@ class MonitoredConnection:
         "client_key",
         "client_leg",
         "closed_at",
+        "connect_task",
         "id",
         "last_activity",
         "lifetime_deadline",
@@ -109,7 +109,9 @@ class MonitoredConnection:
         self._end_reason: CloseReason | None = None
         self._pending: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._connect_task: asyncio.Task[None] | None = None
+        # The set-up task (listener), held strongly and cancelled if the connection goes first;
+        # set and cleared by the task itself (attribute writes, not method calls: per connection).
+        self.connect_task: asyncio.Task[None] | None = None
         self.watch: object | None = None  # the liveness watchdog's per-connection record
         # While set, client bytes are held and offered to it (e.g. a PROXY header parser).
         self.preamble: Callable[[MonitoredConnection], None] | None = None
@@ -129,7 +131,9 @@ class MonitoredConnection:
 
     @property
     def reason(self) -> CloseReason | None:
-        return self._final_reason() if self.state is _CLOSED else self._reason
+        if self.state is _CLOSED:  # the explicit reason first, then which side ended it
+            return self._reason or self._end_reason or _ERROR
+        return self._reason
 
     @property
     def client_socket(self) -> Any:
@@ -190,15 +194,6 @@ class MonitoredConnection:
 
     def upstream_protocol(self) -> asyncio.Protocol:
         return self.upstream_leg
-
-    def own_task(self, task: asyncio.Task[None]) -> None:
-        """The connect task: held strongly, cancelled if the connection goes first. The task
-        lets go of itself when its coroutine ends (`task_ended`): cheaper than a done callback,
-        which would cost a loop callback per connection."""
-        self._connect_task = task
-
-    def task_ended(self) -> None:
-        self._connect_task = None
 
     def hold(self, data: bytes) -> None:
         """Client bytes that arrived before the upstream leg exists (reading is paused by then)."""
@@ -290,8 +285,9 @@ class MonitoredConnection:
         if not other.lost:
             if other.transport is None:
                 other.lost = True  # never connected
-            else:
+            elif reason is not None or self.state is not _CLOSING:
                 self._shut(abort=reason is not None, reset=reason in _RESETS)
+            # else: a clean close already under way (both legs closed by `_shut`): nothing to add
         if other.lost:  # both legs gone (else the other's loss finishes it)
             self._maybe_finish()
 
@@ -302,8 +298,8 @@ class MonitoredConnection:
             return
         if self._reason is None:
             self._reason = reason
-        if self._connect_task is not None:
-            self._connect_task.cancel()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
         if self.upstream_leg.transport is None:
             self.upstream_leg.lost = True
         self._shut(abort=abort)
@@ -340,16 +336,13 @@ class MonitoredConnection:
             return
         self.state = _CLOSED
         self.closed_at = time.monotonic()
-        if self._connect_task is not None:  # e.g. still waiting for a PROXY header
-            self._connect_task.cancel()
+        if self.connect_task is not None:  # e.g. still waiting for a PROXY header
+            self.connect_task.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._pending = None
         self.observer.connection_closed(self)
-
-    def _final_reason(self) -> CloseReason:
-        return self._reason or self._end_reason or _ERROR
 
     # -- timers: one handle for the nearest deadline --------------------------------------------
     def _arm_timer(self) -> None:

@@ -314,10 +314,10 @@ class Listener:
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
         conn.client = format_peer(peer)  # as getpeername() would say, without asking again
-        conn.own_task(self._loop.create_task(self._serve(conn, sock, peer)))
+        conn.connect_task = self._loop.create_task(self._serve(conn, sock, peer))
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
-        """One connection's set-up, as its task (`conn.own_task`), which it lets go at the end:
+        """One connection's set-up, as its task (`conn.connect_task`), which it lets go at the end:
         take over the accepted socket, then reach an upstream."""
         wrapper = self._splice or self._loop
         try:
@@ -338,7 +338,7 @@ class Listener:
             ):
                 await self._connect(conn, peer)
         finally:
-            conn.task_ended()
+            conn.connect_task = None
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""

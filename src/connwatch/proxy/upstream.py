@@ -140,7 +140,10 @@ class UpstreamPool:
         return next((t for t in self.targets if t.label == label), None)
 
     def candidates(self) -> list[Target]:
-        usable = [t for t in self.targets if t.usable]
+        targets = self.targets
+        if len(targets) == 1:  # nothing to balance: no list comprehension, no property calls
+            return [] if targets[0]._state is _DOWN else targets[:]
+        usable = [t for t in targets if t.usable]
         if len(usable) <= 1:
             return usable
         if self.balance == "first":
