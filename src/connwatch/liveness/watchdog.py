@@ -120,9 +120,15 @@ class Watchdog:
             # record's liveness).
             conn.watch = now
             totals.states[_OK] += 1
-            if not totals.waiting:
+            waiting = totals.waiting
+            # Connections that closed while waiting go now, not at the next promotion: held
+            # there, each closed connection (its legs, its transports) lived on for up to an
+            # interval, and the garbage collector walked them all that time.
+            while waiting and waiting[0].watch is None:
+                waiting.popleft()
+            if totals.promotion is None:
                 self._arm_promotion(totals, config.interval)
-            totals.waiting.append(conn)
+            waiting.append(conn)
             return
         rec = WatchRecord(conn, totals, now)
         conn.watch = rec
