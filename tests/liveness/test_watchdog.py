@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from connwatch._types import CloseReason, ConnectionState, Liveness
 from connwatch.config import ListenerConfig, load_settings
@@ -488,3 +491,26 @@ def test_watchdog_satisfies_the_liveness_watch_protocol() -> None:
 
     watchdog: LivenessWatch[MonitoredConnection] = Watchdog()
     assert watchdog.statistics() == {}
+
+
+async def test_a_closed_connection_is_freed_at_once_not_by_the_collector() -> None:
+    """A connection that closes before its first beat is let go of by the next one watched, and
+    its legs hold no reference cycle: reference counting frees it (no wait for the promotion
+    timer, an interval later, nor for a garbage collector pass)."""
+    if not isinstance(asyncio.get_running_loop(), uvloop.Loop):
+        pytest.skip("asyncio's own transports are in a cycle of their own (their read callback)")
+    heartbeat = {**SLOW, "interval": "30s", "max_interval": "60s"}  # no promotion in this test
+    async with held_upstream() as up, watched(up.address, heartbeat) as (_, listener, tracker):
+        gc.disable()
+        try:
+            async with client(listener, tracker) as (_, _, conn):
+                # (A connection has no weak references; its client leg's transport lives as long
+                # as the connection does, and has them.)
+                first = weakref.ref(conn.client_leg.transport)
+                conn.close(CloseReason.ADMIN_CLOSED)  # (the upstream would hold it half-open)
+                del conn
+            await eventually(lambda: len(tracker) == 0)
+            async with client(listener, tracker):
+                await eventually(lambda: first() is None, timeout=5)
+        finally:
+            gc.enable()

@@ -128,14 +128,17 @@ def _rendered(level: str, fmt: str, emit: str) -> list[str]:
     """Lines one logger writes after `configure_logging(level, fmt)` (the stream is a file)."""
     import io
 
-    from connwatch.observe.logs import configure_logging, get_logger, info_lines
+    from connwatch.observe.logs import configure_logging, get_logger, info_lines, line_writer
 
     stream = io.StringIO()
     configure_logging(level, fmt, stream)
     try:
-        logger = info_lines("t") if emit == "fast" else get_logger("t")
         fields = {"conn_id": "0-1", "client": 'odd "name" é', "upstream": None, "duration_s": 0.5}
-        logger.info("connection_closed", **fields, bytes_client_to_upstream=7)
+        if emit == "writer":  # what the connection lines call: (event, fields dict)
+            line_writer("t")("connection_closed", {**fields, "bytes_client_to_upstream": 7})
+        else:
+            logger = info_lines("t") if emit == "fast" else get_logger("t")
+            logger.info("connection_closed", **fields, bytes_client_to_upstream=7)
     finally:
         configure_logging("warning", "json")  # what the test process runs with
     return stream.getvalue().splitlines()
@@ -144,14 +147,48 @@ def _rendered(level: str, fmt: str, emit: str) -> list[str]:
 def test_connection_lines_render_as_the_structlog_chain_does() -> None:
     """The connection lines skip structlog's chain; an operator's parser sees no difference."""
     fast, chain = _rendered("info", "json", "fast"), _rendered("info", "json", "chain")
-    assert len(fast) == len(chain) == 1
+    writer = _rendered("info", "json", "writer")
+    assert len(fast) == len(chain) == len(writer) == 1
     timestamp = re.compile(r'"timestamp": ?"[^"]+"')
     assert timestamp.sub("T", fast[0]) == timestamp.sub("T", chain[0])
+    assert timestamp.sub("T", writer[0]) == timestamp.sub("T", chain[0])
+    assert RFC3339_UTC.match(json.loads(writer[0])["timestamp"])
     assert RFC3339_UTC.match(json.loads(fast[0])["timestamp"])
     assert list(json.loads(fast[0]))[-3:] == ["event", "level", "timestamp"]
     # Lines below the configured level stay off; the console format keeps structlog's renderer.
     assert _rendered("warning", "json", "fast") == []
-    console = _rendered("info", "console", "fast")
-    assert len(console) == 1
-    assert "connection_closed" in console[0]
-    assert "{" not in console[0]
+    assert _rendered("warning", "json", "writer") == []
+    for emit in ("fast", "writer"):
+        console = _rendered("info", "console", emit)
+        assert len(console) == 1
+        assert "connection_closed" in console[0]
+        assert "{" not in console[0]
+
+
+def test_connection_lines_stay_whole_on_a_full_nonblocking_pipe() -> None:
+    """The connection lines' own write (inline, for speed) falls back to waiting for room when
+    the descriptor is non-blocking and full, and to writing the rest of a line cut short."""
+    import threading
+
+    from connwatch.observe.logs import JsonInfoLines, LineLogger
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    count, pad = 200, "x" * 6000  # longer than PIPE_BUF: the kernel may take part of a line
+    received = bytearray()
+
+    def drain() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(1000):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    with os.fdopen(write_end, "w") as stream:
+        lines = JsonInfoLines(LineLogger(stream))
+        for i in range(count):
+            lines.info("connection_closed", conn_id=f"0-{i}", pad=pad)
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    ids = [json.loads(line)["conn_id"] for line in bytes(received).splitlines()]
+    assert ids == [f"0-{i}" for i in range(count)]

@@ -232,9 +232,15 @@ async def test_connect_attempts_fall_over_to_the_next_target(tmp_path: Path, ref
         async with DaemonProcess(tmp_path, daemon_config(retry, once)) as daemon:
             names = [await one_exchange(daemon.port("retry"), f"r{i}") for i in range(5)]
             assert names == ["b"] * 5
-            client = await Client.open(daemon.port("once"), "once")
-            assert client.backend == ""  # no second attempt: the client is closed
-            await client.close()
+            # No second attempt: the client is closed, with EOF, or with a reset when its tag was
+            # still unread in the kernel at close (a race the load on the machine decides).
+            try:
+                client = await Client.open(daemon.port("once"), "once")
+            except ConnectionResetError:
+                pass
+            else:
+                assert client.backend == ""
+                await client.close()
             await daemon.wait_for("connection_closed", listener="once")
             await daemon.wait_for("connection_closed", listener="retry", count=5)
             metrics = await daemon.metrics()

@@ -119,10 +119,16 @@ class Watchdog:
             # then `conn.watch` is the time it was watched, and it counts as `ok` (a new
             # record's liveness).
             conn.watch = now
-            totals.states[Liveness.OK] += 1
-            if not totals.waiting:
+            totals.states[_OK] += 1
+            waiting = totals.waiting
+            # Connections that closed while waiting go now, not at the next promotion: held
+            # there, each closed connection (its legs, its transports) lived on for up to an
+            # interval, and the garbage collector walked them all that time.
+            while waiting and waiting[0].watch is None:
+                waiting.popleft()
+            if totals.promotion is None:
                 self._arm_promotion(totals, config.interval)
-            totals.waiting.append(conn)
+            waiting.append(conn)
             return
         rec = WatchRecord(conn, totals, now)
         conn.watch = rec
@@ -135,7 +141,7 @@ class Watchdog:
             conn.watch = None
             totals = self._totals.get(conn.listener)
             if totals is not None:
-                totals.states[Liveness.OK] -= 1
+                totals.states[_OK] -= 1
             return
         if not isinstance(rec, WatchRecord):
             return

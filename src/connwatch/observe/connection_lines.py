@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from connwatch.observe.logs import get_logger, info_lines
+from connwatch.observe.logs import get_logger, line_writer
 from connwatch.proxy.connection import MonitoredConnection
 
 
@@ -27,7 +27,8 @@ class ConnectionEvents:
         self.refresh_logger()
 
     def refresh_logger(self) -> None:
-        self._lines = info_lines("connwatch.connection")  # the connection lines
+        # The connection lines: (event, fields dict), no keyword-argument call per line.
+        self._line = line_writer("connwatch.connection")
         self._log = get_logger("connwatch.connection")  # the rest
 
     def configure(self, *, enabled: bool, limit: int) -> None:
@@ -38,12 +39,14 @@ class ConnectionEvents:
         # Direct reads, as in `closed`: once per connection, no snapshot, no property calls.
         if self.enabled and (not self.limit or self._admit("connection_opened")):
             target = conn.target
-            self._lines.info(
+            self._line(
                 "connection_opened",
-                conn_id=conn.id,
-                listener=conn.listener,
-                client=conn.client,
-                upstream=None if target is None else target.label,
+                {
+                    "conn_id": conn.id,
+                    "listener": conn.listener,
+                    "client": conn.client,
+                    "upstream": None if target is None else target.label,
+                },
             )
 
     def closed(
@@ -55,16 +58,18 @@ class ConnectionEvents:
         (bench/instructions.py churn)."""
         if self.enabled and (not self.limit or self._admit("connection_closed")):
             target = conn.target
-            self._lines.info(
+            self._line(
                 "connection_closed",
-                conn_id=conn.id,
-                listener=conn.listener,
-                client=conn.client,
-                upstream=None if target is None else target.label,
-                duration_s=round(duration, 6),
-                bytes_client_to_upstream=c2u,
-                bytes_upstream_to_client=u2c,
-                reason=reason,
+                {
+                    "conn_id": conn.id,
+                    "listener": conn.listener,
+                    "client": conn.client,
+                    "upstream": None if target is None else target.label,
+                    "duration_s": round(duration, 6),
+                    "bytes_client_to_upstream": c2u,
+                    "bytes_upstream_to_client": u2c,
+                    "reason": reason,
+                },
             )
 
     def progress(self, conns: Iterable[MonitoredConnection], min_age: float) -> None:
@@ -74,16 +79,18 @@ class ConnectionEvents:
             if conn.age(now) < min_age:  # most connections are short: no snapshot for them
                 continue
             stats = conn.statistics(now)
-            self._lines.info(
+            self._line(
                 "connection_progress",
-                conn_id=stats.id,
-                listener=stats.listener,
-                client=stats.client,
-                upstream=stats.upstream,
-                age_s=round(stats.age, 3),
-                idle_s=round(stats.idle, 3),
-                bytes_client_to_upstream=stats.bytes_client_to_upstream,
-                bytes_upstream_to_client=stats.bytes_upstream_to_client,
+                {
+                    "conn_id": stats.id,
+                    "listener": stats.listener,
+                    "client": stats.client,
+                    "upstream": stats.upstream,
+                    "age_s": round(stats.age, 3),
+                    "idle_s": round(stats.idle, 3),
+                    "bytes_client_to_upstream": stats.bytes_client_to_upstream,
+                    "bytes_upstream_to_client": stats.bytes_upstream_to_client,
+                },
             )
 
     def _admit(self, event: str) -> bool:

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from connwatch._types import CloseReason, ConnectionState, Direction, rfc3339
 from connwatch.histogram import DURATION_BUCKETS, Histogram
@@ -18,6 +18,12 @@ from connwatch.observe.clients import ClientSummary
 from connwatch.observe.connection_lines import ConnectionEvents
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.snapshots import ConnectionStats, ListenerStats
+
+# Enum members read for every close, as globals: on Python 3.11 `CloseReason.ERROR` goes through
+# the enum metaclass's attribute hook (~0.17 µs against ~0.01 µs).
+_ERROR: Final = CloseReason.ERROR
+_C2U: Final = Direction.CLIENT_TO_UPSTREAM
+_U2C: Final = Direction.UPSTREAM_TO_CLIENT
 
 
 class ListenerTotals:
@@ -96,11 +102,11 @@ class Tracker:
         # Direct reads, not conn.statistics(): a frozen snapshot here cost +4 % instructions
         # per connection (bench/instructions.py churn); the close path stays plain reads, and
         # the connection line is given what was read here rather than reading it again.
-        reason = conn.reason or CloseReason.ERROR
+        reason = conn.reason or _ERROR
         totals.closed[reason] += 1
         c2u, u2c = conn.bytes_client_to_upstream, conn.bytes_upstream_to_client
-        totals.bytes_closed[Direction.CLIENT_TO_UPSTREAM] += c2u
-        totals.bytes_closed[Direction.UPSTREAM_TO_CLIENT] += u2c
+        totals.bytes_closed[_C2U] += c2u
+        totals.bytes_closed[_U2C] += u2c
         duration = conn.closed_at - conn.opened_at if conn.closed_at else conn.age()
         totals.duration.observe(duration)
         target = conn.target

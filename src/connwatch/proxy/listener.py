@@ -11,7 +11,7 @@ import random
 import socket
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -26,7 +26,6 @@ from connwatch._types import (
     format_peer,
 )
 from connwatch.exceptions import (
-    IncompleteError,
     ListenerError,
     NoHealthyUpstreamError,
     UpstreamConnectError,
@@ -37,13 +36,13 @@ from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
+from connwatch.proxy.proxy_header import preface, read_header
 from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
 from connwatch.proxy.splice import SplicePath, uses_splice
 from connwatch.proxy.splice.path import open_socket
 from connwatch.proxy.upstream import Target, UpstreamPool
 from connwatch.proxy.warm_pool import WarmPool
 from connwatch.snapshots import ListenerSnapshot, TargetStats
-from connwatch.wire import proxy_protocol
 from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
 
 if TYPE_CHECKING:
@@ -53,6 +52,7 @@ log = structlog.get_logger("connwatch.listener")
 
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
 PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
+_CONNECTING: Final = ConnectionState.CONNECTING  # a global: `Enum.X` is ~0.17 µs on 3.11
 
 
 class Listener:
@@ -79,6 +79,7 @@ class Listener:
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
         self.upstream_options = _options(config.keepalive.upstream)
+        self._read_settings(config)
         self.clients = ClientLimiter(config.client_limits)  # per-client-key limits (SPEC §12)
         self.accepting = False
         self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
@@ -214,12 +215,22 @@ class Listener:
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
         self.upstream_options = _options(config.keepalive.upstream)
+        self._read_settings(config)
         self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._sock is not None and config.listen.path is None:
             apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
         if self.accepting:
             self._configure_warm_pool()
+
+    def _read_settings(self, config: ListenerConfig) -> None:
+        """The settings every connection reads, as plain attributes: a pydantic model's
+        attribute goes through its `__getattr__` hook (~27 ns more), nine reads a connection."""
+        self._max_connections = config.max_connections
+        self._accept_proxy = config.proxy_protocol.accept
+        self._send_proxy = config.proxy_protocol.send
+        self._connect_timeout = config.connect_timeout
+        self._connect_attempts = config.connect_attempts
 
     # -- warm upstream connections (SPEC section 9) ---------------------------------------------
     def _configure_warm_pool(self) -> None:
@@ -303,10 +314,10 @@ class Listener:
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
         conn.client = format_peer(peer)  # as getpeername() would say, without asking again
-        conn.own_task(self._loop.create_task(self._serve(conn, sock, peer)))
+        conn.connect_task = self._loop.create_task(self._serve(conn, sock, peer))
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
-        """One connection's set-up, as its task (`conn.own_task`), which it lets go at the end:
+        """One connection's set-up, as its task (`conn.connect_task`), which it lets go at the end:
         take over the accepted socket, then reach an upstream."""
         wrapper = self._splice or self._loop
         try:
@@ -318,16 +329,16 @@ class Listener:
             # Refused only now: a transport closed inside connection_made never reports its
             # loss. (Accepted just before a hand-over to a successor: served here, not refused.)
             draining = not self.accepting and not self._handed_over
-            if self.tracker.active(self.name) > self.config.max_connections or draining:
+            if self.tracker.active(self.name) > self._max_connections or draining:
                 reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
                 conn.close(reason, abort=True)
             # With PROXY protocol the client key is the header's address: admitted once read.
-            elif conn.state is ConnectionState.CONNECTING and (
-                self.config.proxy_protocol.accept or self._admit_client(conn, peer)
+            elif conn.state is _CONNECTING and (
+                self._accept_proxy or self._admit_client(conn, peer)
             ):
                 await self._connect(conn, peer)
         finally:
-            conn.task_ended()
+            conn.connect_task = None
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
@@ -367,36 +378,9 @@ class Listener:
     # -- PROXY protocol header from the client ---------------------------------------------------
     async def _read_proxy_header(self, conn: MonitoredConnection) -> ProxyHeader | None:
         """Wait for the client's PROXY header (within connect_timeout); None closes the client."""
-        loop = asyncio.get_running_loop()
-        parsed: asyncio.Future[ProxyHeader] = loop.create_future()
-
-        def offer(c: MonitoredConnection) -> None:
-            try:
-                header, used = proxy_protocol.parse(c.peek_held())
-            except IncompleteError:
-                return
-            except ProxyProtocolError as exc:
-                if not parsed.done():
-                    parsed.set_exception(exc)
-                return
-            c.consume_held(used)
-            c.preamble = None
-            transport = c.client_transport()
-            if transport is not None:
-                transport.pause_reading()
-            if not parsed.done():
-                parsed.set_result(header)
-
-        conn.preamble = offer
-        offer(conn)  # the header may have come with the first segment, held before now
-        transport = conn.client_transport()
-        if transport is not None and not parsed.done():
-            transport.resume_reading()
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                header = await parsed
+            header = await read_header(conn, self._connect_timeout)
         except (TimeoutError, ProxyProtocolError) as exc:
-            conn.preamble = None
             self.protocol_errors[PROXY_PROTOCOL] += 1
             if (suppressed := self._throttle.allow(PROXY_PROTOCOL)) is not None:
                 self._log.warning(
@@ -413,26 +397,12 @@ class Listener:
             conn.client = format_peer(header.source)
         return header
 
-    def _proxy_preface(self, conn: MonitoredConnection, header: ProxyHeader | None) -> bytes:
-        version = self.config.proxy_protocol.send
-        if version == "none":
-            return b""
-        if header is not None and header.source is not None:  # what the client's proxy said
-            return proxy_protocol.header_for(version, header.source, header.destination)
-        transport = conn.client_transport()
-        peer = transport.get_extra_info("peername") if transport else None
-        local = transport.get_extra_info("sockname") if transport else None
-        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
-            return proxy_protocol.header_for(version, None, None)  # Unix socket: UNKNOWN/LOCAL
-        return proxy_protocol.header_for(version, peer[:2], local[:2])
-
     # -- upstream connect -----------------------------------------------------------------------
     async def _connect(self, conn: MonitoredConnection, peer: Any) -> None:
-        config = self.config
         header = None
-        if config.proxy_protocol.accept:
+        if self._accept_proxy:
             header = await self._read_proxy_header(conn)
-            if header is None or conn.state is not ConnectionState.CONNECTING:
+            if header is None or conn.state is not _CONNECTING:
                 return
             source = header.source if header.source is not None else peer
             if not self._admit_client(conn, source):
@@ -443,14 +413,14 @@ class Listener:
             elif self._splice is not None:  # sets its own socket options before connecting
                 transport, target = await self._splice.connect(
                     conn.upstream_protocol,
-                    timeout=config.connect_timeout,
-                    attempts=config.connect_attempts,
+                    timeout=self._connect_timeout,
+                    attempts=self._connect_attempts,
                 )
             else:
                 transport, target = await self.pool.connect(
                     conn.upstream_protocol,
-                    timeout=config.connect_timeout,
-                    attempts=config.connect_attempts,
+                    timeout=self._connect_timeout,
+                    attempts=self._connect_attempts,
                     options=self.upstream_options,
                 )
         except NoHealthyUpstreamError:
@@ -469,14 +439,14 @@ class Listener:
                     suppressed=suppressed,
                 )
             return
-        if conn.state is not ConnectionState.CONNECTING:  # the client left while we were connecting
+        if conn.state is not _CONNECTING:  # the client left while we were connecting
             transport.abort()
             return
         if self.timeouts.max_lifetime:
             jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
             conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
-        sends_header = self.config.proxy_protocol.send != "none"
-        conn.upstream_connected(target, self._proxy_preface(conn, header) if sends_header else b"")
+        send = self._send_proxy  # "none", "v1" or "v2"
+        conn.upstream_connected(target, b"" if send == "none" else preface(send, conn, header))
         if self._acceptor is not None:
             self._acceptor.served()
 

@@ -203,8 +203,10 @@ def apply_to_tcp_fd(fd: int, options: SocketOptions) -> None:
     """`apply_to_fd` for an fd known to be a TCP socket (no family to look up)."""
     if fd < 0:
         return
-    # The options are set on the fd: the wrapper's family matters not, IPv6 or IPv4.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    # The options are set on the fd: the wrapper's family matters not, IPv6 or IPv4. The C
+    # socket type (`socket.SocketType`), not `socket.socket`: its Python __init__ and detach()
+    # are two Python calls for every upstream connection, and this wrapper only borrows the fd.
+    sock = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
     try:
         # Inline rather than `_set` per option: this runs for every upstream connection.
         for level, option, value in options:

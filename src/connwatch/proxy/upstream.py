@@ -10,7 +10,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from connwatch._types import Address, Clock, HealthState
 from connwatch.exceptions import (
@@ -26,6 +26,9 @@ from connwatch.snapshots import TargetStats
 
 T = TypeVar("T")
 NODELAY: SocketOptions = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+# A global, not `HealthState.DOWN` (an enum metaclass lookup, ~0.17 µs on 3.11): balancing reads
+# it for every target on every connection.
+_DOWN: Final = HealthState.DOWN
 
 
 class Target:
@@ -87,7 +90,7 @@ class Target:
 
     @property
     def usable(self) -> bool:
-        return self._state is not HealthState.DOWN
+        return self._state is not _DOWN
 
     def weight(self, slow_start: float, now: float | None = None) -> float:
         """The slow-start weight now: 0 while DOWN, else FLOOR..1 over the window."""
@@ -137,7 +140,10 @@ class UpstreamPool:
         return next((t for t in self.targets if t.label == label), None)
 
     def candidates(self) -> list[Target]:
-        usable = [t for t in self.targets if t.usable]
+        targets = self.targets
+        if len(targets) == 1:  # nothing to balance: no list comprehension, no property calls
+            return [] if targets[0]._state is _DOWN else targets[:]
+        usable = [t for t in targets if t.usable]
         if len(usable) <= 1:
             return usable
         if self.balance == "first":

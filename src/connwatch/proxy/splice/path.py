@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from connwatch.proxy.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
-from connwatch.proxy.splice.poller import poller
+from connwatch.proxy.splice.poller import Poller, poller
 from connwatch.proxy.splice.transport import SpliceTransport
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class SplicePath:
         self._owner = owner
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
         self._shared: tuple[int, PipePool] | None = None  # that pool, looked up once a size
+        # The loop's poller, looked up once (`poller()` is a weak-dict lookup, two Python calls
+        # for every transport); weak to the loop, as `poller()` is.
+        self._polled: tuple[weakref.ref[asyncio.AbstractEventLoop], Poller] | None = None
 
     def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
         chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
@@ -55,8 +59,18 @@ class SplicePath:
                 shared = self._shared = (chunk, pipe_pool(chunk))
             pipes = shared[1]
         loop = asyncio.get_running_loop()
+        polled = self._polled
+        if polled is None or polled[0]() is not loop:
+            polled = self._polled = (weakref.ref(loop), poller(loop))
         # The protocol is a connection leg (no cast(): a Python call for every leg).
-        return SpliceTransport(loop, sock, protocol, pipes, chunk)  # type: ignore[arg-type]
+        return SpliceTransport(
+            loop,
+            sock,
+            protocol,  # type: ignore[arg-type]
+            pipes,
+            chunk,
+            polled[1],
+        )
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket

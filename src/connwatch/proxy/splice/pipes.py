@@ -103,7 +103,10 @@ class PipePool:
 
     def give(self, pipe: Pipe) -> None:
         """Return a pipe that is empty and saw no error."""
-        if len(self._idle) < self.max_idle and not fd_pressure():
+        # `fd_pressure()` inline: a pipe comes back after every spliced read.
+        if len(self._idle) < self.max_idle and not (
+            _pressure_until > 0.0 and time.monotonic() < _pressure_until
+        ):
             self._idle.append(pipe)
             if self._trim is None:
                 self._arm_trim()

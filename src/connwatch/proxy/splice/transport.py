@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from connwatch.proxy.splice.pipes import Pipe, PipePool
-from connwatch.proxy.splice.poller import poller
+from connwatch.proxy.splice.poller import Poller
 
 if TYPE_CHECKING:
     from connwatch.proxy.connection import MonitoredConnection
@@ -90,10 +90,11 @@ class SpliceTransport(asyncio.Transport):
         protocol: Leg,
         pipes: PipePool,
         chunk: int,
+        polled_by: Poller,
     ) -> None:
         # No super().__init__(): its `_extra` dict would be one more allocation per socket.
         self._loop = loop
-        self._poller = poller(loop)
+        self._poller = polled_by  # the loop's (`poller(loop)`, looked up by the data path)
         self.polled = 0  # the poller's note of what is registered for this socket
         self._sock = sock
         self._fd = sock.fileno()
