@@ -25,6 +25,7 @@ import pytest
 
 from tests.nft import nft_table
 from tests.payload import PayloadUpstream, exchange
+from tests.variant import skip_under
 from tests.support import (
     LOOPBACK,
     DaemonProcess,
@@ -495,6 +496,12 @@ async def test_fd_exhaustion_at_accept_is_logged_once_per_burst(tmp_path: Path) 
 
 
 @_NO_PRLIMIT
+@skip_under(
+    "splice",
+    "the pipe pool's idle pipes are freed on EMFILE and the upstream socket() retried "
+    "(docs/data-paths.md, Out of descriptors), so 'exactly one fd left' cannot be arranged "
+    "from outside: those clients are served",
+)
 async def test_fd_exhaustion_at_upstream_connect_is_not_logged_per_attempt(tmp_path: Path) -> None:
     async with EchoUpstream() as upstream:
         cfg = daemon_config(listener_config("app", [upstream.address]))
@@ -605,7 +612,8 @@ async def test_sighup_storm_cuts_no_connection_and_leaks_nothing(tmp_path: Path)
             reasons = {line["reason"] for line in daemon.find("connection_closed")}
             assert reasons == {"client_closed"}, reasons
             assert not daemon.find("config_reload_failed")
-            await eventually(lambda: fd_count(pid) <= fds_before, timeout=10)
+            # On splice, pooled pipes close once none was taken for a 5 s period: up to 10 s.
+            await eventually(lambda: fd_count(pid) <= fds_before, timeout=10 + 10)
 
 
 def _all_closed(daemon: DaemonProcess) -> bool:
