@@ -48,3 +48,8 @@ def skip_under(variant: str, reason: str) -> pytest.MarkDecorator:
     """Skip a test that cannot hold under `variant` by its nature (never to hide a bug)."""
     assert variant in VARIANTS[1:], variant
     return pytest.mark.skipif(variant == VARIANT, reason=f"{ENV}={variant}: {reason}")
+
+
+# Processes a daemon subprocess runs when its test leaves `workers` unset: for bounds that hold per
+# process (log throttles), which a test then scales.
+WORKERS = 2 if VARIANT == "workers2" else 1

@@ -25,7 +25,6 @@ import pytest
 
 from tests.nft import nft_table
 from tests.payload import PayloadUpstream, exchange
-from tests.variant import skip_under
 from tests.support import (
     LOOPBACK,
     DaemonProcess,
@@ -36,6 +35,7 @@ from tests.support import (
     listener_config,
     reset,
 )
+from tests.variant import skip_under
 
 KiB, MiB = 1024, 1024 * 1024
 PROMPT = 2.0  # seconds within which a fault must reach the client
@@ -450,8 +450,15 @@ def _closed_series(reason: str) -> str:
 
 _NO_PRLIMIT = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit")
 
+_FDS_OF_ONE_PROCESS = skip_under(
+    "workers2",
+    "the test fills one process's descriptor table (prlimit, /proc/PID/fd of the primary), "
+    "while with workers the client connections are in the workers' own tables",
+)
+
 
 @_NO_PRLIMIT
+@_FDS_OF_ONE_PROCESS
 async def test_fd_exhaustion_fails_new_clients_cleanly_and_recovers(tmp_path: Path) -> None:
     async with exhausted(tmp_path) as (daemon, clients, release):
         port = daemon.port("app")
@@ -502,6 +509,7 @@ async def test_fd_exhaustion_at_accept_is_logged_once_per_burst(tmp_path: Path) 
     "(docs/data-paths.md, Out of descriptors), so 'exactly one fd left' cannot be arranged "
     "from outside: those clients are served",
 )
+@_FDS_OF_ONE_PROCESS
 async def test_fd_exhaustion_at_upstream_connect_is_not_logged_per_attempt(tmp_path: Path) -> None:
     async with EchoUpstream() as upstream:
         cfg = daemon_config(listener_config("app", [upstream.address]))
