@@ -29,8 +29,8 @@ from tests.variant import skip_under
 
 _LIMITS_PER_WORKER = skip_under(
     "workers2",
-    "client limits hold per worker (docs/spec-notes.md); "
-    "test_two_workers_merge_clients_and_limit_per_worker covers workers",
+    "client limits hold per worker (docs/spec-notes.md) and the kernel spreads one client's "
+    "connections over both; test_two_workers_merge_clients_and_limit_per_worker covers workers",
 )
 
 
@@ -68,6 +68,7 @@ async def by_client(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
     return {r["client"]: r for r in await clients(daemon)}
 
 
+@_LIMITS_PER_WORKER
 async def test_max_connections_closes_the_fourth_from_one_address_only(tmp_path: Path) -> None:
     async with EchoUpstream() as up:
         cfg = daemon_config(
@@ -165,6 +166,7 @@ async def test_connection_rate_admits_the_burst_and_the_rate(tmp_path: Path) -> 
             assert view["127.0.3.2"]["rejected"]["connection_rate"] == 0
 
 
+@_LIMITS_PER_WORKER
 async def test_ipv4_prefix_groups_a_network_as_one_client(tmp_path: Path) -> None:
     async with EchoUpstream() as up:
         limits = {"max_connections": 2, "ipv4_prefix": 24}
@@ -212,6 +214,7 @@ async def test_proxy_protocol_header_address_is_the_client_key(tmp_path: Path) -
             await close_all([a, b, c])
 
 
+@_LIMITS_PER_WORKER
 async def test_reload_applies_new_client_limits_to_new_connections(tmp_path: Path) -> None:
     import signal
 
