@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs (Debian packages too, when run as root), then runs
-# lint, type checks and the whole suite. CI runs exactly this (.ci/run).
+# lint, type checks and the whole suite on each variant. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,5 +32,15 @@ echo "== ruff"
 .venv/bin/ruff check src tests bench
 echo "== mypy --strict"
 .venv/bin/mypy
-echo "== pytest"
-.venv/bin/python -m pytest "$@"
+# The whole suite three times: as written (portable data path, one worker), then with every
+# daemon on splice and with `workers: 2` where a test leaves that to the default (tests/variant.py).
+# Every pass runs even after one fails, so one CI run shows all of them.
+failed=()
+for variant in portable splice workers2; do
+    echo "== pytest (CW_TEST_VARIANT=$variant)"
+    CW_TEST_VARIANT=$variant .venv/bin/python -m pytest "$@" || failed+=("$variant")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "== pytest failed on: ${failed[*]}"
+    exit 1
+fi

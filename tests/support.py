@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from tests.variant import with_variant
+
 LOOPBACK = "127.0.0.1"
 UPSTREAM_CHUNK = 4096
 
@@ -235,6 +237,7 @@ async def running_daemon(config: dict[str, Any]) -> AsyncIterator[Any]:
     from connwatch.observe.logs import configure_logging
     from connwatch.runtime.daemon import Daemon
 
+    config = with_variant(config, in_process=True)
     settings = load_settings(None, base=config, env={})
     configure_logging("warning", "json")
     daemon = Daemon(settings, base_config=config)
@@ -269,6 +272,7 @@ class DaemonProcess:
         self.ports: dict[str, int] = {}
 
     def write_config(self, config: dict[str, Any]) -> None:
+        config = with_variant(config)  # CW_TEST_VARIANT, where the test left the key unset
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     async def start(self, *args: str) -> DaemonProcess:

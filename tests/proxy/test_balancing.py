@@ -18,6 +18,14 @@ from typing import Any
 import pytest
 
 from tests.support import LOOPBACK, DaemonProcess, daemon_config, listener_config
+from tests.variant import skip_under
+
+_PER_PROCESS_BALANCER = skip_under(
+    "workers2",
+    "the balancer's state (round-robin position, open counts) is per worker process and the "
+    "kernel spreads clients over two, so one process's exact order cannot be asserted",
+)
+
 
 CHECKS = {"interval": "100ms", "max_interval": "100ms", "timeout": "300ms", "rise": 1, "fall": 2}
 
@@ -160,6 +168,7 @@ async def wait_up(daemon: DaemonProcess, listener: str, count: int) -> None:
 # -- round_robin ---------------------------------------------------------------------------------
 
 
+@_PER_PROCESS_BALANCER
 async def test_round_robin_splits_evenly_and_skips_a_down_target(tmp_path: Path) -> None:
     async with backends("a", "b") as (a, b):
         app = listener_config("app", [a.address, b.address], health_check=CHECKS)
@@ -186,6 +195,7 @@ async def test_round_robin_splits_evenly_and_skips_a_down_target(tmp_path: Path)
 # -- least_connections ---------------------------------------------------------------------------
 
 
+@_PER_PROCESS_BALANCER
 async def test_least_connections_picks_the_emptier_target(tmp_path: Path) -> None:
     async with backends("a", "b") as (a, b):
         app = listener_config("app", [a.address, b.address], balance="least_connections")
@@ -310,6 +320,7 @@ async def test_on_upstream_down_close_closes_that_targets_connections(tmp_path: 
     assert metrics[closed_metric("keeping", "upstream_down")] == 0
 
 
+@_PER_PROCESS_BALANCER
 async def test_least_connections_spreads_a_burst(tmp_path: Path) -> None:
     """Connections still connecting count too: a burst must not all pick the same target."""
     async with backends("a", "b") as (a, b):

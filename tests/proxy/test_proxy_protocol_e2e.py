@@ -30,6 +30,7 @@ from tests.support import (
     eventually,
     listener_config,
 )
+from tests.variant import WORKERS
 
 CONNECT_TIMEOUT = 0.5
 PROXY_ERRORS = 'connwatch_protocol_errors_total{kind="proxy_protocol"}'
@@ -375,9 +376,9 @@ async def test_bad_headers_close_with_protocol_error_and_the_daemon_serves_on(
     assert (
         metrics['connwatch_connections_closed_total{listener="app",reason="protocol_error"}'] == n
     )
-    # Warnings are throttled (one line per 10 s per listener, the rest counted as suppressed);
-    # the metric above counts every one.
-    assert len(errors) == 1
+    # Warnings are throttled (one line per 10 s per listener and process, the rest counted as
+    # suppressed); the metric above counts every one.
+    assert 1 <= len(errors) <= WORKERS, errors
     assert errors[0]["suppressed"] == 0
     assert echo.accepted == 1  # no garbage connection ever reached the upstream
 
