@@ -13,6 +13,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from connwatch.runtime.request_pairs import RequestPairs
+
 _CALL_TIMEOUT = 10.0  # seconds a worker may take to answer one control request
 _MAX_LINE = 64 * 1024 * 1024  # bytes: a full /connections of one worker fits easily
 
@@ -23,8 +25,7 @@ class ControlChannel:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self._lock = asyncio.Lock()
-        self._owed = 0  # answers still to come for callers that stopped waiting (see `call`)
+        self._pairs: RequestPairs[dict[str, Any]] = RequestPairs()
         self.timeout = _CALL_TIMEOUT
 
     @classmethod
@@ -44,33 +45,22 @@ class ControlChannel:
         return message
 
     async def call(self, op: str, **args: Any) -> Any:
-        """One request and its answer. A caller that stops waiting (timeout, cancellation)
-        leaves its answer owed: the next call skips it, or every later answer would be taken
-        for the request after its own (a `connections` list read as `stats`)."""
-        async with self._lock:
-            sent = False
-            try:
-                async with asyncio.timeout(self.timeout):
-                    self.writer.write(_line({"op": op, **args}))  # queued whole: never half sent
-                    sent = True
-                    await self.writer.drain()
-                    answer = await self._answer()
-            except (TimeoutError, asyncio.CancelledError):
-                if sent:
-                    self._owed += 1
-                raise
-        if answer is None:
-            raise ConnectionError("worker closed its control socket")
+        """One request and its answer (late answers to abandoned requests skipped: RequestPairs)."""
+
+        async def send() -> None:
+            self.writer.write(_line({"op": op, **args}))  # queued whole: never half sent
+
+        answer = await self._pairs.call(send, self._answer, self.timeout)
         if not answer.get("ok"):
             raise RuntimeError(f"worker failed {op}: {answer.get('error')}")
         return answer.get("result")
 
-    async def _answer(self) -> dict[str, Any] | None:
-        while True:
-            answer = await self.receive()
-            if answer is None or not self._owed:
-                return answer
-            self._owed -= 1  # a late answer to an abandoned request
+    async def _answer(self) -> dict[str, Any]:
+        await self.writer.drain()  # the request's flow control: it is on its way already
+        answer = await self.receive()
+        if answer is None:
+            raise ConnectionError("worker closed its control socket")
+        return answer
 
     def close(self) -> None:
         self.writer.close()

@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 from connwatch.exceptions import ConnwatchError
+from connwatch.runtime.request_pairs import RequestPairs
 
 PROTOCOL_VERSION = 1
 MAX_FDS = 250  # SCM_MAX_FD is 253 on Linux
@@ -33,8 +34,7 @@ class MessageSocket:
         self.sock = sock
         self._buffer = bytearray()
         self._fds: list[int] = []
-        self._lock = asyncio.Lock()  # serialises request/answer pairs (see `call`)
-        self._owed = 0  # answers still to come for callers that stopped waiting (see `call`)
+        self._pairs: RequestPairs[dict[str, Any]] = RequestPairs()
 
     async def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         body = json.dumps(message, separators=(",", ":")).encode()
@@ -66,30 +66,19 @@ class MessageSocket:
         return message, fds
 
     async def call(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send a request and wait for its answer (no descriptors either way).
+        """Send a request and wait for its answer (no descriptors either way); late answers to
+        abandoned requests are skipped (RequestPairs). A request cut off while being sent may be
+        half written: the socket is closed then."""
 
-        A caller that stops waiting (timeout, cancellation) leaves its answer owed: the next
-        call skips it, or every later answer would be taken for the request after its own.
-        A request cut off while being sent may be half written: the socket is closed then.
-        """
-        async with self._lock:
-            sent = False
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.send(message)
-                    sent = True
-                    while True:
-                        answer, fds = await self.receive()
-                        _close_fds(fds)
-                        if not self._owed:
-                            return answer
-                        self._owed -= 1  # a late answer to an abandoned request
-            except (TimeoutError, asyncio.CancelledError):
-                if sent:
-                    self._owed += 1
-                else:
-                    self.close()
-                raise
+        async def send() -> None:
+            await self.send(message)
+
+        return await self._pairs.call(send, self._answer, timeout, unsent=self.close)
+
+    async def _answer(self) -> dict[str, Any]:
+        answer, fds = await self.receive()
+        _close_fds(fds)
+        return answer
 
     def close(self) -> None:
         _close_fds(self._fds)
