@@ -331,6 +331,34 @@ async def test_upstream_that_never_answers_connect_closes_the_client_at_connect_
         assert not await _table_exists(table)
 
 
+@pytest.mark.root
+@pytest.mark.skipif(_nft_missing() is not None, reason=_nft_missing() or "")
+async def test_client_bytes_before_the_upstream_connects_are_held_bounded(tmp_path: Path) -> None:
+    """A client that writes while its upstream connect hangs is back-pressured: connwatch holds
+    at most a read or two for it (uvloop reads an accepted socket once despite a pause made in
+    connection_made; without a second pause it read all 64 MiB into memory)."""
+    port = free_port()
+    async with PayloadUpstream() as good:
+        cfg = two_listeners(
+            f"{LOOPBACK}:{port}", good.address, connect_timeout="3s", connect_attempts=1
+        )
+        async with DaemonProcess(tmp_path, cfg) as daemon, syn_blackhole(port):
+            pid = pid_of(daemon)
+            before = rss_kib(pid)
+            _reader, writer = await asyncio.open_connection(LOOPBACK, daemon.port("faulty"))
+            sent = await _write_until_blocked(writer, limit=64 * MiB)
+            grown = rss_kib(pid) - before
+            assert sent < 48 * MiB, f"{sent} bytes accepted while the upstream connect hung"
+            assert grown < 16 * 1024, f"daemon RSS grew by {grown} KiB while the connect hung"
+            await good_traffic(daemon.port("good"), good, 5, seed=6)  # unaffected meanwhile
+            reset(writer)
+            # Not read while paused, the reset is seen only when the connect gives up.
+            closed = await daemon.wait_for("connection_closed", listener="faulty")
+            assert closed["reason"] == "upstream_connect_failed"
+            held = closed["bytes_client_to_upstream"]  # read from the client, never forwarded
+            assert held <= 1 * MiB, f"{held} bytes held of {sent} sent before the upstream was up"
+
+
 # -- client faults --------------------------------------------------------------------------------
 async def test_client_reset_mid_transfer_closes_the_upstream_leg_as_client_reset(
     tmp_path: Path,

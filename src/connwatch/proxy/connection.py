@@ -196,12 +196,18 @@ class MonitoredConnection:
         return self.upstream_leg
 
     def hold(self, data: bytes) -> None:
-        """Client bytes that arrived before the upstream leg exists (reading is paused by then)."""
+        """Client bytes that arrived before the upstream leg exists.
+
+        `leg_made` paused reading, but uvloop starts reading an accepted socket after
+        `connection_made` all the same: pause again here, or a client writing while the upstream
+        connect hangs is read without bound. Only a PROXY header being awaited keeps reading."""
         if self._pending is None:
             self._pending = []
         self._pending.append(data)
         if self.preamble is not None:
             self.preamble(self)
+        elif (client := self.client_leg.transport) is not None:
+            client.pause_reading()
 
     def peek_held(self) -> bytes:
         if self._pending and len(self._pending) > 1:
