@@ -1,7 +1,10 @@
 """An accept loop that survives running out of file descriptors.
 
 uvloop's own server answers EMFILE by accepting and dropping the waiting clients without telling
-anyone. Here the listening socket is read from the loop directly. One fd is held in reserve: on
+anyone (libuv's uv__server_io: uv__emfile_trick, no callback). So while descriptors are plenty the
+loop's server makes the client transports (no Python per accept; a portable listener gives a
+protocol factory), and once they run short (FdWatch, or an upstream socket() failing with
+EMFILE) the listening socket is read from the loop directly. One fd is held in reserve: on
 EMFILE/ENFILE it is given up for a moment to accept each waiting client and close it at once, so
 clients fail fast instead of hanging in the backlog while the daemon has no fd to serve them.
 One warning a burst says accepting failed; a second line says when a client is served again. A
@@ -19,6 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+
+from connwatch.proxy.binding import BACKLOG
+from connwatch.proxy.fd_watch import FdWatch
 
 log = structlog.get_logger("connwatch.listener")
 
@@ -38,6 +44,7 @@ class Acceptor:
         on_socket: Callable[[socket.socket, Any], None],
         name: str,
         on_shed: Callable[[], None] | None = None,
+        factory: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
         self.sock = sock
         self._family, self._type = int(sock.family), int(sock.type)
@@ -51,23 +58,89 @@ class Acceptor:
         self._loop = asyncio.get_running_loop()
         self._retry: asyncio.TimerHandle | None = None
         self._reading = False
+        # The loop's own server, used while fds are plenty when a protocol factory is given.
+        self._factory = factory
+        self._server: asyncio.AbstractServer | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self.fds = FdWatch(self._fds_short, self._fds_plenty)  # upstream sockets report to it
 
     def start(self) -> None:
+        """Accept here at once; with a factory (and fds plenty) the loop's server takes over."""
+        if self._server is not None:
+            return
         if not self._reading:
             self._loop.add_reader(self.sock.fileno(), self._ready)
             self._reading = True
+        if self._factory is not None and self._opening is None and not self.fds.short:
+            self._opening = self._loop.create_task(self._open_server(self._factory))
+
+    def serve_with(self, factory: Callable[[], asyncio.Protocol] | None) -> None:
+        """Change the factory the loop's server uses (None: accept here only); a reload."""
+        if factory is self._factory:
+            return
+        self._factory = factory
+        if self._server is not None or self._opening is not None:
+            self._close_server()
+            self.start()
 
     def close(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        if self._reading:
-            self._loop.remove_reader(self.sock.fileno())
-            self._reading = False
+        self._close_server()
+        self._stop_reading()
         self.sock.close()
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+
+    async def _open_server(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        """Hand accepting to the loop's server, on a duplicate of the listening socket (closing
+        a server closes its socket; ours stays for a fall-back and a successor)."""
+        try:
+            dup = self.sock.dup()
+        except OSError:
+            self._opening = None
+            return  # no fd to spare: keep accepting here
+        try:
+            if dup.family == socket.AF_UNIX:
+                server = await self._loop.create_unix_server(factory, sock=dup, backlog=BACKLOG)
+            else:
+                server = await self._loop.create_server(factory, sock=dup, backlog=BACKLOG)
+        except OSError:
+            dup.close()
+            self._opening = None
+            return
+        self._opening = None
+        if not self._reading or self.fds.short:  # closed, paused or short of fds meanwhile
+            server.close()
+            return
+        self._server = server
+        self._stop_reading()
+
+    def _close_server(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()  # create_server has no await with a socket: not yet begun
+            self._opening = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def _fds_short(self) -> None:
+        """Descriptors run short: accept here, where EMFILE is seen, logged and counted."""
+        if self._server is not None or self._opening is not None:
+            self._close_server()
+            if self._retry is None:
+                self.start()
+
+    def _fds_plenty(self) -> None:
+        if self._retry is None and not self._burst:
+            self.start()
 
     def _ready(self) -> None:
         for _ in range(_BATCH):
@@ -107,10 +180,12 @@ class Acceptor:
     def exhausted(self, exc: OSError) -> None:
         """Accepting (or a connect for an accepted client) failed: pause, log once a burst."""
         self._note_failure(exc)
+        if exc.errno in _NO_FDS:
+            self.fds.set_short(True)
         if exc.errno in _EXHAUSTED:
             # Leave the clients in the backlog and look again shortly, instead of spinning.
-            self._loop.remove_reader(self.sock.fileno())
-            self._reading = False
+            self._close_server()
+            self._stop_reading()
             self._retry = self._loop.call_later(_RETRY, self._resume)
 
     def _note_failure(self, exc: OSError) -> None:

@@ -11,6 +11,7 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -141,7 +142,11 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
         self._acceptor = Acceptor(
-            sock, self._accepted, self.name, on_shed=lambda: self.tracker.shed(self.name)
+            sock,
+            self._accepted,
+            self.name,
+            on_shed=lambda: self.tracker.shed(self.name),
+            factory=self._loop_factory(),
         )
         self._acceptor.start()
         self.accepting = True
@@ -179,7 +184,9 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
         shed = lambda: self.tracker.shed(self.name)  # noqa: E731
-        self._acceptor = Acceptor(first, self._accepted, self.name, on_shed=shed)
+        self._acceptor = Acceptor(
+            first, self._accepted, self.name, on_shed=shed, factory=self._loop_factory()
+        )
         self._inherited = [Acceptor(s, self._accepted, self.name, on_shed=shed) for s in rest]
         for acceptor in (self._acceptor, *self._inherited):
             acceptor.sock.setblocking(False)
@@ -218,6 +225,8 @@ class Listener:
         self._read_settings(config)
         self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
+        if self._acceptor is not None:
+            self._acceptor.serve_with(self._loop_factory())
         if self._sock is not None and config.listen.path is None:
             apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
         if self.accepting:
@@ -293,6 +302,7 @@ class Listener:
             attempts=config.connect_attempts,
             options=self.upstream_options,
             order=order,
+            fds=self._acceptor.fds if self._acceptor is not None else None,
         )
 
     def _wire_passive(self) -> None:
@@ -309,6 +319,31 @@ class Listener:
         self.pool.on_connect_failure = self.judge.connect_failed if self.judge is not None else None
 
     # -- accepting ------------------------------------------------------------------------------
+    def _loop_factory(self) -> Callable[[], asyncio.Protocol] | None:
+        """The protocol factory for the loop's own server (portable path only: a splice
+        listener wraps accepted sockets itself)."""
+        return self._made if self._splice is None else None
+
+    def _made(self) -> asyncio.Protocol:
+        """A client accepted by the loop's server: its connection; set-up starts from its
+        client leg's connection_made (`_client_made`)."""
+        conn = MonitoredConnection(
+            self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
+        )
+        conn.on_made = self._client_made
+        return conn.client_leg
+
+    def _client_made(self, conn: MonitoredConnection, peer: Any) -> None:
+        conn.connect_task = self._loop.create_task(self._set_up(conn, peer))
+
+    async def _set_up(self, conn: MonitoredConnection, peer: Any) -> None:
+        """A loop-accepted connection's set-up, as its task (`conn.connect_task`)."""
+        try:
+            if self._admit(conn, peer):
+                await self._connect(conn, peer)
+        finally:
+            conn.connect_task = None
+
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
@@ -326,19 +361,23 @@ class Listener:
             except OSError:
                 sock.close()  # the client left before we could wrap its socket
                 return
-            # Refused only now: a transport closed inside connection_made never reports its
-            # loss. (Accepted just before a hand-over to a successor: served here, not refused.)
-            draining = not self.accepting and not self._handed_over
-            if self.tracker.active(self.name) > self._max_connections or draining:
-                reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
-                conn.close(reason, abort=True)
-            # With PROXY protocol the client key is the header's address: admitted once read.
-            elif conn.state is _CONNECTING and (
-                self._accept_proxy or self._admit_client(conn, peer)
-            ):
+            if self._admit(conn, peer):
                 await self._connect(conn, peer)
         finally:
             conn.connect_task = None
+
+    def _admit(self, conn: MonitoredConnection, peer: Any) -> bool:
+        """Refuse over max_connections or while draining, else apply the client limits; True:
+        go on to the upstream. Refused only once the client's transport is made: a transport
+        closed inside connection_made never reports its loss. (Accepted just before a hand-over
+        to a successor: served here, not refused.)"""
+        draining = not self.accepting and not self._handed_over
+        if self.tracker.active(self.name) > self._max_connections or draining:
+            reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
+            conn.close(reason, abort=True)
+            return False
+        # With PROXY protocol the client key is the header's address: admitted once read.
+        return conn.state is _CONNECTING and (self._accept_proxy or self._admit_client(conn, peer))
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
@@ -422,6 +461,7 @@ class Listener:
                     timeout=self._connect_timeout,
                     attempts=self._connect_attempts,
                     options=self.upstream_options,
+                    fds=self._acceptor.fds if self._acceptor is not None else None,
                 )
         except NoHealthyUpstreamError:
             conn.close(CloseReason.NO_HEALTHY_UPSTREAM)

@@ -20,6 +20,7 @@ from connwatch.exceptions import (
     describe_error,
 )
 from connwatch.histogram import LATENCY_BUCKETS, Histogram
+from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.slow_start import admit, weight
 from connwatch.proxy.sockopts import SocketOptions, apply_to_tcp_fd
 from connwatch.snapshots import TargetStats
@@ -166,6 +167,7 @@ class UpstreamPool:
         attempts: int,
         options: SocketOptions = NODELAY,
         order: list[Target] | None = None,
+        fds: FdWatch | None = None,
     ) -> Coroutine[Any, Any, tuple[asyncio.Transport, Target]]:
         """Connect to the first target that answers, trying up to `attempts` targets in order.
 
@@ -173,7 +175,7 @@ class UpstreamPool:
         """
         loop = asyncio.get_running_loop()
         return self.reach(
-            functools.partial(open_transport, loop, protocol_factory, options=options),
+            functools.partial(open_transport, loop, protocol_factory, options=options, fds=fds),
             timeout=timeout,
             attempts=attempts,
             order=order,
@@ -235,17 +237,23 @@ async def open_transport(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     address: Address,
     options: SocketOptions = NODELAY,
+    fds: FdWatch | None = None,
 ) -> asyncio.Transport:
-    """Open a stream to `address` (TCP or Unix socket); `options` are set on a TCP socket."""
+    """Open a stream to `address` (TCP or Unix socket); `options` are set on a TCP socket.
+    `fds` is shown the new socket's fd number (descriptors running short?)."""
     if address.path is not None:
         transport, _ = await loop.create_unix_connection(protocol_factory, address.path)
     else:
         transport, _ = await loop.create_connection(
             protocol_factory, address.host or "127.0.0.1", address.port
         )
-        sock = transport.get_extra_info("socket")
-        if sock is not None and options:  # a TCP socket: its family need not be asked
-            apply_to_tcp_fd(sock.fileno(), options)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        fd = sock.fileno()
+        if options and address.path is None:  # a TCP socket: its family need not be asked
+            apply_to_tcp_fd(fd, options)
+        if fds is not None and not fds.low <= fd < fds.high:
+            fds.moved(fd)
     return transport
 
 
