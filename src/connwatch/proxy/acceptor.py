@@ -74,6 +74,11 @@ class Acceptor:
         if self._factory is not None and self._opening is None and not self.fds.short:
             self._opening = self._loop.create_task(self._open_server(self._factory))
 
+    @property
+    def by_loop(self) -> bool:
+        """True while the loop's own server accepts (fds plenty, a factory given)."""
+        return self._server is not None
+
     def serve_with(self, factory: Callable[[], asyncio.Protocol] | None) -> None:
         """Change the factory the loop's server uses (None: accept here only); a reload."""
         if factory is self._factory:
