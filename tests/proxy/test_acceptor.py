@@ -77,6 +77,21 @@ async def test_an_upstream_emfile_hands_accepting_back_to_our_loop() -> None:
         acceptor.close()
 
 
+async def test_a_table_filled_by_other_sockets_is_seen_within_a_second() -> None:
+    paths: asyncio.Queue[str] = asyncio.Queue()
+    acceptor = _acceptor(paths)
+    acceptor.start()
+    try:
+        await eventually(lambda: acceptor.by_loop)
+        # As if every fd up to the mark were taken by sockets no connection reports.
+        acceptor.fds.high = 0
+        await eventually(lambda: not acceptor.by_loop, timeout=3)
+        assert acceptor.fds.short
+        assert await _path_of_next_client(acceptor, paths) == "own"
+    finally:
+        acceptor.close()
+
+
 async def test_without_a_factory_only_our_loop_accepts() -> None:
     paths: asyncio.Queue[str] = asyncio.Queue()
     acceptor = _acceptor(paths)

@@ -30,6 +30,7 @@ log = structlog.get_logger("connwatch.listener")
 
 _BATCH = 64  # accepts per readiness callback: fairness with the connections already open
 _RETRY = 0.1  # seconds to wait after EMFILE before trying again
+_PROBE = 1.0  # seconds between looks at the lowest free fd while the loop's server accepts
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _NO_FDS = frozenset({errno.EMFILE, errno.ENFILE})
 _PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
@@ -62,6 +63,7 @@ class Acceptor:
         self._factory = factory
         self._server: asyncio.AbstractServer | None = None
         self._opening: asyncio.Task[None] | None = None
+        self._probe: asyncio.TimerHandle | None = None
         self.fds = FdWatch(self._fds_short, self._fds_plenty)  # upstream sockets report to it
 
     def start(self) -> None:
@@ -127,6 +129,24 @@ class Acceptor:
             return
         self._server = server
         self._stop_reading()
+        self._probe = self._loop.call_later(_PROBE, self._look_at_fds)
+
+    def _look_at_fds(self) -> None:
+        """Fds taken by other sockets (admin, health checks) are not seen per connection: the
+        lowest free fd is looked at now and then, so that a full table turns accepting back to
+        our loop, where EMFILE is seen, within a second."""
+        self._probe = None
+        try:
+            fd = os.dup(self.sock.fileno())
+        except OSError as exc:
+            short = exc.errno in _NO_FDS
+        else:
+            os.close(fd)
+            short = fd >= self.fds.high
+        if short:
+            self.fds.set_short(True)
+        elif self._server is not None:
+            self._probe = self._loop.call_later(_PROBE, self._look_at_fds)
 
     def _close_server(self) -> None:
         if self._opening is not None:
@@ -135,6 +155,9 @@ class Acceptor:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
 
     def _fds_short(self) -> None:
         """Descriptors run short: accept here, where EMFILE is seen, logged and counted."""
