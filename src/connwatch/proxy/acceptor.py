@@ -55,7 +55,7 @@ class Acceptor:
         self.name = name
         self._reserve = _open_reserve()
         self.failures = 0  # accept attempts that failed for lack of resources, ever
-        self._burst = 0  # failures since the last successful accept
+        self.burst = 0  # failures since a client was last served (read per connection)
         self._loop = asyncio.get_running_loop()
         self._retry: asyncio.TimerHandle | None = None
         self._reading = False
@@ -68,7 +68,7 @@ class Acceptor:
 
     def start(self) -> None:
         """Accept here at once; with a factory (and fds plenty) the loop's server takes over."""
-        if self._server is not None:
+        if self._server is not None or self.sock.fileno() < 0:  # serving already, or closed
             return
         if not self._reading:
             self._loop.add_reader(self.sock.fileno(), self._ready)
@@ -167,7 +167,7 @@ class Acceptor:
                 self.start()
 
     def _fds_plenty(self) -> None:
-        if self._retry is None and not self._burst:
+        if self._retry is None and not self.burst:
             self.start()
 
     def _ready(self) -> None:
@@ -201,9 +201,9 @@ class Acceptor:
 
     def served(self) -> None:
         """A client got its upstream: any burst of failures is over."""
-        if self._burst:
-            log.info("accept_recovered", listener=self.name, failed_attempts=self._burst)
-            self._burst = 0
+        if self.burst:
+            log.info("accept_recovered", listener=self.name, failed_attempts=self.burst)
+            self.burst = 0
 
     def exhausted(self, exc: OSError) -> None:
         """Accepting (or a connect for an accepted client) failed: pause, log once a burst."""
@@ -219,7 +219,7 @@ class Acceptor:
     def _note_failure(self, exc: OSError) -> None:
         """Count a failed attempt; the first of a burst is logged."""
         self.failures += 1
-        if not self._burst:
+        if not self.burst:
             log.warning(
                 "accept_failed",
                 listener=self.name,
@@ -227,7 +227,7 @@ class Acceptor:
                 errno=errno.errorcode.get(exc.errno or 0, exc.errno),
                 retry_s=_RETRY,
             )
-        self._burst += 1
+        self.burst += 1
 
     def _shed_backlog(self, exc: OSError) -> bool:
         """Out of fds: give up the reserve fd to accept each waiting client and close it at once.

@@ -35,10 +35,11 @@ from connwatch.proxy.acceptor import Acceptor
 from connwatch.proxy.binding import bind_tcp, bind_unix
 from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
 from connwatch.proxy.proxy_header import preface, read_header
-from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
+from connwatch.proxy.sockopts import apply_to_fd, keepalive_options
 from connwatch.proxy.splice import SplicePath, uses_splice
 from connwatch.proxy.splice.path import open_socket
 from connwatch.proxy.upstream import Target, UpstreamPool
@@ -47,7 +48,7 @@ from connwatch.snapshots import ListenerSnapshot, TargetStats
 from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
 
 if TYPE_CHECKING:
-    from connwatch.config import KeepaliveConfig, ListenerConfig
+    from connwatch.config import ListenerConfig
 
 log = structlog.get_logger("connwatch.listener")
 
@@ -79,7 +80,7 @@ class Listener:
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
-        self.upstream_options = _options(config.keepalive.upstream)
+        self.upstream_options = keepalive_options(config.keepalive.upstream)
         self._read_settings(config)
         self.clients = ClientLimiter(config.client_limits)  # per-client-key limits (SPEC §12)
         self.accepting = False
@@ -87,6 +88,7 @@ class Listener:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop  # the loop start() runs on
         self._acceptor: Acceptor | None = None
+        self._fds: FdWatch | None = None  # the acceptor's: upstream fd numbers are shown to it
         self._inherited: list[Acceptor] = []  # more sockets taken over from an old process
         self._handed_over = False  # released to a successor: leave a Unix socket's path alone
         self._splice: SplicePath | None = None  # None: the portable data path
@@ -133,7 +135,9 @@ class Listener:
             else:
                 sock = bind_tcp(address, reuse_port=self.reuse_port)
                 # Keep-alive and TCP_NODELAY are inherited by every accepted socket on Linux.
-                apply_to_fd(sock.fileno(), sock.family, _options(self.config.keepalive.client))
+                apply_to_fd(
+                    sock.fileno(), sock.family, keepalive_options(self.config.keepalive.client)
+                )
         except OSError as exc:
             raise ListenerError(
                 f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
@@ -148,6 +152,7 @@ class Listener:
             on_shed=lambda: self.tracker.shed(self.name),
             factory=self._loop_factory(),
         )
+        self._fds = self._acceptor.fds
         self._acceptor.start()
         self.accepting = True
         self._configure_warm_pool()
@@ -187,6 +192,7 @@ class Listener:
         self._acceptor = Acceptor(
             first, self._accepted, self.name, on_shed=shed, factory=self._loop_factory()
         )
+        self._fds = self._acceptor.fds
         self._inherited = [Acceptor(s, self._accepted, self.name, on_shed=shed) for s in rest]
         for acceptor in (self._acceptor, *self._inherited):
             acceptor.sock.setblocking(False)
@@ -221,14 +227,16 @@ class Listener:
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
-        self.upstream_options = _options(config.keepalive.upstream)
+        self.upstream_options = keepalive_options(config.keepalive.upstream)
         self._read_settings(config)
         self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._acceptor is not None:
             self._acceptor.serve_with(self._loop_factory())
         if self._sock is not None and config.listen.path is None:
-            apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
+            apply_to_fd(
+                self._sock.fileno(), self._sock.family, keepalive_options(config.keepalive.client)
+            )
         if self.accepting:
             self._configure_warm_pool()
 
@@ -302,7 +310,7 @@ class Listener:
             attempts=config.connect_attempts,
             options=self.upstream_options,
             order=order,
-            fds=self._acceptor.fds if self._acceptor is not None else None,
+            fds=self._fds,
         )
 
     def _wire_passive(self) -> None:
@@ -320,13 +328,11 @@ class Listener:
 
     # -- accepting ------------------------------------------------------------------------------
     def _loop_factory(self) -> Callable[[], asyncio.Protocol] | None:
-        """The protocol factory for the loop's own server (portable path only: a splice
-        listener wraps accepted sockets itself)."""
+        """For the loop's own server: portable only (splice wraps accepted sockets itself)."""
         return self._made if self._splice is None else None
 
     def _made(self) -> asyncio.Protocol:
-        """A client accepted by the loop's server: its connection; set-up starts from its
-        client leg's connection_made (`_client_made`)."""
+        """A client the loop's server accepts; set-up starts once its leg is made."""
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
@@ -336,14 +342,6 @@ class Listener:
     def _client_made(self, conn: MonitoredConnection, peer: Any) -> None:
         conn.connect_task = self._loop.create_task(self._set_up(conn, peer))
 
-    async def _set_up(self, conn: MonitoredConnection, peer: Any) -> None:
-        """A loop-accepted connection's set-up, as its task (`conn.connect_task`)."""
-        try:
-            if self._admit(conn, peer):
-                await self._connect(conn, peer)
-        finally:
-            conn.connect_task = None
-
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
@@ -352,8 +350,7 @@ class Listener:
         conn.connect_task = self._loop.create_task(self._serve(conn, sock, peer))
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
-        """One connection's set-up, as its task (`conn.connect_task`), which it lets go at the end:
-        take over the accepted socket, then reach an upstream."""
+        """Our accept loop's client, as its task (`conn.connect_task`): wrap, then `_set_up`."""
         wrapper = self._splice or self._loop
         try:
             try:
@@ -361,16 +358,14 @@ class Listener:
             except OSError:
                 sock.close()  # the client left before we could wrap its socket
                 return
-            if self._admit(conn, peer):
-                await self._connect(conn, peer)
+            await self._set_up(conn, peer)
         finally:
             conn.connect_task = None
 
     def _admit(self, conn: MonitoredConnection, peer: Any) -> bool:
-        """Refuse over max_connections or while draining, else apply the client limits; True:
-        go on to the upstream. Refused only once the client's transport is made: a transport
-        closed inside connection_made never reports its loss. (Accepted just before a hand-over
-        to a successor: served here, not refused.)"""
+        """Refuse over max_connections or while draining, else apply the client limits. Only
+        once the client's transport is made: one closed in connection_made never reports its
+        loss. (Accepted just before a hand-over to a successor: served here, not refused.)"""
         draining = not self.accepting and not self._handed_over
         if self.tracker.active(self.name) > self._max_connections or draining:
             reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
@@ -437,69 +432,69 @@ class Listener:
         return header
 
     # -- upstream connect -----------------------------------------------------------------------
-    async def _connect(self, conn: MonitoredConnection, peer: Any) -> None:
-        header = None
-        if self._accept_proxy:
-            header = await self._read_proxy_header(conn)
-            if header is None or conn.state is not _CONNECTING:
-                return
-            source = header.source if header.source is not None else peer
-            if not self._admit_client(conn, source):
-                return
+    async def _set_up(self, conn: MonitoredConnection, peer: Any) -> None:
+        """Admit a client whose transport is made, reach an upstream: a loop-accepted client's
+        task (`conn.connect_task`, let go at the end); one frame, not two, at every step."""
         try:
-            if self.warm is not None:
-                transport, target = await self._borrow_or_connect(conn, self.warm)
-            elif self._splice is not None:  # sets its own socket options before connecting
-                transport, target = await self._splice.connect(
-                    conn.upstream_protocol,
-                    timeout=self._connect_timeout,
-                    attempts=self._connect_attempts,
-                )
-            else:
-                transport, target = await self.pool.connect(
-                    conn.upstream_protocol,
-                    timeout=self._connect_timeout,
-                    attempts=self._connect_attempts,
-                    options=self.upstream_options,
-                    fds=self._acceptor.fds if self._acceptor is not None else None,
-                )
-        except NoHealthyUpstreamError:
+            if not self._admit(conn, peer):
+                return
+            header = None
+            if self._accept_proxy:
+                header = await self._read_proxy_header(conn)
+                if header is None or conn.state is not _CONNECTING:
+                    return
+                source = header.source if header.source is not None else peer
+                if not self._admit_client(conn, source):
+                    return
+            try:
+                if self.warm is not None:
+                    transport, target = await self._borrow_or_connect(conn, self.warm)
+                elif self._splice is not None:  # sets its own socket options before connecting
+                    transport, target = await self._splice.connect(
+                        conn.upstream_protocol,
+                        timeout=self._connect_timeout,
+                        attempts=self._connect_attempts,
+                    )
+                else:
+                    transport, target = await self.pool.connect(
+                        conn.upstream_protocol,
+                        timeout=self._connect_timeout,
+                        attempts=self._connect_attempts,
+                        options=self.upstream_options,
+                        fds=self._fds,
+                    )
+            except (NoHealthyUpstreamError, UpstreamConnectError) as exc:
+                self._connect_failed(conn, exc)
+                return
+            if conn.state is not _CONNECTING:  # the client left while we were connecting
+                transport.abort()
+                return
+            if self.timeouts.max_lifetime:
+                jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
+                conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
+            send = self._send_proxy  # "none", "v1" or "v2"
+            conn.upstream_connected(target, b"" if send == "none" else preface(send, conn, header))
+            if (acceptor := self._acceptor) is not None and acceptor.burst:
+                acceptor.served()
+        finally:
+            conn.connect_task = None
+
+    def _connect_failed(self, conn: MonitoredConnection, exc: Exception) -> None:
+        if not isinstance(exc, UpstreamConnectError):  # NoHealthyUpstreamError
             conn.close(CloseReason.NO_HEALTHY_UPSTREAM)
             return
-        except UpstreamConnectError as exc:
-            conn.close(CloseReason.UPSTREAM_CONNECT_FAILED)
-            if exc.out_of_fds and self._acceptor is not None:
-                # No fds left for upstream legs: stop taking clients we cannot serve.
-                self._acceptor.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
-            elif (suppressed := self._throttle.allow("upstream_connect_failed")) is not None:
-                self._log.warning(
-                    "upstream_connect_failed",
-                    conn_id=conn.id,
-                    error=str(exc),
-                    suppressed=suppressed,
-                )
-            return
-        if conn.state is not _CONNECTING:  # the client left while we were connecting
-            transport.abort()
-            return
-        if self.timeouts.max_lifetime:
-            jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
-            conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
-        send = self._send_proxy  # "none", "v1" or "v2"
-        conn.upstream_connected(target, b"" if send == "none" else preface(send, conn, header))
-        if self._acceptor is not None:
-            self._acceptor.served()
+        conn.close(CloseReason.UPSTREAM_CONNECT_FAILED)
+        if exc.out_of_fds and self._acceptor is not None:
+            # No fds left for upstream legs: stop taking clients we cannot serve.
+            self._acceptor.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+        elif (suppressed := self._throttle.allow("upstream_connect_failed")) is not None:
+            self._log.warning(
+                "upstream_connect_failed",
+                conn_id=conn.id,
+                error=str(exc),
+                suppressed=suppressed,
+            )
 
 
 def _timeouts(config: ListenerConfig) -> Timeouts:
     return Timeouts(config.idle_timeout, config.half_close_timeout, config.max_lifetime)
-
-
-def _options(cfg: KeepaliveConfig) -> SocketOptions:
-    return tcp_options(
-        enabled=cfg.enabled,
-        idle=cfg.idle,
-        interval=cfg.interval,
-        count=cfg.count,
-        user_timeout=cfg.user_timeout,
-    )
