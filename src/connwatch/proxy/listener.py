@@ -328,8 +328,7 @@ class Listener:
 
     # -- accepting ------------------------------------------------------------------------------
     def _loop_factory(self) -> Callable[[], asyncio.Protocol] | None:
-        """For the loop's own server: portable only (splice wraps accepted sockets itself)."""
-        return self._made if self._splice is None else None
+        return self._made if self._splice is None else None  # splice wraps its own sockets
 
     def _made(self) -> asyncio.Protocol:
         """A client the loop's server accepts; set-up starts once its leg is made."""
@@ -462,6 +461,7 @@ class Listener:
                         attempts=self._connect_attempts,
                         options=self.upstream_options,
                         fds=self._fds,
+                        task=conn.connect_task,
                     )
             except (NoHealthyUpstreamError, UpstreamConnectError) as exc:
                 self._connect_failed(conn, exc)

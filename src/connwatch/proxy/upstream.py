@@ -168,6 +168,7 @@ class UpstreamPool:
         options: SocketOptions = NODELAY,
         order: list[Target] | None = None,
         fds: FdWatch | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> Coroutine[Any, Any, tuple[asyncio.Transport, Target]]:
         """Connect to the first target that answers, trying up to `attempts` targets in order.
 
@@ -179,6 +180,7 @@ class UpstreamPool:
             timeout=timeout,
             attempts=attempts,
             order=order,
+            task=task,
         )
 
     async def reach(
@@ -188,11 +190,13 @@ class UpstreamPool:
         timeout: float,
         attempts: int,
         order: list[Target] | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> tuple[T, Target]:
         """`opener(address)` on the targets in balance order until one succeeds, each try within
         `timeout`, at most `attempts` tries; counts failures, durations and connects in flight.
         Data paths differ only in their opener (a transport here, a raw socket for splice).
-        `order`: candidates() already taken (a warm pool's miss), so balancing advances once."""
+        `order`: candidates() already taken (a warm pool's miss), so balancing advances once.
+        `task`: the task this runs in, when the caller holds it (asking costs a Python call)."""
         if order is None:
             order = self.candidates()
         if not order:
@@ -200,8 +204,9 @@ class UpstreamPool:
         errors: list[str] = []
         out_of_fds = False
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
+        if task is None:
+            task = asyncio.current_task()
+            assert task is not None
         for target in itertools.islice(itertools.cycle(order), attempts):
             started = time.monotonic()
             target.connecting += 1
