@@ -92,7 +92,7 @@ async def test_a_table_filled_by_other_sockets_is_seen_within_a_second() -> None
         acceptor.close()
 
 
-async def test_without_a_factory_only_our_loop_accepts() -> None:
+async def test_a_reload_without_a_factory_accepts_here_and_back_with_one() -> None:
     paths: asyncio.Queue[str] = asyncio.Queue()
     acceptor = _acceptor(paths)
     acceptor.start()
@@ -101,6 +101,9 @@ async def test_without_a_factory_only_our_loop_accepts() -> None:
         acceptor.serve_with(None)  # a reload to the splice data path
         assert not acceptor.by_loop
         assert await _path_of_next_client(acceptor, paths) == "own"
+        acceptor.serve_with(lambda: _Made(paths))  # and back to the portable one
+        await eventually(lambda: acceptor.by_loop)
+        assert await _path_of_next_client(acceptor, paths) == "loop"
     finally:
         acceptor.close()
 

@@ -83,11 +83,11 @@ class Acceptor:
 
     def serve_with(self, factory: Callable[[], asyncio.Protocol] | None) -> None:
         """Change the factory the loop's server uses (None: accept here only); a reload."""
-        if factory is self._factory:
+        if factory == self._factory:  # bound methods: equal, not identical, each time
             return
         self._factory = factory
-        if self._server is not None or self._opening is not None:
-            self._close_server()
+        if self._reading or self._server is not None or self._opening is not None:
+            self._close_server()  # (paused after EMFILE: _resume starts with the new one)
             self.start()
 
     def close(self) -> None:
