@@ -73,6 +73,8 @@ async def test_an_upstream_emfile_hands_accepting_back_to_our_loop() -> None:
         acceptor.served()  # the burst ends; fds are still short until a low fd is seen
         assert await _path_of_next_client(acceptor, paths) == "own"  # after the retry pause
         assert not acceptor.by_loop
+        acceptor.fds.moved(acceptor.fds.mark_low - 1)  # fds plenty again: the loop's server
+        await eventually(lambda: acceptor.by_loop)
     finally:
         acceptor.close()
 

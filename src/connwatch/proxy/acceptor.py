@@ -167,7 +167,7 @@ class Acceptor:
                 self.start()
 
     def _fds_plenty(self) -> None:
-        if self._retry is None and not self.burst:
+        if self._retry is None:  # paused after EMFILE: _resume starts it
             self.start()
 
     def _ready(self) -> None:
