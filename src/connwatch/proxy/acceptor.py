@@ -1,7 +1,10 @@
 """An accept loop that survives running out of file descriptors.
 
 uvloop's own server answers EMFILE by accepting and dropping the waiting clients without telling
-anyone. Here the listening socket is read from the loop directly. One fd is held in reserve: on
+anyone (libuv's uv__server_io: uv__emfile_trick, no callback). So while descriptors are plenty the
+loop's server makes the client transports (no Python per accept; a portable listener gives a
+protocol factory), and once they run short (FdWatch, or an upstream socket() failing with
+EMFILE) the listening socket is read from the loop directly. One fd is held in reserve: on
 EMFILE/ENFILE it is given up for a moment to accept each waiting client and close it at once, so
 clients fail fast instead of hanging in the backlog while the daemon has no fd to serve them.
 One warning a burst says accepting failed; a second line says when a client is served again. A
@@ -20,10 +23,14 @@ from typing import Any
 
 import structlog
 
+from connwatch.proxy.binding import BACKLOG
+from connwatch.proxy.fd_watch import FdWatch
+
 log = structlog.get_logger("connwatch.listener")
 
 _BATCH = 64  # accepts per readiness callback: fairness with the connections already open
 _RETRY = 0.1  # seconds to wait after EMFILE before trying again
+_PROBE = 1.0  # seconds between looks at the lowest free fd while the loop's server accepts
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _NO_FDS = frozenset({errno.EMFILE, errno.ENFILE})
 _PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
@@ -38,6 +45,7 @@ class Acceptor:
         on_socket: Callable[[socket.socket, Any], None],
         name: str,
         on_shed: Callable[[], None] | None = None,
+        factory: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
         self.sock = sock
         self._family, self._type = int(sock.family), int(sock.type)
@@ -47,27 +55,120 @@ class Acceptor:
         self.name = name
         self._reserve = _open_reserve()
         self.failures = 0  # accept attempts that failed for lack of resources, ever
-        self._burst = 0  # failures since the last successful accept
+        self.burst = 0  # failures since a client was last served (read per connection)
         self._loop = asyncio.get_running_loop()
         self._retry: asyncio.TimerHandle | None = None
         self._reading = False
+        # The loop's own server, used while fds are plenty when a protocol factory is given.
+        self._factory = factory
+        self._server: asyncio.AbstractServer | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._probe: asyncio.TimerHandle | None = None
+        self.fds = FdWatch(self._fds_short, self._fds_plenty)  # upstream sockets report to it
 
     def start(self) -> None:
+        """Accept here at once; with a factory (and fds plenty) the loop's server takes over."""
+        if self._server is not None or self.sock.fileno() < 0:  # serving already, or closed
+            return
         if not self._reading:
             self._loop.add_reader(self.sock.fileno(), self._ready)
             self._reading = True
+        if self._factory is not None and self._opening is None and not self.fds.short:
+            self._opening = self._loop.create_task(self._open_server(self._factory))
+
+    @property
+    def by_loop(self) -> bool:
+        """True while the loop's own server accepts (fds plenty, a factory given)."""
+        return self._server is not None
+
+    def serve_with(self, factory: Callable[[], asyncio.Protocol] | None) -> None:
+        """Change the factory the loop's server uses (None: accept here only); a reload."""
+        if factory == self._factory:  # bound methods: equal, not identical, each time
+            return
+        self._factory = factory
+        if self._reading or self._server is not None or self._opening is not None:
+            self._close_server()  # (paused after EMFILE: _resume starts with the new one)
+            self.start()
 
     def close(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        if self._reading:
-            self._loop.remove_reader(self.sock.fileno())
-            self._reading = False
+        self._close_server()
+        self._stop_reading()
         self.sock.close()
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+
+    async def _open_server(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        """Hand accepting to the loop's server, on a duplicate of the listening socket (closing
+        a server closes its socket; ours stays for a fall-back and a successor)."""
+        try:
+            dup = self.sock.dup()
+        except OSError:
+            self._opening = None
+            return  # no fd to spare: keep accepting here
+        try:
+            if dup.family == socket.AF_UNIX:
+                server = await self._loop.create_unix_server(factory, sock=dup, backlog=BACKLOG)
+            else:
+                server = await self._loop.create_server(factory, sock=dup, backlog=BACKLOG)
+        except OSError:
+            dup.close()
+            self._opening = None
+            return
+        self._opening = None
+        if not self._reading or self.fds.short:  # closed, paused or short of fds meanwhile
+            server.close()
+            return
+        self._server = server
+        self._stop_reading()
+        self._probe = self._loop.call_later(_PROBE, self._look_at_fds)
+
+    def _look_at_fds(self) -> None:
+        """Fds taken by other sockets (admin, health checks) are not seen per connection: the
+        lowest free fd is looked at now and then, so that a full table turns accepting back to
+        our loop, where EMFILE is seen, within a second."""
+        self._probe = None
+        try:
+            fd = os.dup(self.sock.fileno())
+        except OSError as exc:
+            short = exc.errno in _NO_FDS
+        else:
+            os.close(fd)
+            short = fd >= self.fds.high
+        if short:
+            self.fds.set_short(True)
+        elif self._server is not None:
+            self._probe = self._loop.call_later(_PROBE, self._look_at_fds)
+
+    def _close_server(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()  # create_server has no await with a socket: not yet begun
+            self._opening = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+
+    def _fds_short(self) -> None:
+        """Descriptors run short: accept here, where EMFILE is seen, logged and counted."""
+        if self._server is not None or self._opening is not None:
+            self._close_server()
+            if self._retry is None:
+                self.start()
+
+    def _fds_plenty(self) -> None:
+        if self._retry is None:  # paused after EMFILE: _resume starts it
+            self.start()
 
     def _ready(self) -> None:
         for _ in range(_BATCH):
@@ -100,23 +201,25 @@ class Acceptor:
 
     def served(self) -> None:
         """A client got its upstream: any burst of failures is over."""
-        if self._burst:
-            log.info("accept_recovered", listener=self.name, failed_attempts=self._burst)
-            self._burst = 0
+        if self.burst:
+            log.info("accept_recovered", listener=self.name, failed_attempts=self.burst)
+            self.burst = 0
 
     def exhausted(self, exc: OSError) -> None:
         """Accepting (or a connect for an accepted client) failed: pause, log once a burst."""
         self._note_failure(exc)
+        if exc.errno in _NO_FDS:
+            self.fds.set_short(True)
         if exc.errno in _EXHAUSTED:
             # Leave the clients in the backlog and look again shortly, instead of spinning.
-            self._loop.remove_reader(self.sock.fileno())
-            self._reading = False
+            self._close_server()
+            self._stop_reading()
             self._retry = self._loop.call_later(_RETRY, self._resume)
 
     def _note_failure(self, exc: OSError) -> None:
         """Count a failed attempt; the first of a burst is logged."""
         self.failures += 1
-        if not self._burst:
+        if not self.burst:
             log.warning(
                 "accept_failed",
                 listener=self.name,
@@ -124,7 +227,7 @@ class Acceptor:
                 errno=errno.errorcode.get(exc.errno or 0, exc.errno),
                 retry_s=_RETRY,
             )
-        self._burst += 1
+        self.burst += 1
 
     def _shed_backlog(self, exc: OSError) -> bool:
         """Out of fds: give up the reserve fd to accept each waiting client and close it at once.

@@ -10,7 +10,7 @@ import stat
 
 from connwatch._types import Address
 
-_BACKLOG = 4096
+BACKLOG = 4096
 
 
 def bind_tcp(address: Address, *, reuse_port: bool = False) -> socket.socket:
@@ -25,7 +25,7 @@ def bind_tcp(address: Address, *, reuse_port: bool = False) -> socket.socket:
         if family == socket.AF_INET6 and not host:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), address.port))
-        sock.listen(_BACKLOG)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -41,7 +41,7 @@ def bind_unix(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        sock.listen(_BACKLOG)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()

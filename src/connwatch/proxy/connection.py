@@ -70,6 +70,7 @@ class MonitoredConnection:
         "lifetime_deadline",
         "listener",
         "observer",
+        "on_made",
         "opened_at",
         "opened_wall",
         "preamble",
@@ -115,6 +116,9 @@ class MonitoredConnection:
         self.watch: object | None = None  # the liveness watchdog's per-connection record
         # While set, client bytes are held and offered to it (e.g. a PROXY header parser).
         self.preamble: Callable[[MonitoredConnection], None] | None = None
+        # Set by a listener whose loop server accepted the client: starts the set-up once the
+        # client leg is made, with the peer's address.
+        self.on_made: Callable[[MonitoredConnection, Any], None] | None = None
 
     # -- public read-only view ------------------------------------------------------------------
     @property
@@ -252,10 +256,17 @@ class MonitoredConnection:
         assert t is not None
         t.set_write_buffer_limits(high=self.buffer.size)
         if leg is self.client_leg:
-            if not self.client:  # the listener passes the address accept() gave
+            start = self.on_made
+            if start is not None:  # accepted by the loop's server: the address is known now
+                peer = t.get_extra_info("peername")
+                self.client = format_peer(peer)
+            elif not self.client:  # the listener passes the address accept() gave
                 self.client = format_peer(t.get_extra_info("peername"))
             t.pause_reading()
             self.observer.connection_accepted(self)
+            if start is not None:
+                self.on_made = None
+                start(self, peer)
         else:
             leg.sink = self.client_leg.transport
 

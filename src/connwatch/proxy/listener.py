@@ -11,6 +11,7 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -34,10 +35,11 @@ from connwatch.proxy.acceptor import Acceptor
 from connwatch.proxy.binding import bind_tcp, bind_unix
 from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
 from connwatch.proxy.proxy_header import preface, read_header
-from connwatch.proxy.sockopts import SocketOptions, apply_to_fd, tcp_options
+from connwatch.proxy.sockopts import apply_to_fd, keepalive_options
 from connwatch.proxy.splice import SplicePath, uses_splice
 from connwatch.proxy.splice.path import open_socket
 from connwatch.proxy.upstream import Target, UpstreamPool
@@ -46,7 +48,7 @@ from connwatch.snapshots import ListenerSnapshot, TargetStats
 from connwatch.wire.proxy_protocol import ProxyHeader, ProxyProtocolError
 
 if TYPE_CHECKING:
-    from connwatch.config import KeepaliveConfig, ListenerConfig
+    from connwatch.config import ListenerConfig
 
 log = structlog.get_logger("connwatch.listener")
 
@@ -78,7 +80,7 @@ class Listener:
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
-        self.upstream_options = _options(config.keepalive.upstream)
+        self.upstream_options = keepalive_options(config.keepalive.upstream)
         self._read_settings(config)
         self.clients = ClientLimiter(config.client_limits)  # per-client-key limits (SPEC §12)
         self.accepting = False
@@ -86,6 +88,7 @@ class Listener:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop  # the loop start() runs on
         self._acceptor: Acceptor | None = None
+        self._fds: FdWatch | None = None  # the acceptor's: upstream fd numbers are shown to it
         self._inherited: list[Acceptor] = []  # more sockets taken over from an old process
         self._handed_over = False  # released to a successor: leave a Unix socket's path alone
         self._splice: SplicePath | None = None  # None: the portable data path
@@ -132,7 +135,9 @@ class Listener:
             else:
                 sock = bind_tcp(address, reuse_port=self.reuse_port)
                 # Keep-alive and TCP_NODELAY are inherited by every accepted socket on Linux.
-                apply_to_fd(sock.fileno(), sock.family, _options(self.config.keepalive.client))
+                apply_to_fd(
+                    sock.fileno(), sock.family, keepalive_options(self.config.keepalive.client)
+                )
         except OSError as exc:
             raise ListenerError(
                 f"listener {self.name!r} cannot listen on {address}: {exc.strerror or exc}"
@@ -141,8 +146,13 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
         self._acceptor = Acceptor(
-            sock, self._accepted, self.name, on_shed=lambda: self.tracker.shed(self.name)
+            sock,
+            self._accepted,
+            self.name,
+            on_shed=lambda: self.tracker.shed(self.name),
+            factory=self._loop_factory(),
         )
+        self._fds = self._acceptor.fds
         self._acceptor.start()
         self.accepting = True
         self._configure_warm_pool()
@@ -179,7 +189,10 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
         shed = lambda: self.tracker.shed(self.name)  # noqa: E731
-        self._acceptor = Acceptor(first, self._accepted, self.name, on_shed=shed)
+        self._acceptor = Acceptor(
+            first, self._accepted, self.name, on_shed=shed, factory=self._loop_factory()
+        )
+        self._fds = self._acceptor.fds
         self._inherited = [Acceptor(s, self._accepted, self.name, on_shed=shed) for s in rest]
         for acceptor in (self._acceptor, *self._inherited):
             acceptor.sock.setblocking(False)
@@ -214,12 +227,16 @@ class Listener:
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
-        self.upstream_options = _options(config.keepalive.upstream)
+        self.upstream_options = keepalive_options(config.keepalive.upstream)
         self._read_settings(config)
         self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
+        if self._acceptor is not None:
+            self._acceptor.serve_with(self._loop_factory())
         if self._sock is not None and config.listen.path is None:
-            apply_to_fd(self._sock.fileno(), self._sock.family, _options(config.keepalive.client))
+            apply_to_fd(
+                self._sock.fileno(), self._sock.family, keepalive_options(config.keepalive.client)
+            )
         if self.accepting:
             self._configure_warm_pool()
 
@@ -293,6 +310,7 @@ class Listener:
             attempts=config.connect_attempts,
             options=self.upstream_options,
             order=order,
+            fds=self._fds,
         )
 
     def _wire_passive(self) -> None:
@@ -309,6 +327,20 @@ class Listener:
         self.pool.on_connect_failure = self.judge.connect_failed if self.judge is not None else None
 
     # -- accepting ------------------------------------------------------------------------------
+    def _loop_factory(self) -> Callable[[], asyncio.Protocol] | None:
+        return self._made if self._splice is None else None  # splice wraps its own sockets
+
+    def _made(self) -> asyncio.Protocol:
+        """A client the loop's server accepts; set-up starts once its leg is made."""
+        conn = MonitoredConnection(
+            self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
+        )
+        conn.on_made = self._client_made
+        return conn.client_leg
+
+    def _client_made(self, conn: MonitoredConnection, peer: Any) -> None:
+        conn.connect_task = self._loop.create_task(self._set_up(conn, peer))
+
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
@@ -317,8 +349,7 @@ class Listener:
         conn.connect_task = self._loop.create_task(self._serve(conn, sock, peer))
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
-        """One connection's set-up, as its task (`conn.connect_task`), which it lets go at the end:
-        take over the accepted socket, then reach an upstream."""
+        """Our accept loop's client, as its task (`conn.connect_task`): wrap, then `_set_up`."""
         wrapper = self._splice or self._loop
         try:
             try:
@@ -326,19 +357,21 @@ class Listener:
             except OSError:
                 sock.close()  # the client left before we could wrap its socket
                 return
-            # Refused only now: a transport closed inside connection_made never reports its
-            # loss. (Accepted just before a hand-over to a successor: served here, not refused.)
-            draining = not self.accepting and not self._handed_over
-            if self.tracker.active(self.name) > self._max_connections or draining:
-                reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
-                conn.close(reason, abort=True)
-            # With PROXY protocol the client key is the header's address: admitted once read.
-            elif conn.state is _CONNECTING and (
-                self._accept_proxy or self._admit_client(conn, peer)
-            ):
-                await self._connect(conn, peer)
+            await self._set_up(conn, peer)
         finally:
             conn.connect_task = None
+
+    def _admit(self, conn: MonitoredConnection, peer: Any) -> bool:
+        """Refuse over max_connections or while draining, else apply the client limits. Only
+        once the client's transport is made: one closed in connection_made never reports its
+        loss. (Accepted just before a hand-over to a successor: served here, not refused.)"""
+        draining = not self.accepting and not self._handed_over
+        if self.tracker.active(self.name) > self._max_connections or draining:
+            reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
+            conn.close(reason, abort=True)
+            return False
+        # With PROXY protocol the client key is the header's address: admitted once read.
+        return conn.state is _CONNECTING and (self._accept_proxy or self._admit_client(conn, peer))
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
@@ -398,68 +431,70 @@ class Listener:
         return header
 
     # -- upstream connect -----------------------------------------------------------------------
-    async def _connect(self, conn: MonitoredConnection, peer: Any) -> None:
-        header = None
-        if self._accept_proxy:
-            header = await self._read_proxy_header(conn)
-            if header is None or conn.state is not _CONNECTING:
-                return
-            source = header.source if header.source is not None else peer
-            if not self._admit_client(conn, source):
-                return
+    async def _set_up(self, conn: MonitoredConnection, peer: Any) -> None:
+        """Admit a client whose transport is made, reach an upstream: a loop-accepted client's
+        task (`conn.connect_task`, let go at the end); one frame, not two, at every step."""
         try:
-            if self.warm is not None:
-                transport, target = await self._borrow_or_connect(conn, self.warm)
-            elif self._splice is not None:  # sets its own socket options before connecting
-                transport, target = await self._splice.connect(
-                    conn.upstream_protocol,
-                    timeout=self._connect_timeout,
-                    attempts=self._connect_attempts,
-                )
-            else:
-                transport, target = await self.pool.connect(
-                    conn.upstream_protocol,
-                    timeout=self._connect_timeout,
-                    attempts=self._connect_attempts,
-                    options=self.upstream_options,
-                )
-        except NoHealthyUpstreamError:
+            if not self._admit(conn, peer):
+                return
+            header = None
+            if self._accept_proxy:
+                header = await self._read_proxy_header(conn)
+                if header is None or conn.state is not _CONNECTING:
+                    return
+                source = header.source if header.source is not None else peer
+                if not self._admit_client(conn, source):
+                    return
+            try:
+                if self.warm is not None:
+                    transport, target = await self._borrow_or_connect(conn, self.warm)
+                elif self._splice is not None:  # sets its own socket options before connecting
+                    transport, target = await self._splice.connect(
+                        conn.upstream_protocol,
+                        timeout=self._connect_timeout,
+                        attempts=self._connect_attempts,
+                    )
+                else:
+                    transport, target = await self.pool.connect(
+                        conn.upstream_protocol,
+                        timeout=self._connect_timeout,
+                        attempts=self._connect_attempts,
+                        options=self.upstream_options,
+                        fds=self._fds,
+                        task=conn.connect_task,
+                    )
+            except (NoHealthyUpstreamError, UpstreamConnectError) as exc:
+                self._connect_failed(conn, exc)
+                return
+            if conn.state is not _CONNECTING:  # the client left while we were connecting
+                transport.abort()
+                return
+            if self.timeouts.max_lifetime:
+                jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
+                conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
+            send = self._send_proxy  # "none", "v1" or "v2"
+            conn.upstream_connected(target, b"" if send == "none" else preface(send, conn, header))
+            if (acceptor := self._acceptor) is not None and acceptor.burst:
+                acceptor.served()
+        finally:
+            conn.connect_task = None
+
+    def _connect_failed(self, conn: MonitoredConnection, exc: Exception) -> None:
+        if not isinstance(exc, UpstreamConnectError):  # NoHealthyUpstreamError
             conn.close(CloseReason.NO_HEALTHY_UPSTREAM)
             return
-        except UpstreamConnectError as exc:
-            conn.close(CloseReason.UPSTREAM_CONNECT_FAILED)
-            if exc.out_of_fds and self._acceptor is not None:
-                # No fds left for upstream legs: stop taking clients we cannot serve.
-                self._acceptor.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
-            elif (suppressed := self._throttle.allow("upstream_connect_failed")) is not None:
-                self._log.warning(
-                    "upstream_connect_failed",
-                    conn_id=conn.id,
-                    error=str(exc),
-                    suppressed=suppressed,
-                )
-            return
-        if conn.state is not _CONNECTING:  # the client left while we were connecting
-            transport.abort()
-            return
-        if self.timeouts.max_lifetime:
-            jitter = random.uniform(0.9, 1.1)  # spreads deadlines; not security
-            conn.lifetime_deadline = time.monotonic() + self.timeouts.max_lifetime * jitter
-        send = self._send_proxy  # "none", "v1" or "v2"
-        conn.upstream_connected(target, b"" if send == "none" else preface(send, conn, header))
-        if self._acceptor is not None:
-            self._acceptor.served()
+        conn.close(CloseReason.UPSTREAM_CONNECT_FAILED)
+        if exc.out_of_fds and self._acceptor is not None:
+            # No fds left for upstream legs: stop taking clients we cannot serve.
+            self._acceptor.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+        elif (suppressed := self._throttle.allow("upstream_connect_failed")) is not None:
+            self._log.warning(
+                "upstream_connect_failed",
+                conn_id=conn.id,
+                error=str(exc),
+                suppressed=suppressed,
+            )
 
 
 def _timeouts(config: ListenerConfig) -> Timeouts:
     return Timeouts(config.idle_timeout, config.half_close_timeout, config.max_lifetime)
-
-
-def _options(cfg: KeepaliveConfig) -> SocketOptions:
-    return tcp_options(
-        enabled=cfg.enabled,
-        idle=cfg.idle,
-        interval=cfg.interval,
-        count=cfg.count,
-        user_timeout=cfg.user_timeout,
-    )

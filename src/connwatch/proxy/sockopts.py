@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 import socket
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from connwatch._types import SocketLike
+
+if TYPE_CHECKING:
+    from connwatch.config import KeepaliveConfig
 
 __all__ = [
     "KeepaliveReadback",
@@ -187,6 +190,17 @@ def tcp_options(
     that each new socket costs only the setsockopt calls (see `apply_to_fd`)."""
     keepalive = _keepalive_settings(enabled, idle, interval, count, user_timeout)
     return (*keepalive, (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+
+
+def keepalive_options(cfg: KeepaliveConfig) -> SocketOptions:
+    """`tcp_options` of one side's keep-alive config (a listener's client or upstream)."""
+    return tcp_options(
+        enabled=cfg.enabled,
+        idle=cfg.idle,
+        interval=cfg.interval,
+        count=cfg.count,
+        user_timeout=cfg.user_timeout,
+    )
 
 
 def apply_to_fd(fd: int, family: int, options: SocketOptions) -> None:

@@ -20,6 +20,7 @@ from connwatch.exceptions import (
     describe_error,
 )
 from connwatch.histogram import LATENCY_BUCKETS, Histogram
+from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.slow_start import admit, weight
 from connwatch.proxy.sockopts import SocketOptions, apply_to_tcp_fd
 from connwatch.snapshots import TargetStats
@@ -166,6 +167,8 @@ class UpstreamPool:
         attempts: int,
         options: SocketOptions = NODELAY,
         order: list[Target] | None = None,
+        fds: FdWatch | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> Coroutine[Any, Any, tuple[asyncio.Transport, Target]]:
         """Connect to the first target that answers, trying up to `attempts` targets in order.
 
@@ -173,10 +176,11 @@ class UpstreamPool:
         """
         loop = asyncio.get_running_loop()
         return self.reach(
-            functools.partial(open_transport, loop, protocol_factory, options=options),
+            functools.partial(open_transport, loop, protocol_factory, options=options, fds=fds),
             timeout=timeout,
             attempts=attempts,
             order=order,
+            task=task,
         )
 
     async def reach(
@@ -186,11 +190,13 @@ class UpstreamPool:
         timeout: float,
         attempts: int,
         order: list[Target] | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> tuple[T, Target]:
         """`opener(address)` on the targets in balance order until one succeeds, each try within
         `timeout`, at most `attempts` tries; counts failures, durations and connects in flight.
         Data paths differ only in their opener (a transport here, a raw socket for splice).
-        `order`: candidates() already taken (a warm pool's miss), so balancing advances once."""
+        `order`: candidates() already taken (a warm pool's miss), so balancing advances once.
+        `task`: the task this runs in, when the caller holds it (asking costs a Python call)."""
         if order is None:
             order = self.candidates()
         if not order:
@@ -198,8 +204,9 @@ class UpstreamPool:
         errors: list[str] = []
         out_of_fds = False
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
+        if task is None:
+            task = asyncio.current_task()
+            assert task is not None
         for target in itertools.islice(itertools.cycle(order), attempts):
             started = time.monotonic()
             target.connecting += 1
@@ -235,17 +242,23 @@ async def open_transport(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     address: Address,
     options: SocketOptions = NODELAY,
+    fds: FdWatch | None = None,
 ) -> asyncio.Transport:
-    """Open a stream to `address` (TCP or Unix socket); `options` are set on a TCP socket."""
+    """Open a stream to `address` (TCP or Unix socket); `options` are set on a TCP socket.
+    `fds` is shown the new socket's fd number (descriptors running short?)."""
     if address.path is not None:
         transport, _ = await loop.create_unix_connection(protocol_factory, address.path)
     else:
         transport, _ = await loop.create_connection(
             protocol_factory, address.host or "127.0.0.1", address.port
         )
-        sock = transport.get_extra_info("socket")
-        if sock is not None and options:  # a TCP socket: its family need not be asked
-            apply_to_tcp_fd(sock.fileno(), options)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        fd = sock.fileno()
+        if options and address.path is None:  # a TCP socket: its family need not be asked
+            apply_to_tcp_fd(fd, options)
+        if fds is not None and not fds.low <= fd < fds.high:
+            fds.moved(fd)
     return transport
 
 
