@@ -28,10 +28,11 @@ class _Stamper:
     TimeStamper (a datetime per line) is a measurable share of the cost.
     """
 
-    __slots__ = ("prefix", "second")
+    __slots__ = ("prefix", "second", "text")
 
     def __init__(self) -> None:
         self.second = -1
+        self.text = ""  # `second` in decimal digits
         self.prefix = ""  # the formatted `second`
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
@@ -47,6 +48,7 @@ class _Stamper:
 
     def turn(self, second: int) -> None:
         self.second = second
+        self.text = str(second)
         self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
@@ -124,14 +126,20 @@ class JsonInfoLines:
         keyword against the parameter names before it builds the `**fields` dict)."""
         fields["event"] = event
         fields["level"] = "info"
+        fields["timestamp"] = ""
+        self.stamped(fields)
+
+    def stamped(self, fields: dict[str, Any]) -> None:
+        """A line whose dict ends in `event`, `level` ("info") and a `timestamp` to fill in (its
+        value is replaced). Built so by the caller, in one dict display: three keys added here
+        would cost an insert each and a resize of the dict (~2k instructions a line)."""
         stamp = self._stamp  # its `now()` inline: two lines per connection come through here
-        # Integer microseconds: their last six digits are the fraction, zero-padded already (a
-        # `:06d` format spec and the float arithmetic cost ~1.5k instructions more a line).
-        micros = time.time_ns() // 1000
-        second = micros // 1_000_000
-        if second != stamp.second:
-            stamp.turn(second)
-        fields["timestamp"] = f"{stamp.prefix}.{str(micros)[-6:]}Z"
+        # The clock as digits: the seconds are all but the last nine, the microseconds the six
+        # before the last three (no integer divisions, ~1k instructions a line fewer).
+        ns = str(time.time_ns())
+        if ns[:-9] != stamp.text:
+            stamp.turn(int(ns[:-9]))
+        fields["timestamp"] = f"{stamp.prefix}.{ns[-9:-3]}Z"
         # The keys are keyword names, always text: no OPT_NON_STR_KEYS (its slower path costs
         # ~2k instructions a line).
         line = orjson.dumps(fields, default=_fallback, option=orjson.OPT_APPEND_NEWLINE)
@@ -183,6 +191,7 @@ def get_logger(name: str) -> Any:
 
 
 LineWriter = Callable[[str, dict[str, Any]], None]
+StampedWriter = Callable[[dict[str, Any]], None]
 
 
 def line_writer(name: str) -> LineWriter:
@@ -192,6 +201,21 @@ def line_writer(name: str) -> LineWriter:
     if isinstance(lines, JsonInfoLines):
         return lines.line
     return lambda event, fields: lines.info(event, **fields)
+
+
+def stamped_writer(name: str) -> StampedWriter:
+    """`line_writer(name)` for dicts that end in `event`, `level` and `timestamp` (see
+    `JsonInfoLines.stamped`); other formats get the fields and the event through structlog."""
+    lines = info_lines(name)
+    if isinstance(lines, JsonInfoLines):
+        return lines.stamped
+
+    def chain(fields: dict[str, Any]) -> None:
+        event = fields.pop("event")
+        del fields["level"], fields["timestamp"]  # structlog's processors add their own
+        lines.info(event, **fields)
+
+    return chain
 
 
 def info_lines(name: str) -> Any:

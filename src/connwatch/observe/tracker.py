@@ -102,9 +102,11 @@ class Tracker:
         # Direct reads, not conn.statistics(): a frozen snapshot here cost +4 % instructions
         # per connection (bench/instructions.py churn); the close path stays plain reads, and
         # the connection line is given what was read here rather than reading it again.
-        reason = conn.reason or _ERROR
+        reason = conn.reason or _ERROR  # (set when closed: the fallback is for a test's fake)
         totals.closed[reason] += 1
-        c2u, u2c = conn.bytes_client_to_upstream, conn.bytes_upstream_to_client
+        # The byte-count properties' bodies inline (a property is a Python call on 3.11).
+        up = conn.upstream_leg
+        c2u, u2c = conn.client_leg.bytes_in if up.transport else 0, up.bytes_in
         totals.bytes_closed[_C2U] += c2u
         totals.bytes_closed[_U2C] += u2c
         duration = conn.closed_at - conn.opened_at if conn.closed_at else conn.age()
