@@ -344,10 +344,15 @@ class MonitoredConnection:
         # The legs let go of the connection and of each other (no transport calls them any more):
         # without these cycles a closed connection is freed at once rather than by the garbage
         # collector (bench/instructions.py churn: no collections left over 1,000 connections).
-        for leg in (self.client_leg, self.upstream_leg):
-            leg.conn = None  # type: ignore[assignment]  # never read again: both legs are lost
-            leg.other = None
-            leg.bulk = None
+        # (Unrolled: once per connection, no tuple and loop.)
+        leg = self.client_leg
+        leg.conn = None  # type: ignore[assignment]  # never read again: both legs are lost
+        leg.other = None
+        leg.bulk = None
+        leg = self.upstream_leg
+        leg.conn = None  # type: ignore[assignment]
+        leg.other = None
+        leg.bulk = None
 
     # -- timers: one handle for the nearest deadline --------------------------------------------
     def _arm_timer(self) -> None:

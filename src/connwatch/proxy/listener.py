@@ -11,6 +11,7 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -70,6 +71,9 @@ class Listener:
         self.config = config
         self.name = config.name
         self.tracker = tracker
+        # ConnectionObserver.connection_accepted: the tracker's own method, bound once (a
+        # method here would only pass the call on, one Python call per connection more).
+        self.connection_accepted: Callable[[MonitoredConnection], None] = tracker.accepted
         self.liveness = liveness
         self.reuse_port = reuse_port
         self.pool = UpstreamPool(config.upstreams, config.balance, config.slow_start)
@@ -342,8 +346,7 @@ class Listener:
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
-        key = self.clients.key_of(peer)
-        over = self.clients.admit(key, conn.opened_at)
+        key, over = self.clients.admit_peer(peer, conn.opened_at)
         self.tracker.client_identified(conn, key, over)
         if over is None:
             conn.client_key = key
@@ -352,9 +355,6 @@ class Listener:
         return False
 
     # -- ConnectionObserver ---------------------------------------------------------------------
-    def connection_accepted(self, conn: MonitoredConnection) -> None:
-        self.tracker.accepted(conn)
-
     def connection_opened(self, conn: MonitoredConnection) -> None:
         self.tracker.connection_opened(conn)
         if self.liveness is not None:
