@@ -111,11 +111,13 @@ class JsonInfoLines:
     structlog chain costs twice what this does there.
     """
 
-    __slots__ = ("_out", "_stamp")
+    __slots__ = ("_fd", "_flush", "_out", "_stamp")
 
     def __init__(self, out: LineLogger) -> None:
         self._out = out
         self._stamp = _Stamper()
+        self._fd = out._fd  # what `stamped` reads of `out` for every line, read once here
+        self._flush = out._stream.flush
 
     def info(self, event: str, **fields: Any) -> None:
         self.line(event, fields)
@@ -145,16 +147,16 @@ class JsonInfoLines:
         line = orjson.dumps(fields, default=_fallback, option=orjson.OPT_APPEND_NEWLINE)
         # LineLogger.write_line's usual case inline (one whole write()): one Python call fewer
         # for each of a connection's two lines; anything else is left to write_line.
-        out = self._out
+        fd = self._fd
         written = 0
-        if out._fd is not None:
-            out._stream.flush()
+        if fd is not None:
+            self._flush()  # anything printed to the stream by other means goes first
             try:  # (not contextlib.suppress: three Python calls)
-                written = os.write(out._fd, line)
+                written = os.write(fd, line)
             except BlockingIOError:
                 written = 0
         if written < len(line):
-            out.write_line(line[written:] if written else line)
+            self._out.write_line(line[written:] if written else line)
 
 
 _configured: tuple[str, str, TextIO | None] | None = None  # level, format, stream in force
