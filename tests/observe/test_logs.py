@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from connwatch._types import CloseReason
 from tests.support import DaemonProcess, EchoUpstream, daemon_config, eventually, listener_config
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -140,6 +141,7 @@ def _rendered(level: str, fmt: str, emit: str) -> list[str]:
     configure_logging(level, fmt, stream)
     try:
         fields = {"conn_id": "0-1", "client": 'odd "name" é', "upstream": None, "duration_s": 0.5}
+        fields["reason"] = CloseReason.CLIENT_CLOSED  # given as the enum: rendered as its value
         if emit == "writer":  # what the connection lines call: (event, fields dict)
             line_writer("t")("connection_closed", {**fields, "bytes_client_to_upstream": 7})
         elif emit == "stamped":  # the opened/closed lines: the whole dict, timestamp filled in
@@ -167,6 +169,7 @@ def test_connection_lines_render_as_the_structlog_chain_does() -> None:
     assert RFC3339_UTC.match(json.loads(stamped[0])["timestamp"])
     assert RFC3339_UTC.match(json.loads(fast[0])["timestamp"])
     assert list(json.loads(fast[0]))[-3:] == ["event", "level", "timestamp"]
+    assert json.loads(stamped[0])["reason"] == "client_closed"
     # Lines below the configured level stay off; the console format keeps structlog's renderer.
     assert _rendered("warning", "json", "fast") == []
     assert _rendered("warning", "json", "writer") == []
@@ -175,6 +178,7 @@ def test_connection_lines_render_as_the_structlog_chain_does() -> None:
         console = _rendered("info", "console", emit)
         assert len(console) == 1
         assert "connection_closed" in console[0]
+        assert "reason=client_closed" in console[0]
         assert "{" not in console[0]
 
 

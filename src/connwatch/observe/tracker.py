@@ -40,7 +40,9 @@ class ListenerTotals:
     def __init__(self) -> None:
         self.accepted = 0
         self.active = 0  # live connections
-        self.closed: Counter[str] = Counter()
+        # By reason, in the order first seen: a plain dict (a Counter's += is a dict subclass's
+        # generic subscript and store; this is once per connection).
+        self.closed: dict[str, int] = {}
         # Bytes of the connections now closed, by direction: ints, not a Counter by Direction
         # (a Counter is a dict subclass: its `+=` is a generic subscript, twice per close).
         self.bytes_c2u = 0
@@ -88,7 +90,7 @@ class Tracker:
         """A client accepted and closed at once because the process had no fd to serve it."""
         totals = self.totals(listener)
         totals.accepted += 1
-        totals.closed[CloseReason.ERROR] += 1
+        totals.closed[_ERROR] = totals.closed.get(_ERROR, 0) + 1
         totals.duration.observe(0.0)
 
     # -- ConnectionObserver ---------------------------------------------------------------------
@@ -107,7 +109,8 @@ class Tracker:
         # per connection (bench/instructions.py churn); the close path stays plain reads, and
         # the connection line is given what was read here rather than reading it again.
         reason = conn.reason or _ERROR  # (set when closed: the fallback is for a test's fake)
-        totals.closed[reason] += 1
+        closed = totals.closed
+        closed[reason] = closed.get(reason, 0) + 1
         # The byte-count properties' bodies inline (a property is a Python call on 3.11).
         up = conn.upstream_leg
         c2u, u2c = conn.client_leg.bytes_in if up.transport else 0, up.bytes_in
@@ -121,7 +124,8 @@ class Tracker:
         key = conn.client_key
         if key is not None and (summary := self._clients.get(name)) is not None:
             summary.closed(key, c2u, u2c, conn.opened_wall + duration)
-        self.events.closed(conn, str(reason), duration, c2u, u2c)
+        # The reason as it is: a str enum, rendered as its value (orjson, structlog alike).
+        self.events.closed(conn, reason, duration, c2u, u2c)
         if not self._live:
             self._empty.set()
 
