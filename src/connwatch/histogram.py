@@ -75,15 +75,18 @@ def _fmt_bound(bound: float) -> str:
 class Histogram:
     """A histogram as plain ints: `observe()` is a bisect and two additions, no lock."""
 
-    __slots__ = ("_bounds", "_counts", "_sum")
+    __slots__ = ("_bounds", "_counts", "_floats", "_sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self._bounds = tuple(bounds)
+        # The bounds searched, all floats: a float compared with an int bound (1, 5, 10, ...)
+        # takes CPython's slow mixed-type path, several times a bisect (twice a connection).
+        self._floats = tuple(map(float, self._bounds))
         self._counts = [0] * (len(self._bounds) + 1)
         self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1
+        self._counts[bisect_left(self._floats, value)] += 1
         self._sum += value
 
     def snapshot(self) -> HistogramSnapshot:

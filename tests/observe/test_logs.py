@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from connwatch._types import CloseReason
 from tests.support import DaemonProcess, EchoUpstream, daemon_config, eventually, listener_config
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -128,14 +129,24 @@ def _rendered(level: str, fmt: str, emit: str) -> list[str]:
     """Lines one logger writes after `configure_logging(level, fmt)` (the stream is a file)."""
     import io
 
-    from connwatch.observe.logs import configure_logging, get_logger, info_lines, line_writer
+    from connwatch.observe.logs import (
+        configure_logging,
+        get_logger,
+        info_lines,
+        line_writer,
+        stamped_writer,
+    )
 
     stream = io.StringIO()
     configure_logging(level, fmt, stream)
     try:
         fields = {"conn_id": "0-1", "client": 'odd "name" é', "upstream": None, "duration_s": 0.5}
+        fields["reason"] = CloseReason.CLIENT_CLOSED  # given as the enum: rendered as its value
         if emit == "writer":  # what the connection lines call: (event, fields dict)
             line_writer("t")("connection_closed", {**fields, "bytes_client_to_upstream": 7})
+        elif emit == "stamped":  # the opened/closed lines: the whole dict, timestamp filled in
+            tail = {"event": "connection_closed", "level": "info", "timestamp": ""}
+            stamped_writer("t")({**fields, "bytes_client_to_upstream": 7, **tail})
         else:
             logger = info_lines("t") if emit == "fast" else get_logger("t")
             logger.info("connection_closed", **fields, bytes_client_to_upstream=7)
@@ -148,20 +159,26 @@ def test_connection_lines_render_as_the_structlog_chain_does() -> None:
     """The connection lines skip structlog's chain; an operator's parser sees no difference."""
     fast, chain = _rendered("info", "json", "fast"), _rendered("info", "json", "chain")
     writer = _rendered("info", "json", "writer")
-    assert len(fast) == len(chain) == len(writer) == 1
+    stamped = _rendered("info", "json", "stamped")
+    assert len(fast) == len(chain) == len(writer) == len(stamped) == 1
     timestamp = re.compile(r'"timestamp": ?"[^"]+"')
     assert timestamp.sub("T", fast[0]) == timestamp.sub("T", chain[0])
     assert timestamp.sub("T", writer[0]) == timestamp.sub("T", chain[0])
+    assert timestamp.sub("T", stamped[0]) == timestamp.sub("T", chain[0])
     assert RFC3339_UTC.match(json.loads(writer[0])["timestamp"])
+    assert RFC3339_UTC.match(json.loads(stamped[0])["timestamp"])
     assert RFC3339_UTC.match(json.loads(fast[0])["timestamp"])
     assert list(json.loads(fast[0]))[-3:] == ["event", "level", "timestamp"]
+    assert json.loads(stamped[0])["reason"] == "client_closed"
     # Lines below the configured level stay off; the console format keeps structlog's renderer.
     assert _rendered("warning", "json", "fast") == []
     assert _rendered("warning", "json", "writer") == []
-    for emit in ("fast", "writer"):
+    assert _rendered("warning", "json", "stamped") == []
+    for emit in ("fast", "writer", "stamped"):
         console = _rendered("info", "console", emit)
         assert len(console) == 1
         assert "connection_closed" in console[0]
+        assert "reason=client_closed" in console[0]
         assert "{" not in console[0]
 
 
@@ -192,3 +209,42 @@ def test_connection_lines_stay_whole_on_a_full_nonblocking_pipe() -> None:
     assert not reader.is_alive()
     ids = [json.loads(line)["conn_id"] for line in bytes(received).splitlines()]
     assert ids == [f"0-{i}" for i in range(count)]
+
+
+def test_stamped_lines_tell_the_time_of_writing() -> None:
+    """The timestamp cut from time_ns()'s digits is the wall clock, to the microsecond."""
+    import io
+    from datetime import UTC, datetime
+
+    from connwatch.observe.logs import JsonInfoLines, LineLogger
+
+    stream = io.StringIO()
+    lines = JsonInfoLines(LineLogger(stream))
+    for _ in range(3):  # the second turns over at most once: both paths are taken or checked
+        before = datetime.now(UTC)
+        lines.stamped({"event": "e", "level": "info", "timestamp": ""})
+        after = datetime.now(UTC)
+        stamp = json.loads(stream.getvalue().splitlines()[-1])["timestamp"]
+        assert RFC3339_UTC.match(stamp)
+        at = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert before <= at <= after
+
+
+def test_closed_line_duration_rounds_as_round_six_digits() -> None:
+    """`duration_s` of the closed line (no round(x, 6) call, for speed) is round(duration, 6)."""
+    import random
+    from types import SimpleNamespace
+
+    from connwatch.observe.connection_lines import ConnectionEvents
+
+    rng = random.Random(15)
+    durations = [rng.uniform(0, 10) for _ in range(20_000)]
+    durations += [rng.expovariate(1000.0) for _ in range(20_000)]  # mostly sub-millisecond
+    durations += [k / 1e6 for k in range(0, 5_000)] + [0.0, 86_400.123456, 3.5e-7]
+    events = ConnectionEvents()
+    written: list[dict[str, object]] = []
+    events.write = written.append  # the rendering is checked above; here the value
+    conn = SimpleNamespace(id="0-1", listener="app", client="c", target=None)
+    for d in durations:
+        events.closed(conn, "client_closed", d, 0, 0)  # type: ignore[arg-type]
+    assert [line["duration_s"] for line in written] == [round(d, 6) for d in durations]

@@ -29,6 +29,12 @@ def limiter(**limits: object) -> ClientLimiter:
 )
 def test_client_key(limits: dict[str, object], peer: object, key: str) -> None:
     assert limiter(**limits).key_of(peer) == key
+    # admit_peer (a new connection's one call) keys and counts as key_of + admit do.
+    for extra, second in (({}, None), ({"max_connections": 1}, MAX_CONNECTIONS)):
+        lim = limiter(**limits, **extra)
+        assert lim.admit_peer(peer, 0.0) == (key, None)
+        assert lim.admit_peer(peer, 0.0) == (key, second)
+        assert lim.active == {key: 1 if second else 2}
 
 
 def test_max_connections_is_exact_per_key_and_drops_keys_at_zero() -> None:

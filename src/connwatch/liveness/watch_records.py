@@ -5,7 +5,7 @@ histograms, snapshotted at scrape time), per connection its record (`WatchRecord
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, deque
+from collections import deque
 from typing import Final
 
 from connwatch._types import Liveness, Side, WatchedConnection
@@ -42,7 +42,10 @@ class ListenerTotals:
         self.failed = 0
         self.rtt = {side: Histogram(LATENCY_BUCKETS) for side in _SIDES}
         self.retransmits = dict.fromkeys(_SIDES, 0)
-        self.states: Counter[Liveness] = Counter()  # connections with beats, by last verdict
+        # Connections with beats, by last verdict: a plain dict with every state (zero too, as
+        # the snapshot reports them), not a Counter: its `+=` (watch/unwatch, every connection)
+        # is a dict subclass's generic subscript and store.
+        self.states: dict[Liveness, int] = dict.fromkeys(Liveness, 0)
         self.members: set[WatchRecord] = set()
         self.unbeaten: set[WatchRecord] = set()  # heartbeats off, or not configured yet
         # Watched, no record yet (`conn.watch` is when it was watched), in the order watched;
@@ -69,7 +72,8 @@ class ListenerTotals:
         if self.unbeaten:
             # No beats to judge these by: count what their byte counters show (no system calls).
             states = states.copy()
-            states.update(judge_by_bytes(r.conn, r.config, now) for r in self.unbeaten)
+            for rec in self.unbeaten:
+                states[judge_by_bytes(rec.conn, rec.config, now)] += 1
         return LivenessStats(
             listener=name,
             heartbeats={"ok": self.ok, "failed": self.failed},

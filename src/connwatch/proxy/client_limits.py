@@ -79,6 +79,20 @@ class ClientLimiter:
         return host if self.v4_prefix == 32 else _network(host, self.v4_prefix)
 
     # -- admission ------------------------------------------------------------------------------
+    def admit_peer(self, peer: Any, now: float) -> tuple[str, str | None]:
+        """`key_of(peer)` and `admit(key, now)` in one call, as a new connection needs them:
+        (key, the limit it is over or None). The usual cases inline: an IPv4 peer keyed by
+        its address, no limit on (then admitting is counting)."""
+        if type(peer) is tuple and self.v4_prefix == 32 and ":" not in (host := peer[0]):
+            key: str = host
+        else:
+            key = self.key_of(peer)
+        if self.max_connections or self.rate:
+            return key, self.admit(key, now)
+        active = self.active
+        active[key] = active.get(key, 0) + 1
+        return key, None
+
     def admit(self, key: str, now: float) -> str | None:
         """Take a slot for a new connection of `key` at monotonic `now`; None when admitted,
         else the limit it is over (it takes no slot and no token then)."""

@@ -57,7 +57,6 @@ class MonitoredConnection:
     __slots__ = (
         "_end_reason",
         "_pending",
-        "_reason",
         "_timer",
         "buffer",
         "client",
@@ -74,6 +73,7 @@ class MonitoredConnection:
         "opened_at",
         "opened_wall",
         "preamble",
+        "reason",
         "state",
         "target",
         "timeouts",
@@ -106,7 +106,10 @@ class MonitoredConnection:
         self.opened_wall = time.time()
         self.closed_at = 0.0
         self.lifetime_deadline = 0.0
-        self._reason: CloseReason | None = None
+        # The close reason: the first explicit one (`close()`, an error) while open; once
+        # closed, that or else which side ended it (`_end_reason`), else `error`. A plain
+        # attribute, not a property: read once per connection by the tracker.
+        self.reason: CloseReason | None = None
         self._end_reason: CloseReason | None = None
         self._pending: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -132,12 +135,6 @@ class MonitoredConnection:
     @property
     def upstream(self) -> str | None:
         return None if self.target is None else self.target.label
-
-    @property
-    def reason(self) -> CloseReason | None:
-        if self.state is _CLOSED:  # the explicit reason first, then which side ended it
-            return self._reason or self._end_reason or _ERROR
-        return self._reason
 
     @property
     def client_socket(self) -> Any:
@@ -292,9 +289,9 @@ class MonitoredConnection:
 
     def leg_lost(self, leg: Leg, exc: BaseException | None) -> None:
         reason = None if exc is None else reason_for_error(leg.side, exc)
-        if reason is not None and self._reason is None:
-            self._reason = reason
-        elif self._end_reason is None and self._reason is None:
+        if reason is not None and self.reason is None:
+            self.reason = reason
+        elif self._end_reason is None and self.reason is None:
             # The peer's side vanished without an EOF first (e.g. the transport closed under us).
             self._end_reason = _ENDED_BY[leg.side]
         other = leg.other
@@ -313,8 +310,8 @@ class MonitoredConnection:
         """Close both legs for `reason` (the first explicit reason wins)."""
         if self.state is _CLOSED:
             return
-        if self._reason is None:
-            self._reason = reason
+        if self.reason is None:
+            self.reason = reason
         if self.connect_task is not None:
             self.connect_task.cancel()
         if self.upstream_leg.transport is None:
@@ -352,6 +349,7 @@ class MonitoredConnection:
         if self.state is _CLOSED or not (self.client_leg.lost and self.upstream_leg.lost):
             return
         self.state = _CLOSED
+        self.reason = self.reason or self._end_reason or _ERROR
         self.closed_at = time.monotonic()
         if self.connect_task is not None:  # e.g. still waiting for a PROXY header
             self.connect_task.cancel()
@@ -363,10 +361,15 @@ class MonitoredConnection:
         # The legs let go of the connection and of each other (no transport calls them any more):
         # without these cycles a closed connection is freed at once rather than by the garbage
         # collector (bench/instructions.py churn: no collections left over 1,000 connections).
-        for leg in (self.client_leg, self.upstream_leg):
-            leg.conn = None  # type: ignore[assignment]  # never read again: both legs are lost
-            leg.other = None
-            leg.bulk = None
+        # (Unrolled: once per connection, no tuple and loop.)
+        leg = self.client_leg
+        leg.conn = None  # type: ignore[assignment]  # never read again: both legs are lost
+        leg.other = None
+        leg.bulk = None
+        leg = self.upstream_leg
+        leg.conn = None  # type: ignore[assignment]
+        leg.other = None
+        leg.bulk = None
 
     # -- timers: one handle for the nearest deadline --------------------------------------------
     def _arm_timer(self) -> None:

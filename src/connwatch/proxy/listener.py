@@ -72,6 +72,9 @@ class Listener:
         self.config = config
         self.name = config.name
         self.tracker = tracker
+        # ConnectionObserver.connection_accepted: the tracker's own method, bound once (a
+        # method here would only pass the call on, one Python call per connection more).
+        self.connection_accepted: Callable[[MonitoredConnection], None] = tracker.accepted
         self.liveness = liveness
         self.reuse_port = reuse_port
         self.pool = UpstreamPool(config.upstreams, config.balance, config.slow_start)
@@ -375,8 +378,7 @@ class Listener:
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
-        key = self.clients.key_of(peer)
-        over = self.clients.admit(key, conn.opened_at)
+        key, over = self.clients.admit_peer(peer, conn.opened_at)
         self.tracker.client_identified(conn, key, over)
         if over is None:
             conn.client_key = key
@@ -385,9 +387,6 @@ class Listener:
         return False
 
     # -- ConnectionObserver ---------------------------------------------------------------------
-    def connection_accepted(self, conn: MonitoredConnection) -> None:
-        self.tracker.accepted(conn)
-
     def connection_opened(self, conn: MonitoredConnection) -> None:
         self.tracker.connection_opened(conn)
         if self.liveness is not None:
