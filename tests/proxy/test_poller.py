@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from connwatch.proxy.splice.poller import Poller, poller
+from connwatch.proxy.splice.poller import IN, OUT, Poller, poller
 from tests.support import free_port
 
 pytestmark = pytest.mark.both_loops
@@ -24,13 +24,8 @@ class _Owner:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.polled = 0
-        self.reading = False
-        self.writing = False
         self.readable = asyncio.Event()
         self.writable = asyncio.Event()
-
-    def wants(self) -> tuple[bool, bool]:
-        return self.reading, self.writing
 
     def on_readable(self) -> None:
         self.readable.set()
@@ -45,16 +40,14 @@ async def test_reports_readable_and_writable_until_dropped() -> None:
     a.setblocking(False)
     owner = _Owner(a.fileno())
     try:
-        owner.writing = True
-        p.update(owner.fd, owner)
+        p.set(owner.fd, owner, OUT)
         await asyncio.wait_for(owner.writable.wait(), 5)
-        owner.writing, owner.reading = False, True
-        p.update(owner.fd, owner)
+        assert owner.polled == OUT
+        p.set(owner.fd, owner, IN)
         b.send(b"x")
         await asyncio.wait_for(owner.readable.wait(), 5)
         assert len(p) == 1
-        owner.reading = False
-        p.update(owner.fd, owner)
+        p.set(owner.fd, owner, 0)
         assert len(p) == 0
         assert owner.polled == 0
     finally:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from connwatch.proxy.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
@@ -59,9 +60,6 @@ class SplicePath:
                 shared = self._shared = (chunk, pipe_pool(chunk))
             pipes = shared[1]
         loop = asyncio.get_running_loop()
-        polled = self._polled
-        if polled is None or polled[0]() is not loop:
-            polled = self._polled = (weakref.ref(loop), poller(loop))
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         return SpliceTransport(
             loop,
@@ -69,8 +67,14 @@ class SplicePath:
             protocol,  # type: ignore[arg-type]
             pipes,
             chunk,
-            polled[1],
+            self._poller(loop),
         )
+
+    def _poller(self, loop: asyncio.AbstractEventLoop) -> Poller:
+        polled = self._polled
+        if polled is None or polled[0]() is not loop:
+            polled = self._polled = (weakref.ref(loop), poller(loop))
+        return polled[1]
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
@@ -90,35 +94,50 @@ class SplicePath:
         order: list[Target] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
-        options = self._owner.upstream_options
+        # A partial, not a lambda: no Python frame of its own; the poller handed on, not
+        # looked up again.
+        opener = functools.partial(
+            open_socket,
+            options=self._owner.upstream_options,
+            polled=self._poller(asyncio.get_running_loop()),
+        )
         sock, target = await self._owner.pool.reach(
-            lambda address: open_socket(address, options),
-            timeout=timeout,
-            attempts=attempts,
-            order=order,
+            opener, timeout=timeout, attempts=attempts, order=order
         )
         transport = self._transport(sock, protocol_factory())
         transport.start()
         return transport, target
 
 
-async def open_socket(address: Address, options: SocketOptions = ()) -> socket.socket:
+def open_socket(
+    address: Address, options: SocketOptions = (), polled: Poller | None = None
+) -> Coroutine[Any, Any, socket.socket]:
     """A connected non-blocking stream socket to `address`, with `options` (keep-alive,
-    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper."""
-    loop = asyncio.get_running_loop()
+    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper.
+    `polled`: the running loop's poller, when the caller has it at hand.
+
+    Not a coroutine itself: a numeric address gives the connecting coroutine straight away (one
+    coroutine frame fewer for every upstream connect)."""
     if address.path is not None:
-        return await _connect(loop, socket.AF_UNIX, address.path, ())
+        return _connect(socket.AF_UNIX, address.path, (), polled)
     host = address.host or "127.0.0.1"
     family = _numeric_family(host)
     if family is not None:
-        return await _connect(loop, family, (host, address.port), options)
-    infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+        return _connect(family, (host, address.port), options, polled)
+    return _resolve_and_connect(host, address.port, options, polled)
+
+
+async def _resolve_and_connect(
+    host: str, port: int, options: SocketOptions, polled: Poller | None
+) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     if not infos:
         raise OSError(errno.EHOSTUNREACH, f"{host} has no address")
     error: OSError | None = None
     for family, _, _, _, addr in infos:
         try:
-            return await _connect(loop, family, addr, options)
+            return await _connect(family, addr, options, polled)
         except OSError as exc:
             error = exc
     assert error is not None
@@ -126,9 +145,16 @@ async def open_socket(address: Address, options: SocketOptions = ()) -> socket.s
 
 
 async def _connect(
-    loop: asyncio.AbstractEventLoop, family: int, addr: Any, options: SocketOptions
+    family: int, addr: Any, options: SocketOptions, polled: Poller | None
 ) -> socket.socket:
-    sock = _new_socket(family)
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no separate call to make it so
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as exc:
+        # Out of descriptors: idle pooled pipes go before a connection does.
+        if exc.errno not in NO_FDS or not note_fd_pressure():
+            raise
+        sock = socket.socket(family, kind)
     try:
         for level, option, value in options:
             # An option the kernel refuses is skipped, the others still set (as sockopts does);
@@ -137,25 +163,16 @@ async def _connect(
                 sock.setsockopt(level, option, value)
             except OSError:
                 pass
-        await poller(loop).connect(sock, addr)
+        if polled is None:
+            polled = poller(asyncio.get_running_loop())
+        await polled.connect(sock, addr)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def _new_socket(family: int) -> socket.socket:
-    """A non-blocking stream socket (made so: no separate call to make it so)."""
-    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-    try:
-        return socket.socket(family, kind)
-    except OSError as exc:
-        # Out of descriptors: idle pooled pipes go before a connection does.
-        if exc.errno in NO_FDS and note_fd_pressure():
-            return socket.socket(family, kind)
-        raise
-
-
+@functools.lru_cache(maxsize=256)  # a C call when cached: hosts are the configured targets
 def _numeric_family(host: str) -> int | None:
     for family in (socket.AF_INET, socket.AF_INET6):
         try:

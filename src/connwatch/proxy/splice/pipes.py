@@ -56,11 +56,11 @@ class PipePool:
     """
 
     __slots__ = (
-        "_idle",
         "_takes_at_check",
         "_trim",
         "created",
         "discarded",
+        "idle",
         "idle_timeout",
         "max_idle",
         "reused",
@@ -73,7 +73,7 @@ class PipePool:
         self.size = size
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self._idle: list[Pipe] = []
+        self.idle: list[Pipe] = []  # taken from directly by the transports (no call a read)
         self._trim: asyncio.TimerHandle | None = None
         self._takes_at_check = 0
         self.created = 0
@@ -83,9 +83,9 @@ class PipePool:
     def take(self) -> Pipe:
         """An empty pipe; OSError (EMFILE...) when none can be made, or while the process is
         short of descriptors (the caller then copies through user space)."""
-        if self._idle:
+        if self.idle:
             self.reused += 1
-            return self._idle.pop()
+            return self.idle.pop()
         if fd_pressure():
             raise OSError(errno.EMFILE, "no new pipes while descriptors are short")
         try:
@@ -104,10 +104,10 @@ class PipePool:
     def give(self, pipe: Pipe) -> None:
         """Return a pipe that is empty and saw no error."""
         # `fd_pressure()` inline: a pipe comes back after every spliced read.
-        if len(self._idle) < self.max_idle and not (
+        if len(self.idle) < self.max_idle and not (
             _pressure_until > 0.0 and time.monotonic() < _pressure_until
         ):
-            self._idle.append(pipe)
+            self.idle.append(pipe)
             if self._trim is None:
                 self._arm_trim()
         else:
@@ -122,7 +122,7 @@ class PipePool:
         self._trim = None
         if self.created + self.reused == self._takes_at_check:
             self.close()  # nothing taken for a whole period
-        elif self._idle:
+        elif self.idle:
             self._arm_trim()
 
     def discard(self, pipe: Pipe) -> None:
@@ -134,11 +134,11 @@ class PipePool:
         if self._trim is not None:
             self._trim.cancel()
             self._trim = None
-        while self._idle:
-            _close_pipe(self._idle.pop())
+        while self.idle:
+            _close_pipe(self.idle.pop())
 
     def statistics(self) -> PipePoolStats:
-        return PipePoolStats(self.size, len(self._idle), self.created, self.reused, self.discarded)
+        return PipePoolStats(self.size, len(self.idle), self.created, self.reused, self.discarded)
 
 
 def _close_pipe(pipe: Pipe) -> None:

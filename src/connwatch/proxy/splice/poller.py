@@ -18,16 +18,17 @@ import socket
 import weakref
 from typing import Final, Protocol
 
-__all__ = ["Poller", "Watched", "poller"]
+__all__ = ["BOTH", "IN", "OUT", "Poller", "Watched", "poller"]
 
-_IN: Final = select.EPOLLIN
-_OUT: Final = select.EPOLLOUT
+IN: Final = select.EPOLLIN
+OUT: Final = select.EPOLLOUT
+BOTH: Final = IN | OUT
 _TROUBLE: Final = select.EPOLLERR | select.EPOLLHUP  # wakes whichever side is registered
 _BATCH: Final = 512  # events per round: the loop's other callbacks get their turn between
 
 
 class Watched(Protocol):
-    """A socket's owner: which directions it waits for, and what to call when one is ready.
+    """A socket's owner: what to call when a direction it waits for is ready.
 
     `polled` is the poller's own note of the events registered for it (0: none); keeping it on
     the owner spares the poller a second dict entry per socket.
@@ -35,17 +36,13 @@ class Watched(Protocol):
 
     polled: int
 
-    def wants(self) -> tuple[bool, bool]:
-        """(reading, writing): the events it waits for now."""
-        ...
-
     def on_readable(self) -> None: ...
 
     def on_writable(self) -> None: ...
 
 
 class Poller:
-    """The loop watches the epoll fd; `update` keeps each socket's interest in step with its owner."""
+    """The loop watches the epoll fd; `set` keeps each socket's interest in step with its owner."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._epoll = select.epoll()
@@ -54,10 +51,9 @@ class Poller:
         self._loop = weakref.ref(loop)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
-    def update(self, fd: int, owner: Watched) -> None:
-        """Register, change or drop `fd` to match `owner.wants()`. Call before closing `fd`."""
-        reading, writing = owner.wants()
-        mask = (_IN if reading else 0) | (_OUT if writing else 0)
+    def set(self, fd: int, owner: Watched, mask: int) -> None:
+        """Register, change or drop `fd` to wait for `mask` (IN, OUT, BOTH or 0: none). Drop it
+        before closing `fd`. The owner passes the mask it computed (no call back to ask it)."""
         old = owner.polled
         if mask == old:
             return
@@ -80,12 +76,11 @@ class Poller:
             pass
         waiter = _ConnectWaiter(asyncio.get_running_loop().create_future())
         fd = sock.fileno()
-        self.update(fd, waiter)
+        self.set(fd, waiter, OUT)
         try:
             await waiter.done
         finally:
-            waiter.writing = False
-            self.update(fd, waiter)
+            self.set(fd, waiter, 0)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
@@ -106,26 +101,21 @@ class Poller:
             owner = owners.get(fd)
             if owner is None:
                 continue  # dropped by an earlier callback of this round
-            if events & (_IN | _TROUBLE) and owner.polled & _IN:
+            if events & (IN | _TROUBLE) and owner.polled & IN:
                 owner.on_readable()
-                if owners.get(fd) is not owner:
-                    continue  # that callback closed it
-            if events & (_OUT | _TROUBLE) and owner.polled & _OUT:
+            # An owner dropped by that callback has `polled` 0 (no second dict lookup needed).
+            if events & (OUT | _TROUBLE) and owner.polled & OUT:
                 owner.on_writable()
 
 
 class _ConnectWaiter:
     """Interest in one connecting socket's writability."""
 
-    __slots__ = ("done", "polled", "writing")
+    __slots__ = ("done", "polled")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
-        self.writing = True
         self.polled = 0
-
-    def wants(self) -> tuple[bool, bool]:
-        return False, self.writing
 
     def on_readable(self) -> None:  # pragma: no cover - never registered for reading
         pass

@@ -10,6 +10,7 @@ sink, a readable socket is spliced into a pipe and the pipe into the sink's sock
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
@@ -18,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from connwatch.proxy.splice.pipes import Pipe, PipePool
-from connwatch.proxy.splice.poller import Poller
+from connwatch.proxy.splice.poller import BOTH, IN, OUT, Poller
 
 if TYPE_CHECKING:
     from connwatch.proxy.connection import MonitoredConnection
@@ -27,6 +28,9 @@ __all__ = ["Leg", "SpliceTransport"]
 
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the leg sets its own
+# The C close under socket.socket.close: that one is two Python calls (the makefile() reference
+# count, unused here) for every socket.
+_close_socket: Final = _socket.socket.close
 
 
 class Leg(Protocol):
@@ -159,7 +163,8 @@ class SpliceTransport(asyncio.Transport):
 
     def pause_reading(self) -> None:
         self._paused = True
-        self._stop_reader()
+        if self._reading:
+            self._stop_reader()
 
     def resume_reading(self) -> None:
         self._paused = False
@@ -179,7 +184,8 @@ class SpliceTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._eof_out or not data:
             return
-        if not self._pending():
+        feeder = self._feeder  # _pending() inline
+        if not self._wbuf and (feeder is None or not feeder._piped):
             try:
                 sent = self._sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -205,16 +211,22 @@ class SpliceTransport(asyncio.Transport):
         if self._eof_out or self._closing:
             return
         self._eof_out = True
-        if not self._pending():
-            self._shutdown_write()
+        feeder = self._feeder  # _pending() and _shutdown_write() inline: once a connection
+        if not self._wbuf and (feeder is None or not feeder._piped):
+            try:  # noqa: SIM105
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # a peer that already reset shows it on the next read
 
     def close(self) -> None:
         """Stop reading; close once everything bound for this socket has gone out."""
         if self._closing:
             return
         self._closing = True
-        self._stop_reader()
-        if self._pending():
+        if self._reading:
+            self._stop_reader()
+        feeder = self._feeder  # _pending() inline: once a socket
+        if self._wbuf or (feeder is not None and feeder._piped):
             self._start_writer()
         else:
             self._finish(None)
@@ -233,17 +245,14 @@ class SpliceTransport(asyncio.Transport):
                 self._sink = sink
                 sink._feeder = self
         self._reading = True
-        self._poller.update(self._fd, self)
+        self._poller.set(self._fd, self, BOTH if self._writing else IN)
 
     def _stop_reader(self) -> None:
         if self._reading:
             self._reading = False
-            self._poller.update(self._fd, self)
+            self._poller.set(self._fd, self, OUT if self._writing else 0)
 
     # -- Watched, for the poller ----------------------------------------------------------------
-    def wants(self) -> tuple[bool, bool]:
-        return self._reading, self._writing
-
     def on_readable(self) -> None:
         sink = self._sink
         if sink is None:
@@ -252,22 +261,30 @@ class SpliceTransport(asyncio.Transport):
         if sink._closing:
             self._stop_reader()  # the connection is closing: nothing more can go there
             return
-        try:
-            pipe = self._pipe = self._pipes.take()
-        except OSError:
-            self._read_copy()  # out of descriptors: copy this chunk through user space
-            return
+        pipes = self._pipes
+        idle = pipes.idle
+        if idle:  # take() inline for a pooled pipe: once a read
+            pipe = self._pipe = idle.pop()
+            pipes.reused += 1
+        else:
+            try:
+                pipe = self._pipe = pipes.take()
+            except OSError:
+                self._read_copy()  # out of descriptors: copy this chunk through user space
+                return
         try:
             n = os.splice(self._fd, pipe[1], self._chunk, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
-            self._give_pipe()
+            self._pipe = None
+            pipes.give(pipe)
             return
         except OSError as exc:
             self._discard_pipe()
             self._fatal(exc)
             return
         if not n:
-            self._give_pipe()
+            self._pipe = None
+            pipes.give(pipe)
             self._read_eof()
             return
         self._piped = n
@@ -303,7 +320,8 @@ class SpliceTransport(asyncio.Transport):
             return False
         self._protocol.bytes_in += moved
         self._piped = 0
-        self._give_pipe()
+        self._pipe = None
+        self._pipes.give(pipe)
         return True
 
     def _drained_some(self, moved: int, left: int) -> bool:
@@ -327,15 +345,10 @@ class SpliceTransport(asyncio.Transport):
 
     def _read_eof(self) -> None:
         self._eof = True
-        self._stop_reader()
+        if self._reading:
+            self._stop_reader()
         if not self._protocol.eof_received():
             self.close()
-
-    def _give_pipe(self) -> None:
-        pipe = self._pipe
-        if pipe is not None:
-            self._pipe = None
-            self._pipes.give(pipe)
 
     def _discard_pipe(self) -> None:
         pipe = self._pipe
@@ -364,12 +377,12 @@ class SpliceTransport(asyncio.Transport):
     def _start_writer(self) -> None:
         if not self._writing and not self._closed:
             self._writing = True
-            self._poller.update(self._fd, self)
+            self._poller.set(self._fd, self, BOTH if self._reading else OUT)
 
     def _stop_writer(self) -> None:
         if self._writing:
             self._writing = False
-            self._poller.update(self._fd, self)
+            self._poller.set(self._fd, self, IN if self._reading else 0)
 
     def on_writable(self) -> None:
         if self._wbuf and not self._flush_wbuf():
@@ -420,14 +433,16 @@ class SpliceTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = True
-        self._stop_reader()
-        self._stop_writer()
+        # _stop_reader(), _stop_writer(), and the pipes' checks inline: once a socket.
+        if self._reading or self._writing:
+            self._reading = self._writing = False
+            self._poller.set(self._fd, self, 0)
         feeder = self._feeder
-        if feeder is not None:  # bytes bound here that can no longer arrive
+        if feeder is not None and feeder._pipe is not None:  # bytes that can no longer arrive
             feeder._discard_pipe()
         sink = self._sink
         if self._pipe is not None and (sink is None or sink._closed):
             self._discard_pipe()  # nobody is left to drain it
         self._wbuf = None
-        self._sock.close()
+        _close_socket(self._sock)
         self._loop.call_soon(self._protocol.connection_lost, exc)
