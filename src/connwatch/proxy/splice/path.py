@@ -60,6 +60,9 @@ class SplicePath:
                 shared = self._shared = (chunk, pipe_pool(chunk))
             pipes = shared[1]
         loop = asyncio.get_running_loop()
+        polled = self._polled  # _poller() inline: twice a connection
+        if polled is None or polled[0]() is not loop:
+            polled = self._polled = (weakref.ref(loop), poller(loop))
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         return SpliceTransport(
             loop,
@@ -67,7 +70,7 @@ class SplicePath:
             protocol,  # type: ignore[arg-type]
             pipes,
             chunk,
-            self._poller(loop),
+            polled[1],
         )
 
     def _poller(self, loop: asyncio.AbstractEventLoop) -> Poller:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Leg", "SpliceTransport"]
 
+# Passed positionally (offsets None): keyword parsing was a third of each os.splice call.
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the leg sets its own
 # The C close under socket.socket.close: that one is two Python calls (the makefile() reference
@@ -72,6 +73,7 @@ class SpliceTransport(asyncio.Transport):
         "_feeder",
         "_high",
         "_loop",
+        "_lost",
         "_paused",
         "_pipe",
         "_piped",
@@ -121,6 +123,7 @@ class SpliceTransport(asyncio.Transport):
         self._eof_out = False  # write_eof() asked for
         self._closing = False
         self._closed = False  # socket closed, connection_lost scheduled
+        self._lost = False  # connection_lost delivered
 
     def start(self) -> None:
         """Hand the transport to its protocol and start reading unless the protocol paused it.
@@ -273,7 +276,7 @@ class SpliceTransport(asyncio.Transport):
                 self._read_copy()  # out of descriptors: copy this chunk through user space
                 return
         try:
-            n = os.splice(self._fd, pipe[1], self._chunk, flags=_FLAGS)
+            n = os.splice(self._fd, pipe[1], self._chunk, None, None, _FLAGS)
         except (BlockingIOError, InterruptedError):
             self._pipe = None
             pipes.give(pipe)
@@ -306,7 +309,7 @@ class SpliceTransport(asyncio.Transport):
         moved = 0
         try:
             while left:
-                n = os.splice(pipe[0], sink._fd, left, flags=_FLAGS)
+                n = os.splice(pipe[0], sink._fd, left, None, None, _FLAGS)
                 if n <= 0:  # cannot happen while we hold the write end; never spin on it
                     raise OSError(errno.EIO, "splice pipe ran dry")
                 left -= n
@@ -345,8 +348,9 @@ class SpliceTransport(asyncio.Transport):
 
     def _read_eof(self) -> None:
         self._eof = True
-        if self._reading:
-            self._stop_reader()
+        if self._reading:  # _stop_reader() inline: twice a connection
+            self._reading = False
+            self._poller.set(self._fd, self, OUT if self._writing else 0)
         if not self._protocol.eof_received():
             self.close()
 
@@ -445,4 +449,22 @@ class SpliceTransport(asyncio.Transport):
             self._discard_pipe()  # nobody is left to drain it
         self._wbuf = None
         _close_socket(self._sock)
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._protocol.connection_lost(exc)
+        # Once both transports of a connection are lost (and so closed: no pipe of either is left
+        # to drain), they let go of their legs and of each other, as uvloop's do of their
+        # protocol: without these cycles (transport <-> leg, transport <-> transport) a closed
+        # connection is freed at once, not by the garbage collector.
+        partner = self._feeder or self._sink
+        if partner is None or partner._lost:
+            self._let_go()
+            if partner is not None:
+                partner._let_go()
+
+    def _let_go(self) -> None:
+        self._protocol = None  # type: ignore[assignment]  # never read again: lost and closed
+        self._sink = None
+        self._feeder = None
