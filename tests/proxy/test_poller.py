@@ -101,3 +101,45 @@ async def test_a_cancelled_connect_leaves_nothing_registered() -> None:
             sock.close()
         server.close()
         p.close()
+
+
+async def test_a_connected_socket_is_taken_over_and_a_stale_one_does_not_confuse() -> None:
+    """A finished connect leaves its fd in the epoll set, disabled (one-shot); the owner that
+    takes the socket over re-arms it. If that socket is closed instead, the next socket with
+    the same fd number registers afresh."""
+    loop = asyncio.get_running_loop()
+    p = Poller(loop)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    try:
+        sock = await asyncio.wait_for(p.connect(_nonblocking(), server.getsockname()), 5)
+        assert len(p) == 0
+        peer, _ = await loop.sock_accept(server)
+        owner = _Owner(sock.fileno())
+        p.set(owner.fd, owner, IN)
+        peer.send(b"x")
+        await asyncio.wait_for(owner.readable.wait(), 5)
+        p.set(owner.fd, owner, 0)
+        sock.close()
+        peer.close()
+
+        stale = await asyncio.wait_for(p.connect(_nonblocking(), server.getsockname()), 5)
+        peer, _ = await loop.sock_accept(server)
+        number = stale.fileno()
+        stale.close()  # never taken over: its dormant entry is stale now
+        a, b = socket.socketpair()
+        try:
+            assert a.fileno() == number  # the lowest free number: the stale one's
+            owner = _Owner(a.fileno())
+            p.set(owner.fd, owner, IN)
+            b.send(b"y")
+            await asyncio.wait_for(owner.readable.wait(), 5)
+            p.set(owner.fd, owner, 0)
+            assert len(p) == 0
+        finally:
+            a.close()
+            b.close()
+            peer.close()
+    finally:
+        server.close()
+        p.close()

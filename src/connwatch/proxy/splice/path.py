@@ -147,9 +147,10 @@ async def _resolve_and_connect(
     raise error
 
 
-async def _connect(
+def _connect(
     family: int, addr: Any, options: SocketOptions, polled: Poller | None
-) -> socket.socket:
+) -> Coroutine[Any, Any, socket.socket]:
+    """The socket made and its options set here; the connect is the coroutine returned."""
     kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no separate call to make it so
     try:
         sock = socket.socket(family, kind)
@@ -158,21 +159,16 @@ async def _connect(
         if exc.errno not in NO_FDS or not note_fd_pressure():
             raise
         sock = socket.socket(family, kind)
-    try:
-        for level, option, value in options:
-            # An option the kernel refuses is skipped, the others still set (as sockopts does);
-            # try/except, not contextlib.suppress: three Python calls an option fewer.
-            try:  # noqa: SIM105
-                sock.setsockopt(level, option, value)
-            except OSError:
-                pass
-        if polled is None:
-            polled = poller(asyncio.get_running_loop())
-        await polled.connect(sock, addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    for level, option, value in options:
+        # An option the kernel refuses is skipped, the others still set (as sockopts does);
+        # try/except, not contextlib.suppress: three Python calls an option fewer.
+        try:  # noqa: SIM105
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+    if polled is None:
+        polled = poller(asyncio.get_running_loop())
+    return polled.connect(sock, addr)  # which closes sock if the connect fails
 
 
 @functools.lru_cache(maxsize=256)  # a C call when cached: hosts are the configured targets

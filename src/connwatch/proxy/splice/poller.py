@@ -54,6 +54,10 @@ class Poller:
         # Weak: the loop holds the poller through its reader, and `poller()` must let both go.
         self._loop = weakref.ref(loop)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
+        # fds a finished connect left in the epoll set, disabled (EPOLLONESHOT): their owner's
+        # first `set` re-arms them with one modify, not unregister + register. An entry whose
+        # socket was closed in between is stale (the kernel dropped it with the socket).
+        self._dormant: set[int] = set()
 
     def set(self, fd: int, owner: Watched, mask: int) -> None:
         """Register, change or drop `fd` to wait for `mask` (IN, OUT, BOTH or 0: none). Drop it
@@ -65,31 +69,57 @@ class Poller:
         if not mask:
             self._epoll.unregister(fd)
             del self._owners[fd]
-        elif not old:
-            self._epoll.register(fd, mask)
-            self._owners[fd] = owner
-        else:
+        elif old:
             self._epoll.modify(fd, mask)
+        else:
+            if fd in self._dormant:
+                self._wake(fd, mask)
+            else:
+                self._epoll.register(fd, mask)
+            self._owners[fd] = owner
 
-    async def connect(self, sock: socket.socket, address: tuple[object, ...] | str) -> None:
-        """`sock.connect` for a non-blocking socket, waiting here instead of in a loop handle."""
-        # connect_ex: the usual EINPROGRESS as a number, not a raised BlockingIOError (about 5k
-        # instructions an upstream connect).
-        err = sock.connect_ex(address)
-        if not err:
-            return
-        if err not in _CONNECTING:
-            raise OSError(err, os.strerror(err))
-        waiter = _ConnectWaiter(asyncio.get_running_loop().create_future())
-        fd = sock.fileno()
-        self.set(fd, waiter, OUT)
+    def _wake(self, fd: int, mask: int) -> None:
+        self._dormant.discard(fd)
         try:
-            await waiter.done
-        finally:
-            self.set(fd, waiter, 0)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
+            self._epoll.modify(fd, mask)
+        except FileNotFoundError:  # stale: that socket was closed, this is another one
+            self._epoll.register(fd, mask)
+
+    async def connect(
+        self, sock: socket.socket, address: tuple[object, ...] | str
+    ) -> socket.socket:
+        """`sock.connect` for a non-blocking socket, waiting here instead of in a loop handle;
+        `sock` once connected. It is closed if the connect fails or is cancelled (the caller's
+        cleanup, done here so that callers hand on this coroutine, not wrap it in their own)."""
+        try:
+            # connect_ex: the usual EINPROGRESS as a number, not a raised BlockingIOError (about
+            # 5k instructions an upstream connect).
+            err = sock.connect_ex(address)
+            if not err:
+                return sock
+            if err not in _CONNECTING:
+                raise OSError(err, os.strerror(err))
+            fd = sock.fileno()
+            waiter = _ConnectWaiter(self, fd, asyncio.get_running_loop().create_future())
+            if fd in self._dormant:
+                self._dormant.discard(fd)  # stale: a fresh socket is in no epoll set
+            # One-shot: once reported, the kernel disables the fd and the waiter leaves it in
+            # the set, dormant, for the transport that takes the socket over.
+            self._epoll.register(fd, OUT | select.EPOLLONESHOT)
+            waiter.polled = OUT
+            self._owners[fd] = waiter
+            try:
+                await waiter.done
+            except BaseException:
+                self.set(fd, waiter, 0)  # still armed unless it fired (then polled is 0)
+                raise
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def close(self) -> None:
         loop = self._loop()
@@ -115,11 +145,13 @@ class Poller:
 
 
 class _ConnectWaiter:
-    """Interest in one connecting socket's writability."""
+    """Interest in one connecting socket's writability, reported once."""
 
-    __slots__ = ("done", "polled")
+    __slots__ = ("done", "fd", "polled", "poller")
 
-    def __init__(self, done: asyncio.Future[None]) -> None:
+    def __init__(self, poller: Poller, fd: int, done: asyncio.Future[None]) -> None:
+        self.poller = poller
+        self.fd = fd
         self.done = done
         self.polled = 0
 
@@ -127,6 +159,11 @@ class _ConnectWaiter:
         pass
 
     def on_writable(self) -> None:
+        # The kernel disabled the fd (one-shot): it stays in the epoll set, dormant.
+        poller = self.poller
+        del poller._owners[self.fd]
+        self.polled = 0
+        poller._dormant.add(self.fd)
         if not self.done.done():
             self.done.set_result(None)
 
