@@ -50,6 +50,7 @@ class SplicePath:
         # The loop's poller, looked up once (`poller()` is a weak-dict lookup, two Python calls
         # for every transport); weak to the loop, as `poller()` is.
         self._polled: tuple[weakref.ref[asyncio.AbstractEventLoop], Poller] | None = None
+        self._opened: tuple[SocketOptions, Poller, Callable[[Address], Any]] | None = None
 
     def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
         chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
@@ -72,6 +73,17 @@ class SplicePath:
             chunk,
             polled[1],
         )
+
+    def _opener(self) -> Callable[[Address], Coroutine[Any, Any, socket.socket]]:
+        """`open_socket` with this listener's options and the loop's poller, made once (until a
+        reload or another loop): a partial of positional arguments, so no Python frame of its
+        own and no keyword merging when the pool calls it."""
+        options = self._owner.upstream_options
+        polled = self._poller(asyncio.get_running_loop())
+        made = self._opened
+        if made is None or made[0] is not options or made[1] is not polled:
+            made = self._opened = (options, polled, functools.partial(_open, options, polled))
+        return made[2]
 
     def _poller(self, loop: asyncio.AbstractEventLoop) -> Poller:
         polled = self._polled
@@ -97,15 +109,8 @@ class SplicePath:
         order: list[Target] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
-        # A partial, not a lambda: no Python frame of its own; the poller handed on, not
-        # looked up again.
-        opener = functools.partial(
-            open_socket,
-            options=self._owner.upstream_options,
-            polled=self._poller(asyncio.get_running_loop()),
-        )
         sock, target = await self._owner.pool.reach(
-            opener, timeout=timeout, attempts=attempts, order=order
+            self._opener(), timeout=timeout, attempts=attempts, order=order
         )
         transport = self._transport(sock, protocol_factory())
         transport.start()
@@ -121,6 +126,12 @@ def open_socket(
 
     Not a coroutine itself: a numeric address gives the connecting coroutine straight away (one
     coroutine frame fewer for every upstream connect)."""
+    return _open(options, polled, address)
+
+
+def _open(
+    options: SocketOptions, polled: Poller | None, address: Address
+) -> Coroutine[Any, Any, socket.socket]:
     if address.path is not None:
         return _connect(socket.AF_UNIX, address.path, (), polled)
     host = address.host or "127.0.0.1"

@@ -78,6 +78,13 @@ class Poller:
                 self._epoll.register(fd, mask)
             self._owners[fd] = owner
 
+    def forget(self, fd: int, owner: Watched) -> None:
+        """Drop `fd` without an epoll_ctl, for a socket about to be closed: closing it removes
+        it from the epoll set (no socket here is ever dup()ed, which would keep it there)."""
+        if owner.polled:
+            owner.polled = 0
+            del self._owners[fd]
+
     def _wake(self, fd: int, mask: int) -> None:
         self._dormant.discard(fd)
         try:

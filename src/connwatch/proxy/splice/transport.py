@@ -226,10 +226,10 @@ class SpliceTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        if self._reading:
-            self._stop_reader()
         feeder = self._feeder  # _pending() inline: once a socket
         if self._wbuf or (feeder is not None and feeder._piped):
+            if self._reading:
+                self._stop_reader()
             self._start_writer()
         else:
             self._finish(None)
@@ -347,12 +347,14 @@ class SpliceTransport(asyncio.Transport):
             self._read_eof()
 
     def _read_eof(self) -> None:
-        self._eof = True
+        self._eof = True  # no reading resumes from here on
+        if not self._protocol.eof_received():
+            self.close()
+        # Reading stops after the leg has heard: if that closed the transport, the poller just
+        # forgot the socket (its close drops it from the epoll set), one epoll_ctl fewer.
         if self._reading:  # _stop_reader() inline: twice a connection
             self._reading = False
             self._poller.set(self._fd, self, OUT if self._writing else 0)
-        if not self._protocol.eof_received():
-            self.close()
 
     def _discard_pipe(self) -> None:
         pipe = self._pipe
@@ -437,10 +439,11 @@ class SpliceTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = True
-        # _stop_reader(), _stop_writer(), and the pipes' checks inline: once a socket.
+        # _stop_reader(), _stop_writer(), and the pipes' checks inline: once a socket. The
+        # socket is closed below, which drops it from the epoll set: no epoll_ctl for that.
         if self._reading or self._writing:
             self._reading = self._writing = False
-            self._poller.set(self._fd, self, 0)
+            self._poller.forget(self._fd, self)
         feeder = self._feeder
         if feeder is not None and feeder._pipe is not None:  # bytes that can no longer arrive
             feeder._discard_pipe()
