@@ -287,7 +287,10 @@ class SpliceTransport(asyncio.Transport):
             return
         if not n:
             self._pipe = None
-            pipes.give(pipe)
+            if pipes.takes_back and len(idle) < pipes.max_idle:  # give() inline
+                idle.append(pipe)
+            else:
+                pipes.give(pipe)
             self._read_eof()
             return
         self._piped = n
@@ -324,7 +327,12 @@ class SpliceTransport(asyncio.Transport):
         self._protocol.bytes_in += moved
         self._piped = 0
         self._pipe = None
-        self._pipes.give(pipe)
+        pipes = self._pipes
+        idle = pipes.idle
+        if pipes.takes_back and len(idle) < pipes.max_idle:  # give() inline: once a read
+            idle.append(pipe)
+        else:
+            pipes.give(pipe)
         return True
 
     def _drained_some(self, moved: int, left: int) -> bool:
@@ -463,11 +471,8 @@ class SpliceTransport(asyncio.Transport):
         # connection is freed at once, not by the garbage collector.
         partner = self._feeder or self._sink
         if partner is None or partner._lost:
-            self._let_go()
+            self._protocol = None  # type: ignore[assignment]  # never read again: lost, closed
+            self._sink = self._feeder = None
             if partner is not None:
-                partner._let_go()
-
-    def _let_go(self) -> None:
-        self._protocol = None  # type: ignore[assignment]  # never read again: lost and closed
-        self._sink = None
-        self._feeder = None
+                partner._protocol = None  # type: ignore[assignment]
+                partner._sink = partner._feeder = None
