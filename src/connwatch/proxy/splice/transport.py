@@ -293,11 +293,33 @@ class SpliceTransport(asyncio.Transport):
                 pipes.give(pipe)
             self._read_eof()
             return
+        leg = self._protocol
+        leg.conn.last_activity = time.monotonic()
         self._piped = n
-        self._protocol.conn.last_activity = time.monotonic()
-        if sink._wbuf or not self._drain():
-            self._stop_reader()  # not another byte in until the sink has taken these
-            sink._backlogged()
+        if not sink._wbuf:
+            # _drain()'s first splice inline: it usually moves everything (once a read).
+            try:
+                moved = os.splice(pipe[0], sink._fd, n, None, None, _FLAGS)
+            except (BlockingIOError, InterruptedError):
+                moved = 0
+            except OSError as exc:
+                self._discard_pipe()
+                sink._fatal(exc)
+                return
+            leg.bytes_in += moved
+            if moved == n:
+                self._piped = 0
+                self._pipe = None
+                if pipes.takes_back and len(idle) < pipes.max_idle:  # give() inline
+                    idle.append(pipe)
+                else:
+                    pipes.give(pipe)
+                return
+            self._piped = n - moved
+            if moved > 0 and self._drain():  # room for more, perhaps
+                return
+        self._stop_reader()  # not another byte in until the sink has taken these
+        sink._backlogged()
 
     def _drain(self) -> bool:
         """Splice the pipe into the sink's socket; True once it is empty (and back in the pool).
