@@ -38,6 +38,10 @@ class _Owner(Protocol):
     def upstream_options(self) -> SocketOptions: ...
 
 
+# (config, loop, pipe pool, chunk, poller) for the transports of one config and loop
+_Settings = tuple["ListenerConfig", weakref.ref[asyncio.AbstractEventLoop], PipePool, int, Poller]
+
+
 class SplicePath:
     """A listener's splice data path. It stands in for the loop when an accepted socket is taken
     over (`connect_accepted_socket`) and for the upstream pool when a target is reached
@@ -46,33 +50,34 @@ class SplicePath:
     def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
         self._owner = owner
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
-        self._shared: tuple[int, PipePool] | None = None  # that pool, looked up once a size
+        self._made: _Settings | None = None  # see _settings()
         # The loop's poller, looked up once (`poller()` is a weak-dict lookup, two Python calls
         # for every transport); weak to the loop, as `poller()` is.
         self._polled: tuple[weakref.ref[asyncio.AbstractEventLoop], Poller] | None = None
         self._opened: tuple[SocketOptions, Poller, Callable[[Address], Any]] | None = None
 
     def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
-        chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
-        pipes = self._pipes
-        if pipes is None:
-            shared = self._shared
-            if shared is None or shared[0] != chunk:
-                shared = self._shared = (chunk, pipe_pool(chunk))
-            pipes = shared[1]
         loop = asyncio.get_running_loop()
-        polled = self._polled  # _poller() inline: twice a connection
-        if polled is None or polled[0]() is not loop:
-            polled = self._polled = (weakref.ref(loop), poller(loop))
+        made = self._made
+        if made is None or made[0] is not self._owner.config or made[1]() is not loop:
+            made = self._made = self._settings(loop)
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         return SpliceTransport(
             loop,
             sock,
             protocol,  # type: ignore[arg-type]
-            pipes,
-            chunk,
-            polled[1],
+            made[2],
+            made[3],
+            made[4],
         )
+
+    def _settings(self, loop: asyncio.AbstractEventLoop) -> _Settings:
+        """What every transport of this listener gets, worked out again only when the config
+        (a reload) or the loop changes: the chunk, its pipe pool, the loop's poller."""
+        config = self._owner.config
+        chunk = min(config.buffer_size, MAX_CHUNK)
+        pipes = self._pipes if self._pipes is not None else pipe_pool(chunk)
+        return (config, weakref.ref(loop), pipes, chunk, self._poller(loop))
 
     def _opener(self) -> Callable[[Address], Coroutine[Any, Any, socket.socket]]:
         """`open_socket` with this listener's options and the loop's poller, made once (until a
