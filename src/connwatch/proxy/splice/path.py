@@ -38,8 +38,28 @@ class _Owner(Protocol):
     def upstream_options(self) -> SocketOptions: ...
 
 
-# (config, loop, pipe pool, chunk, poller) for the transports of one config and loop
-_Settings = tuple["ListenerConfig", weakref.ref[asyncio.AbstractEventLoop], PipePool, int, Poller]
+class _Settings:
+    """What every connection of a listener's config gets on one loop, worked out once (not per
+    transport): the chunk, its pipe pool, the loop's poller (`poller()` is a weak-dict lookup,
+    two Python calls) and the upstream opener. Weak to the loop, as `poller()` is."""
+
+    __slots__ = ("chunk", "config", "loop", "opener", "options", "pipes", "poller")
+
+    def __init__(
+        self, owner: _Owner, loop: asyncio.AbstractEventLoop, pipes: PipePool | None
+    ) -> None:
+        self.config = owner.config
+        self.options = owner.upstream_options
+        self.loop = weakref.ref(loop)
+        self.chunk = min(self.config.buffer_size, MAX_CHUNK)
+        # None: the process's pool for the listener's chunk size
+        self.pipes = pipes if pipes is not None else pipe_pool(self.chunk)
+        self.poller = poller(loop)
+        # A partial of positional arguments: no Python frame of its own and no keyword
+        # merging when the upstream pool calls it.
+        self.opener: Callable[[Address], Coroutine[Any, Any, socket.socket]] = functools.partial(
+            _open, self.options, self.poller
+        )
 
 
 class SplicePath:
@@ -50,58 +70,30 @@ class SplicePath:
     def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
         self._owner = owner
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
-        self._made: _Settings | None = None  # see _settings()
-        # The loop's poller, looked up once (`poller()` is a weak-dict lookup, two Python calls
-        # for every transport); weak to the loop, as `poller()` is.
-        self._polled: tuple[weakref.ref[asyncio.AbstractEventLoop], Poller] | None = None
-        self._opened: tuple[SocketOptions, Poller, Callable[[Address], Any]] | None = None
-
-    def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
-        loop = asyncio.get_running_loop()
-        made = self._made
-        if made is None or made[0] is not self._owner.config or made[1]() is not loop:
-            made = self._made = self._settings(loop)
-        # The protocol is a connection leg (no cast(): a Python call for every leg).
-        return SpliceTransport(
-            loop,
-            sock,
-            protocol,  # type: ignore[arg-type]
-            made[2],
-            made[3],
-            made[4],
-        )
+        self._made: _Settings | None = None
 
     def _settings(self, loop: asyncio.AbstractEventLoop) -> _Settings:
-        """What every transport of this listener gets, worked out again only when the config
-        (a reload) or the loop changes: the chunk, its pipe pool, the loop's poller."""
-        config = self._owner.config
-        chunk = min(config.buffer_size, MAX_CHUNK)
-        pipes = self._pipes if self._pipes is not None else pipe_pool(chunk)
-        return (config, weakref.ref(loop), pipes, chunk, self._poller(loop))
-
-    def _opener(self) -> Callable[[Address], Coroutine[Any, Any, socket.socket]]:
-        """`open_socket` with this listener's options and the loop's poller, made once (until a
-        reload or another loop): a partial of positional arguments, so no Python frame of its
-        own and no keyword merging when the pool calls it."""
-        options = self._owner.upstream_options
-        polled = self._poller(asyncio.get_running_loop())
-        made = self._opened
-        if made is None or made[0] is not options or made[1] is not polled:
-            made = self._opened = (options, polled, functools.partial(_open, options, polled))
-        return made[2]
-
-    def _poller(self, loop: asyncio.AbstractEventLoop) -> Poller:
-        polled = self._polled
-        if polled is None or polled[0]() is not loop:
-            polled = self._polled = (weakref.ref(loop), poller(loop))
-        return polled[1]
+        made = self._made
+        owner = self._owner
+        if (
+            made is None
+            or made.config is not owner.config
+            or made.options is not owner.upstream_options
+            or made.loop() is not loop
+        ):
+            made = self._made = _Settings(owner, loop, self._pipes)
+        return made
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
+        loop = asyncio.get_running_loop()
+        made = self._settings(loop)
         protocol = protocol_factory()
-        transport = self._transport(sock, protocol)
+        # The protocol is a connection leg (no cast(): a Python call for every leg).
+        leg: Any = protocol
+        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, protocol
 
@@ -114,10 +106,13 @@ class SplicePath:
         order: list[Target] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
+        loop = asyncio.get_running_loop()
+        made = self._settings(loop)
         sock, target = await self._owner.pool.reach(
-            self._opener(), timeout=timeout, attempts=attempts, order=order
+            made.opener, timeout=timeout, attempts=attempts, order=order
         )
-        transport = self._transport(sock, protocol_factory())
+        leg: Any = protocol_factory()  # a connection leg
+        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, target
 
