@@ -187,7 +187,7 @@ class SpliceTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._eof_out or not data:
             return
-        feeder = self._feeder  # _pending() inline
+        feeder = self._feeder  # nothing queued or piped for this socket: send at once
         if not self._wbuf and (feeder is None or not feeder._piped):
             try:
                 sent = self._sock.send(data)
@@ -214,7 +214,7 @@ class SpliceTransport(asyncio.Transport):
         if self._eof_out or self._closing:
             return
         self._eof_out = True
-        feeder = self._feeder  # _pending() and _shutdown_write() inline: once a connection
+        feeder = self._feeder  # nothing queued or piped for it: shut down now (else on_writable)
         if not self._wbuf and (feeder is None or not feeder._piped):
             try:  # noqa: SIM105
                 self._sock.shutdown(socket.SHUT_WR)
@@ -226,7 +226,7 @@ class SpliceTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        feeder = self._feeder  # _pending() inline: once a socket
+        feeder = self._feeder  # anything queued or piped for this socket waits to go out
         if self._wbuf or (feeder is not None and feeder._piped):
             if self._reading:
                 self._stop_reader()
@@ -394,10 +394,6 @@ class SpliceTransport(asyncio.Transport):
             self._pipes.discard(pipe)
 
     # -- writing side ---------------------------------------------------------------------------
-    def _pending(self) -> bool:
-        feeder = self._feeder
-        return bool(self._wbuf) or (feeder is not None and feeder._piped > 0)
-
     def _backlogged(self) -> None:
         """The feeder holds bytes this socket cannot take now: wait for room, pause the feeder."""
         self._start_writer()
