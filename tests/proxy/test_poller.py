@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from connwatch.proxy.splice.poller import Poller, poller
+from connwatch.proxy.splice.poller import IN, OUT, Poller, poller
 from tests.support import free_port
 
 pytestmark = pytest.mark.both_loops
@@ -24,13 +24,8 @@ class _Owner:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.polled = 0
-        self.reading = False
-        self.writing = False
         self.readable = asyncio.Event()
         self.writable = asyncio.Event()
-
-    def wants(self) -> tuple[bool, bool]:
-        return self.reading, self.writing
 
     def on_readable(self) -> None:
         self.readable.set()
@@ -45,16 +40,14 @@ async def test_reports_readable_and_writable_until_dropped() -> None:
     a.setblocking(False)
     owner = _Owner(a.fileno())
     try:
-        owner.writing = True
-        p.update(owner.fd, owner)
+        p.set(owner.fd, owner, OUT)
         await asyncio.wait_for(owner.writable.wait(), 5)
-        owner.writing, owner.reading = False, True
-        p.update(owner.fd, owner)
+        assert owner.polled == OUT
+        p.set(owner.fd, owner, IN)
         b.send(b"x")
         await asyncio.wait_for(owner.readable.wait(), 5)
         assert len(p) == 1
-        owner.reading = False
-        p.update(owner.fd, owner)
+        p.set(owner.fd, owner, 0)
         assert len(p) == 0
         assert owner.polled == 0
     finally:
@@ -106,5 +99,47 @@ async def test_a_cancelled_connect_leaves_nothing_registered() -> None:
     finally:
         for sock in socks:
             sock.close()
+        server.close()
+        p.close()
+
+
+async def test_a_connected_socket_is_taken_over_and_a_stale_one_does_not_confuse() -> None:
+    """A finished connect leaves its fd in the epoll set, disabled (one-shot); the owner that
+    takes the socket over re-arms it. If that socket is closed instead, the next socket with
+    the same fd number registers afresh."""
+    loop = asyncio.get_running_loop()
+    p = Poller(loop)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    try:
+        sock = await asyncio.wait_for(p.connect(_nonblocking(), server.getsockname()), 5)
+        assert len(p) == 0
+        peer, _ = await loop.sock_accept(server)
+        owner = _Owner(sock.fileno())
+        p.set(owner.fd, owner, IN)
+        peer.send(b"x")
+        await asyncio.wait_for(owner.readable.wait(), 5)
+        p.set(owner.fd, owner, 0)
+        sock.close()
+        peer.close()
+
+        stale = await asyncio.wait_for(p.connect(_nonblocking(), server.getsockname()), 5)
+        peer, _ = await loop.sock_accept(server)
+        number = stale.fileno()
+        stale.close()  # never taken over: its dormant entry is stale now
+        a, b = socket.socketpair()
+        try:
+            assert a.fileno() == number  # the lowest free number: the stale one's
+            owner = _Owner(a.fileno())
+            p.set(owner.fd, owner, IN)
+            b.send(b"y")
+            await asyncio.wait_for(owner.readable.wait(), 5)
+            p.set(owner.fd, owner, 0)
+            assert len(p) == 0
+        finally:
+            a.close()
+            b.close()
+            peer.close()
+    finally:
         server.close()
         p.close()

@@ -621,6 +621,24 @@ async def test_short_of_descriptors_no_pipe_is_made_or_kept(
     assert pool.statistics().idle == 0
 
 
+async def test_transports_give_back_directly_only_while_the_pool_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(splice_pipes, "_pressure_until", 0.0)  # restored afterwards
+    pool = PipePool(64 * 1024)
+    assert not pool.takes_back  # no trim timer yet: the first return goes through give()
+    a, b = pool.take(), pool.take()
+    pool.give(a)
+    assert pool.takes_back
+    splice_pipes.note_fd_pressure()
+    assert not pool.takes_back  # short of descriptors: give() decides (and closes)
+    pool.give(b)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(b[0])
+    pool.close()
+    assert not pool.takes_back
+
+
 def test_data_path_choice() -> None:
     assert not uses_splice("portable")
     assert uses_splice("splice")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from connwatch.proxy.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
@@ -37,6 +38,30 @@ class _Owner(Protocol):
     def upstream_options(self) -> SocketOptions: ...
 
 
+class _Settings:
+    """What every connection of a listener's config gets on one loop, worked out once (not per
+    transport): the chunk, its pipe pool, the loop's poller (`poller()` is a weak-dict lookup,
+    two Python calls) and the upstream opener. Weak to the loop, as `poller()` is."""
+
+    __slots__ = ("chunk", "config", "loop", "opener", "options", "pipes", "poller")
+
+    def __init__(
+        self, owner: _Owner, loop: asyncio.AbstractEventLoop, pipes: PipePool | None
+    ) -> None:
+        self.config = owner.config
+        self.options = owner.upstream_options
+        self.loop = weakref.ref(loop)
+        self.chunk = min(self.config.buffer_size, MAX_CHUNK)
+        # None: the process's pool for the listener's chunk size
+        self.pipes = pipes if pipes is not None else pipe_pool(self.chunk)
+        self.poller = poller(loop)
+        # A partial of positional arguments: no Python frame of its own and no keyword
+        # merging when the upstream pool calls it.
+        self.opener: Callable[[Address], Coroutine[Any, Any, socket.socket]] = functools.partial(
+            _open, self.options, self.poller
+        )
+
+
 class SplicePath:
     """A listener's splice data path. It stands in for the loop when an accepted socket is taken
     over (`connect_accepted_socket`) and for the upstream pool when a target is reached
@@ -45,39 +70,30 @@ class SplicePath:
     def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
         self._owner = owner
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
-        self._shared: tuple[int, PipePool] | None = None  # that pool, looked up once a size
-        # The loop's poller, looked up once (`poller()` is a weak-dict lookup, two Python calls
-        # for every transport); weak to the loop, as `poller()` is.
-        self._polled: tuple[weakref.ref[asyncio.AbstractEventLoop], Poller] | None = None
+        self._made: _Settings | None = None
 
-    def _transport(self, sock: socket.socket, protocol: asyncio.BaseProtocol) -> SpliceTransport:
-        chunk = min(self._owner.config.buffer_size, MAX_CHUNK)
-        pipes = self._pipes
-        if pipes is None:
-            shared = self._shared
-            if shared is None or shared[0] != chunk:
-                shared = self._shared = (chunk, pipe_pool(chunk))
-            pipes = shared[1]
-        loop = asyncio.get_running_loop()
-        polled = self._polled
-        if polled is None or polled[0]() is not loop:
-            polled = self._polled = (weakref.ref(loop), poller(loop))
-        # The protocol is a connection leg (no cast(): a Python call for every leg).
-        return SpliceTransport(
-            loop,
-            sock,
-            protocol,  # type: ignore[arg-type]
-            pipes,
-            chunk,
-            polled[1],
-        )
+    def _settings(self, loop: asyncio.AbstractEventLoop) -> _Settings:
+        made = self._made
+        owner = self._owner
+        if (
+            made is None
+            or made.config is not owner.config
+            or made.options is not owner.upstream_options
+            or made.loop() is not loop
+        ):
+            made = self._made = _Settings(owner, loop, self._pipes)
+        return made
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
+        loop = asyncio.get_running_loop()
+        made = self._settings(loop)
         protocol = protocol_factory()
-        transport = self._transport(sock, protocol)
+        # The protocol is a connection leg (no cast(): a Python call for every leg).
+        leg: Any = protocol
+        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, protocol
 
@@ -90,72 +106,83 @@ class SplicePath:
         order: list[Target] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
-        options = self._owner.upstream_options
+        loop = asyncio.get_running_loop()
+        made = self._settings(loop)
         sock, target = await self._owner.pool.reach(
-            lambda address: open_socket(address, options),
-            timeout=timeout,
-            attempts=attempts,
-            order=order,
+            made.opener, timeout=timeout, attempts=attempts, order=order
         )
-        transport = self._transport(sock, protocol_factory())
+        leg: Any = protocol_factory()  # a connection leg
+        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, target
 
 
-async def open_socket(address: Address, options: SocketOptions = ()) -> socket.socket:
+def open_socket(
+    address: Address, options: SocketOptions = (), polled: Poller | None = None
+) -> Coroutine[Any, Any, socket.socket]:
     """A connected non-blocking stream socket to `address`, with `options` (keep-alive,
-    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper."""
-    loop = asyncio.get_running_loop()
+    TCP_NODELAY) set on a TCP socket before it connects: a plain socket, so no per-call wrapper.
+    `polled`: the running loop's poller, when the caller has it at hand.
+
+    Not a coroutine itself: a numeric address gives the connecting coroutine straight away (one
+    coroutine frame fewer for every upstream connect)."""
+    return _open(options, polled, address)
+
+
+def _open(
+    options: SocketOptions, polled: Poller | None, address: Address
+) -> Coroutine[Any, Any, socket.socket]:
     if address.path is not None:
-        return await _connect(loop, socket.AF_UNIX, address.path, ())
+        return _connect(socket.AF_UNIX, address.path, (), polled)
     host = address.host or "127.0.0.1"
     family = _numeric_family(host)
     if family is not None:
-        return await _connect(loop, family, (host, address.port), options)
-    infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
+        return _connect(family, (host, address.port), options, polled)
+    return _resolve_and_connect(host, address.port, options, polled)
+
+
+async def _resolve_and_connect(
+    host: str, port: int, options: SocketOptions, polled: Poller | None
+) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     if not infos:
         raise OSError(errno.EHOSTUNREACH, f"{host} has no address")
     error: OSError | None = None
     for family, _, _, _, addr in infos:
         try:
-            return await _connect(loop, family, addr, options)
+            return await _connect(family, addr, options, polled)
         except OSError as exc:
             error = exc
     assert error is not None
     raise error
 
 
-async def _connect(
-    loop: asyncio.AbstractEventLoop, family: int, addr: Any, options: SocketOptions
-) -> socket.socket:
-    sock = _new_socket(family)
+def _connect(
+    family: int, addr: Any, options: SocketOptions, polled: Poller | None
+) -> Coroutine[Any, Any, socket.socket]:
+    """The socket made and its options set here; the connect is the coroutine returned."""
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no separate call to make it so
     try:
-        for level, option, value in options:
-            # An option the kernel refuses is skipped, the others still set (as sockopts does);
-            # try/except, not contextlib.suppress: three Python calls an option fewer.
-            try:  # noqa: SIM105
-                sock.setsockopt(level, option, value)
-            except OSError:
-                pass
-        await poller(loop).connect(sock, addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _new_socket(family: int) -> socket.socket:
-    """A non-blocking stream socket (made so: no separate call to make it so)."""
-    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-    try:
-        return socket.socket(family, kind)
+        sock = socket.socket(family, kind)
     except OSError as exc:
         # Out of descriptors: idle pooled pipes go before a connection does.
-        if exc.errno in NO_FDS and note_fd_pressure():
-            return socket.socket(family, kind)
-        raise
+        if exc.errno not in NO_FDS or not note_fd_pressure():
+            raise
+        sock = socket.socket(family, kind)
+    for level, option, value in options:
+        # An option the kernel refuses is skipped, the others still set (as sockopts does);
+        # try/except, not contextlib.suppress: three Python calls an option fewer.
+        try:  # noqa: SIM105
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+    if polled is None:
+        polled = poller(asyncio.get_running_loop())
+    return polled.connect(sock, addr)  # which closes sock if the connect fails
 
 
+@functools.lru_cache(maxsize=256)  # a C call when cached: hosts are the configured targets
 def _numeric_family(host: str) -> int | None:
     for family in (socket.AF_INET, socket.AF_INET6):
         try:

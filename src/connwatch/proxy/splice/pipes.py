@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Final
 
@@ -56,15 +57,17 @@ class PipePool:
     """
 
     __slots__ = (
-        "_idle",
+        "__weakref__",
         "_takes_at_check",
         "_trim",
         "created",
         "discarded",
+        "idle",
         "idle_timeout",
         "max_idle",
         "reused",
         "size",
+        "takes_back",
     )
 
     def __init__(
@@ -73,19 +76,24 @@ class PipePool:
         self.size = size
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self._idle: list[Pipe] = []
+        self.idle: list[Pipe] = []  # taken from directly by the transports (no call a read)
+        # True while a returned pipe may simply be appended to `idle` (below max_idle): the trim
+        # timer is armed and no shortage of descriptors was noted since. Transports read it to
+        # give back without calling `give` (once a read); `give` itself is the careful way.
+        self.takes_back = False
         self._trim: asyncio.TimerHandle | None = None
         self._takes_at_check = 0
         self.created = 0
         self.reused = 0
         self.discarded = 0
+        _EVERY_POOL.add(self)
 
     def take(self) -> Pipe:
         """An empty pipe; OSError (EMFILE...) when none can be made, or while the process is
         short of descriptors (the caller then copies through user space)."""
-        if self._idle:
+        if self.idle:
             self.reused += 1
-            return self._idle.pop()
+            return self.idle.pop()
         if fd_pressure():
             raise OSError(errno.EMFILE, "no new pipes while descriptors are short")
         try:
@@ -104,12 +112,13 @@ class PipePool:
     def give(self, pipe: Pipe) -> None:
         """Return a pipe that is empty and saw no error."""
         # `fd_pressure()` inline: a pipe comes back after every spliced read.
-        if len(self._idle) < self.max_idle and not (
+        if len(self.idle) < self.max_idle and not (
             _pressure_until > 0.0 and time.monotonic() < _pressure_until
         ):
-            self._idle.append(pipe)
+            self.idle.append(pipe)
             if self._trim is None:
                 self._arm_trim()
+            self.takes_back = True
         else:
             _close_pipe(pipe)
 
@@ -120,9 +129,10 @@ class PipePool:
 
     def _check_idle(self) -> None:
         self._trim = None
+        self.takes_back = False  # until `give` re-arms the timer
         if self.created + self.reused == self._takes_at_check:
             self.close()  # nothing taken for a whole period
-        elif self._idle:
+        elif self.idle:
             self._arm_trim()
 
     def discard(self, pipe: Pipe) -> None:
@@ -131,14 +141,15 @@ class PipePool:
 
     def close(self) -> None:
         """Close the idle pipes (pipes in use are closed by their transports)."""
+        self.takes_back = False
         if self._trim is not None:
             self._trim.cancel()
             self._trim = None
-        while self._idle:
-            _close_pipe(self._idle.pop())
+        while self.idle:
+            _close_pipe(self.idle.pop())
 
     def statistics(self) -> PipePoolStats:
-        return PipePoolStats(self.size, len(self._idle), self.created, self.reused, self.discarded)
+        return PipePoolStats(self.size, len(self.idle), self.created, self.reused, self.discarded)
 
 
 def _close_pipe(pipe: Pipe) -> None:
@@ -148,6 +159,7 @@ def _close_pipe(pipe: Pipe) -> None:
 
 
 _POOLS: dict[int, PipePool] = {}
+_EVERY_POOL: weakref.WeakSet[PipePool] = weakref.WeakSet()  # those made elsewhere too (tests)
 
 
 def release_idle_pipes() -> int:
@@ -168,6 +180,8 @@ def note_fd_pressure() -> int:
     that accepts and upstream connects need. Idle pipes are closed; returns how many."""
     global _pressure_until
     _pressure_until = time.monotonic() + FD_PRESSURE_HOLD
+    for pool in _EVERY_POOL:
+        pool.takes_back = False  # returns go through `give`, which sees the shortage
     return release_idle_pipes()
 
 

@@ -12,22 +12,27 @@ round, so a callback that leaves data unread (flow control) loses nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import socket
 import weakref
 from typing import Final, Protocol
 
-__all__ = ["Poller", "Watched", "poller"]
+__all__ = ["BOTH", "IN", "OUT", "Poller", "Watched", "poller"]
 
-_IN: Final = select.EPOLLIN
-_OUT: Final = select.EPOLLOUT
+IN: Final = select.EPOLLIN
+OUT: Final = select.EPOLLOUT
+BOTH: Final = IN | OUT
 _TROUBLE: Final = select.EPOLLERR | select.EPOLLHUP  # wakes whichever side is registered
+# connect_ex() answers for a connect still under way (what sock.connect raises as
+# BlockingIOError or InterruptedError)
+_CONNECTING: Final = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR})
 _BATCH: Final = 512  # events per round: the loop's other callbacks get their turn between
 
 
 class Watched(Protocol):
-    """A socket's owner: which directions it waits for, and what to call when one is ready.
+    """A socket's owner: what to call when a direction it waits for is ready.
 
     `polled` is the poller's own note of the events registered for it (0: none); keeping it on
     the owner spares the poller a second dict entry per socket.
@@ -35,17 +40,13 @@ class Watched(Protocol):
 
     polled: int
 
-    def wants(self) -> tuple[bool, bool]:
-        """(reading, writing): the events it waits for now."""
-        ...
-
     def on_readable(self) -> None: ...
 
     def on_writable(self) -> None: ...
 
 
 class Poller:
-    """The loop watches the epoll fd; `update` keeps each socket's interest in step with its owner."""
+    """The loop watches the epoll fd; `set` keeps each socket's interest in step with its owner."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._epoll = select.epoll()
@@ -53,11 +54,14 @@ class Poller:
         # Weak: the loop holds the poller through its reader, and `poller()` must let both go.
         self._loop = weakref.ref(loop)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
+        # fds a finished connect left in the epoll set, disabled (EPOLLONESHOT): their owner's
+        # first `set` re-arms them with one modify, not unregister + register. An entry whose
+        # socket was closed in between is stale (the kernel dropped it with the socket).
+        self._dormant: set[int] = set()
 
-    def update(self, fd: int, owner: Watched) -> None:
-        """Register, change or drop `fd` to match `owner.wants()`. Call before closing `fd`."""
-        reading, writing = owner.wants()
-        mask = (_IN if reading else 0) | (_OUT if writing else 0)
+    def set(self, fd: int, owner: Watched, mask: int) -> None:
+        """Register, change or drop `fd` to wait for `mask` (IN, OUT, BOTH or 0: none). Drop it
+        before closing `fd`. The owner passes the mask it computed (no call back to ask it)."""
         old = owner.polled
         if mask == old:
             return
@@ -65,30 +69,64 @@ class Poller:
         if not mask:
             self._epoll.unregister(fd)
             del self._owners[fd]
-        elif not old:
-            self._epoll.register(fd, mask)
-            self._owners[fd] = owner
-        else:
+        elif old:
             self._epoll.modify(fd, mask)
+        else:
+            if fd in self._dormant:
+                self._wake(fd, mask)
+            else:
+                self._epoll.register(fd, mask)
+            self._owners[fd] = owner
 
-    async def connect(self, sock: socket.socket, address: tuple[object, ...] | str) -> None:
-        """`sock.connect` for a non-blocking socket, waiting here instead of in a loop handle."""
+    def forget(self, fd: int, owner: Watched) -> None:
+        """Drop `fd` without an epoll_ctl, for a socket about to be closed: closing it removes
+        it from the epoll set (no socket here is ever dup()ed, which would keep it there)."""
+        if owner.polled:
+            owner.polled = 0
+            del self._owners[fd]
+
+    def _wake(self, fd: int, mask: int) -> None:
+        self._dormant.discard(fd)
         try:
-            sock.connect(address)
-            return
-        except (BlockingIOError, InterruptedError):
-            pass
-        waiter = _ConnectWaiter(asyncio.get_running_loop().create_future())
-        fd = sock.fileno()
-        self.update(fd, waiter)
+            self._epoll.modify(fd, mask)
+        except FileNotFoundError:  # stale: that socket was closed, this is another one
+            self._epoll.register(fd, mask)
+
+    async def connect(
+        self, sock: socket.socket, address: tuple[object, ...] | str
+    ) -> socket.socket:
+        """`sock.connect` for a non-blocking socket, waiting here instead of in a loop handle;
+        `sock` once connected. It is closed if the connect fails or is cancelled (the caller's
+        cleanup, done here so that callers hand on this coroutine, not wrap it in their own)."""
         try:
-            await waiter.done
-        finally:
-            waiter.writing = False
-            self.update(fd, waiter)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
+            # connect_ex: the usual EINPROGRESS as a number, not a raised BlockingIOError (about
+            # 5k instructions an upstream connect).
+            err = sock.connect_ex(address)
+            if not err:
+                return sock
+            if err not in _CONNECTING:
+                raise OSError(err, os.strerror(err))
+            fd = sock.fileno()
+            waiter = _ConnectWaiter(self, fd, asyncio.get_running_loop().create_future())
+            if fd in self._dormant:
+                self._dormant.discard(fd)  # stale: a fresh socket is in no epoll set
+            # One-shot: once reported, the kernel disables the fd and the waiter leaves it in
+            # the set, dormant, for the transport that takes the socket over.
+            self._epoll.register(fd, OUT | select.EPOLLONESHOT)
+            waiter.polled = OUT
+            self._owners[fd] = waiter
+            try:
+                await waiter.done
+            except BaseException:
+                self.set(fd, waiter, 0)  # still armed unless it fired (then polled is 0)
+                raise
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def close(self) -> None:
         loop = self._loop()
@@ -106,31 +144,33 @@ class Poller:
             owner = owners.get(fd)
             if owner is None:
                 continue  # dropped by an earlier callback of this round
-            if events & (_IN | _TROUBLE) and owner.polled & _IN:
+            if events & (IN | _TROUBLE) and owner.polled & IN:
                 owner.on_readable()
-                if owners.get(fd) is not owner:
-                    continue  # that callback closed it
-            if events & (_OUT | _TROUBLE) and owner.polled & _OUT:
+            # An owner dropped by that callback has `polled` 0 (no second dict lookup needed).
+            if events & (OUT | _TROUBLE) and owner.polled & OUT:
                 owner.on_writable()
 
 
 class _ConnectWaiter:
-    """Interest in one connecting socket's writability."""
+    """Interest in one connecting socket's writability, reported once."""
 
-    __slots__ = ("done", "polled", "writing")
+    __slots__ = ("done", "fd", "polled", "poller")
 
-    def __init__(self, done: asyncio.Future[None]) -> None:
+    def __init__(self, poller: Poller, fd: int, done: asyncio.Future[None]) -> None:
+        self.poller = poller
+        self.fd = fd
         self.done = done
-        self.writing = True
         self.polled = 0
-
-    def wants(self) -> tuple[bool, bool]:
-        return False, self.writing
 
     def on_readable(self) -> None:  # pragma: no cover - never registered for reading
         pass
 
     def on_writable(self) -> None:
+        # The kernel disabled the fd (one-shot): it stays in the epoll set, dormant.
+        poller = self.poller
+        del poller._owners[self.fd]
+        self.polled = 0
+        poller._dormant.add(self.fd)
         if not self.done.done():
             self.done.set_result(None)
 

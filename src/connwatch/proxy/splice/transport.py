@@ -10,6 +10,7 @@ sink, a readable socket is spliced into a pipe and the pipe into the sink's sock
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
@@ -18,15 +19,19 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from connwatch.proxy.splice.pipes import Pipe, PipePool
-from connwatch.proxy.splice.poller import Poller
+from connwatch.proxy.splice.poller import BOTH, IN, OUT, Poller
 
 if TYPE_CHECKING:
     from connwatch.proxy.connection import MonitoredConnection
 
 __all__ = ["Leg", "SpliceTransport"]
 
+# Passed positionally (offsets None): keyword parsing was a third of each os.splice call.
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the leg sets its own
+# The C close under socket.socket.close: that one is two Python calls (the makefile() reference
+# count, unused here) for every socket.
+_close_socket: Final = _socket.socket.close
 
 
 class Leg(Protocol):
@@ -68,6 +73,7 @@ class SpliceTransport(asyncio.Transport):
         "_feeder",
         "_high",
         "_loop",
+        "_lost",
         "_paused",
         "_pipe",
         "_piped",
@@ -117,6 +123,7 @@ class SpliceTransport(asyncio.Transport):
         self._eof_out = False  # write_eof() asked for
         self._closing = False
         self._closed = False  # socket closed, connection_lost scheduled
+        self._lost = False  # connection_lost delivered
 
     def start(self) -> None:
         """Hand the transport to its protocol and start reading unless the protocol paused it.
@@ -159,7 +166,8 @@ class SpliceTransport(asyncio.Transport):
 
     def pause_reading(self) -> None:
         self._paused = True
-        self._stop_reader()
+        if self._reading:
+            self._stop_reader()
 
     def resume_reading(self) -> None:
         self._paused = False
@@ -179,7 +187,8 @@ class SpliceTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._eof_out or not data:
             return
-        if not self._pending():
+        feeder = self._feeder  # nothing queued or piped for this socket: send at once
+        if not self._wbuf and (feeder is None or not feeder._piped):
             try:
                 sent = self._sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -205,16 +214,22 @@ class SpliceTransport(asyncio.Transport):
         if self._eof_out or self._closing:
             return
         self._eof_out = True
-        if not self._pending():
-            self._shutdown_write()
+        feeder = self._feeder  # nothing queued or piped for it: shut down now (else on_writable)
+        if not self._wbuf and (feeder is None or not feeder._piped):
+            try:  # noqa: SIM105
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # a peer that already reset shows it on the next read
 
     def close(self) -> None:
         """Stop reading; close once everything bound for this socket has gone out."""
         if self._closing:
             return
         self._closing = True
-        self._stop_reader()
-        if self._pending():
+        feeder = self._feeder  # anything queued or piped for this socket waits to go out
+        if self._wbuf or (feeder is not None and feeder._piped):
+            if self._reading:
+                self._stop_reader()
             self._start_writer()
         else:
             self._finish(None)
@@ -233,17 +248,14 @@ class SpliceTransport(asyncio.Transport):
                 self._sink = sink
                 sink._feeder = self
         self._reading = True
-        self._poller.update(self._fd, self)
+        self._poller.set(self._fd, self, BOTH if self._writing else IN)
 
     def _stop_reader(self) -> None:
         if self._reading:
             self._reading = False
-            self._poller.update(self._fd, self)
+            self._poller.set(self._fd, self, OUT if self._writing else 0)
 
     # -- Watched, for the poller ----------------------------------------------------------------
-    def wants(self) -> tuple[bool, bool]:
-        return self._reading, self._writing
-
     def on_readable(self) -> None:
         sink = self._sink
         if sink is None:
@@ -252,29 +264,62 @@ class SpliceTransport(asyncio.Transport):
         if sink._closing:
             self._stop_reader()  # the connection is closing: nothing more can go there
             return
+        pipes = self._pipes
+        idle = pipes.idle
+        if idle:  # take() inline for a pooled pipe: once a read
+            pipe = self._pipe = idle.pop()
+            pipes.reused += 1
+        else:
+            try:
+                pipe = self._pipe = pipes.take()
+            except OSError:
+                self._read_copy()  # out of descriptors: copy this chunk through user space
+                return
         try:
-            pipe = self._pipe = self._pipes.take()
-        except OSError:
-            self._read_copy()  # out of descriptors: copy this chunk through user space
-            return
-        try:
-            n = os.splice(self._fd, pipe[1], self._chunk, flags=_FLAGS)
+            n = os.splice(self._fd, pipe[1], self._chunk, None, None, _FLAGS)
         except (BlockingIOError, InterruptedError):
-            self._give_pipe()
+            self._pipe = None
+            pipes.give(pipe)
             return
         except OSError as exc:
             self._discard_pipe()
             self._fatal(exc)
             return
         if not n:
-            self._give_pipe()
+            self._pipe = None
+            if pipes.takes_back and len(idle) < pipes.max_idle:  # give() inline
+                idle.append(pipe)
+            else:
+                pipes.give(pipe)
             self._read_eof()
             return
+        leg = self._protocol
+        leg.conn.last_activity = time.monotonic()
         self._piped = n
-        self._protocol.conn.last_activity = time.monotonic()
-        if sink._wbuf or not self._drain():
-            self._stop_reader()  # not another byte in until the sink has taken these
-            sink._backlogged()
+        if not sink._wbuf:
+            # _drain()'s first splice inline: it usually moves everything (once a read).
+            try:
+                moved = os.splice(pipe[0], sink._fd, n, None, None, _FLAGS)
+            except (BlockingIOError, InterruptedError):
+                moved = 0
+            except OSError as exc:
+                self._discard_pipe()
+                sink._fatal(exc)
+                return
+            leg.bytes_in += moved
+            if moved == n:
+                self._piped = 0
+                self._pipe = None
+                if pipes.takes_back and len(idle) < pipes.max_idle:  # give() inline
+                    idle.append(pipe)
+                else:
+                    pipes.give(pipe)
+                return
+            self._piped = n - moved
+            if moved > 0 and self._drain():  # room for more, perhaps
+                return
+        self._stop_reader()  # not another byte in until the sink has taken these
+        sink._backlogged()
 
     def _drain(self) -> bool:
         """Splice the pipe into the sink's socket; True once it is empty (and back in the pool).
@@ -289,7 +334,7 @@ class SpliceTransport(asyncio.Transport):
         moved = 0
         try:
             while left:
-                n = os.splice(pipe[0], sink._fd, left, flags=_FLAGS)
+                n = os.splice(pipe[0], sink._fd, left, None, None, _FLAGS)
                 if n <= 0:  # cannot happen while we hold the write end; never spin on it
                     raise OSError(errno.EIO, "splice pipe ran dry")
                 left -= n
@@ -303,7 +348,13 @@ class SpliceTransport(asyncio.Transport):
             return False
         self._protocol.bytes_in += moved
         self._piped = 0
-        self._give_pipe()
+        self._pipe = None
+        pipes = self._pipes
+        idle = pipes.idle
+        if pipes.takes_back and len(idle) < pipes.max_idle:  # give() inline: once a read
+            idle.append(pipe)
+        else:
+            pipes.give(pipe)
         return True
 
     def _drained_some(self, moved: int, left: int) -> bool:
@@ -326,16 +377,14 @@ class SpliceTransport(asyncio.Transport):
             self._read_eof()
 
     def _read_eof(self) -> None:
-        self._eof = True
-        self._stop_reader()
+        self._eof = True  # no reading resumes from here on
         if not self._protocol.eof_received():
             self.close()
-
-    def _give_pipe(self) -> None:
-        pipe = self._pipe
-        if pipe is not None:
-            self._pipe = None
-            self._pipes.give(pipe)
+        # Reading stops after the leg has heard: if that closed the transport, the poller just
+        # forgot the socket (its close drops it from the epoll set), one epoll_ctl fewer.
+        if self._reading:  # _stop_reader() inline: twice a connection
+            self._reading = False
+            self._poller.set(self._fd, self, OUT if self._writing else 0)
 
     def _discard_pipe(self) -> None:
         pipe = self._pipe
@@ -345,10 +394,6 @@ class SpliceTransport(asyncio.Transport):
             self._pipes.discard(pipe)
 
     # -- writing side ---------------------------------------------------------------------------
-    def _pending(self) -> bool:
-        feeder = self._feeder
-        return bool(self._wbuf) or (feeder is not None and feeder._piped > 0)
-
     def _backlogged(self) -> None:
         """The feeder holds bytes this socket cannot take now: wait for room, pause the feeder."""
         self._start_writer()
@@ -364,12 +409,12 @@ class SpliceTransport(asyncio.Transport):
     def _start_writer(self) -> None:
         if not self._writing and not self._closed:
             self._writing = True
-            self._poller.update(self._fd, self)
+            self._poller.set(self._fd, self, BOTH if self._reading else OUT)
 
     def _stop_writer(self) -> None:
         if self._writing:
             self._writing = False
-            self._poller.update(self._fd, self)
+            self._poller.set(self._fd, self, IN if self._reading else 0)
 
     def on_writable(self) -> None:
         if self._wbuf and not self._flush_wbuf():
@@ -420,14 +465,32 @@ class SpliceTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = True
-        self._stop_reader()
-        self._stop_writer()
+        # _stop_reader(), _stop_writer(), and the pipes' checks inline: once a socket. The
+        # socket is closed below, which drops it from the epoll set: no epoll_ctl for that.
+        if self._reading or self._writing:
+            self._reading = self._writing = False
+            self._poller.forget(self._fd, self)
         feeder = self._feeder
-        if feeder is not None:  # bytes bound here that can no longer arrive
+        if feeder is not None and feeder._pipe is not None:  # bytes that can no longer arrive
             feeder._discard_pipe()
         sink = self._sink
         if self._pipe is not None and (sink is None or sink._closed):
             self._discard_pipe()  # nobody is left to drain it
         self._wbuf = None
-        self._sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        _close_socket(self._sock)
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._protocol.connection_lost(exc)
+        # Once both transports of a connection are lost (and so closed: no pipe of either is left
+        # to drain), they let go of their legs and of each other, as uvloop's do of their
+        # protocol: without these cycles (transport <-> leg, transport <-> transport) a closed
+        # connection is freed at once, not by the garbage collector.
+        partner = self._feeder or self._sink
+        if partner is None or partner._lost:
+            self._protocol = None  # type: ignore[assignment]  # never read again: lost, closed
+            self._sink = self._feeder = None
+            if partner is not None:
+                partner._protocol = None  # type: ignore[assignment]
+                partner._sink = partner._feeder = None
