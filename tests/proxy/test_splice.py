@@ -127,6 +127,7 @@ class Proxy:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._lsock: socket.socket | None = None
+        self.connect_errors: list[Exception] = []
 
     async def __aenter__(self) -> Proxy:
         if self.unix is not None:
@@ -180,7 +181,14 @@ class Proxy:
         await self.path.connect_accepted_socket(lambda: conn.client_protocol, sock)
         if self.held_back:
             await self._release.wait()
-        transport, target = await self.path.connect(conn.upstream_protocol, timeout=2, attempts=1)
+        try:
+            transport, target = await self.path.connect(
+                conn.upstream_protocol, timeout=2, attempts=1
+            )
+        except Exception as exc:  # a failure, not a client left waiting for ever
+            self.connect_errors.append(exc)
+            conn.close(CloseReason.UPSTREAM_CONNECT_FAILED, abort=True)
+            return
         if conn.state is not ConnectionState.CONNECTING:
             transport.abort()
             return
@@ -238,7 +246,7 @@ async def test_many_short_connections_reuse_pipes_and_return_fds_to_baseline() -
                 results = await asyncio.gather(
                     *(exchange(proxy.port, batch * 40 + i, 70_000, 90_000) for i in range(40))
                 )
-                assert all(r.reply_ok for r in results)
+                assert all(r.reply_ok for r in results), proxy.connect_errors
             await proxy.observer.wait_closed(200)
             stats = proxy.pipes.statistics()
             assert stats.reused > stats.created  # pipes go back to the pool and come out again
