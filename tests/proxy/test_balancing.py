@@ -111,7 +111,12 @@ class Client:
         client = cls(reader, writer)
         writer.write(f"{tag}\n".encode())
         async with asyncio.timeout(10):
-            client.backend = (await reader.readline()).decode().strip()  # "" if closed
+            try:
+                client.backend = (await reader.readline()).decode().strip()  # "" if closed
+            except ConnectionResetError:
+                # Refused before an upstream was reached, with the tag still unread (reading
+                # waits for the upstream): the kernel answers the close with a reset.
+                client.backend = ""
         return client
 
     async def echo(self, data: bytes) -> bytes:
