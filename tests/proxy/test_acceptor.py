@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 from connwatch._types import Address
@@ -36,6 +38,19 @@ def _acceptor(paths: asyncio.Queue[str]) -> Acceptor:
     return Acceptor(sock, on_socket, "t", factory=lambda: _Made(paths))
 
 
+@contextlib.asynccontextmanager
+async def _serving() -> AsyncIterator[tuple[Acceptor, asyncio.Queue[str]]]:
+    """An acceptor started and handed to the loop's server (fds plenty); closed at the end."""
+    paths: asyncio.Queue[str] = asyncio.Queue()
+    acceptor = _acceptor(paths)
+    acceptor.start()
+    try:
+        await eventually(lambda: acceptor.by_loop)
+        yield acceptor, paths
+    finally:
+        acceptor.close()
+
+
 async def _path_of_next_client(acceptor: Acceptor, paths: asyncio.Queue[str]) -> str:
     _reader, writer = await asyncio.open_connection(*acceptor.sock.getsockname()[:2])
     try:
@@ -45,11 +60,7 @@ async def _path_of_next_client(acceptor: Acceptor, paths: asyncio.Queue[str]) ->
 
 
 async def test_the_loop_server_accepts_while_fds_are_plenty_and_hands_back_when_short() -> None:
-    paths: asyncio.Queue[str] = asyncio.Queue()
-    acceptor = _acceptor(paths)
-    acceptor.start()
-    try:
-        await eventually(lambda: acceptor.by_loop)
+    async with _serving() as (acceptor, paths):
         assert await _path_of_next_client(acceptor, paths) == "loop"
         acceptor.fds.moved(acceptor.fds.mark_high)  # an upstream fd numbered at the mark
         assert not acceptor.by_loop
@@ -57,16 +68,10 @@ async def test_the_loop_server_accepts_while_fds_are_plenty_and_hands_back_when_
         acceptor.fds.moved(acceptor.fds.mark_low - 1)  # well below: plenty again
         await eventually(lambda: acceptor.by_loop)
         assert await _path_of_next_client(acceptor, paths) == "loop"
-    finally:
-        acceptor.close()
 
 
 async def test_an_upstream_emfile_hands_accepting_back_to_our_loop() -> None:
-    paths: asyncio.Queue[str] = asyncio.Queue()
-    acceptor = _acceptor(paths)
-    acceptor.start()
-    try:
-        await eventually(lambda: acceptor.by_loop)
+    async with _serving() as (acceptor, paths):
         acceptor.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
         assert not acceptor.by_loop
         assert acceptor.fds.short
@@ -75,39 +80,25 @@ async def test_an_upstream_emfile_hands_accepting_back_to_our_loop() -> None:
         assert not acceptor.by_loop
         acceptor.fds.moved(acceptor.fds.mark_low - 1)  # fds plenty again: the loop's server
         await eventually(lambda: acceptor.by_loop)
-    finally:
-        acceptor.close()
 
 
 async def test_a_table_filled_by_other_sockets_is_seen_within_a_second() -> None:
-    paths: asyncio.Queue[str] = asyncio.Queue()
-    acceptor = _acceptor(paths)
-    acceptor.start()
-    try:
-        await eventually(lambda: acceptor.by_loop)
+    async with _serving() as (acceptor, paths):
         # As if every fd up to the mark were taken by sockets no connection reports.
         acceptor.fds.high = 0
         await eventually(lambda: not acceptor.by_loop, timeout=3)
         assert acceptor.fds.short
         assert await _path_of_next_client(acceptor, paths) == "own"
-    finally:
-        acceptor.close()
 
 
 async def test_a_reload_without_a_factory_accepts_here_and_back_with_one() -> None:
-    paths: asyncio.Queue[str] = asyncio.Queue()
-    acceptor = _acceptor(paths)
-    acceptor.start()
-    try:
-        await eventually(lambda: acceptor.by_loop)
+    async with _serving() as (acceptor, paths):
         acceptor.serve_with(None)  # a reload to the splice data path
         assert not acceptor.by_loop
         assert await _path_of_next_client(acceptor, paths) == "own"
         acceptor.serve_with(lambda: _Made(paths))  # and back to the portable one
         await eventually(lambda: acceptor.by_loop)
         assert await _path_of_next_client(acceptor, paths) == "loop"
-    finally:
-        acceptor.close()
 
 
 async def test_close_stops_both_ways_of_accepting() -> None:
