@@ -52,6 +52,29 @@ def slots_used(pid: int) -> int:
     return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) < FD_LIMIT)
 
 
+def _open_sockets(pid: int) -> set[str]:
+    """The `socket:[inode]` targets of a process's fds."""
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return {t for t in targets if t.startswith("socket:")}
+
+
+async def admin_filler(daemon: DaemonProcess, pid: int) -> socket.socket:
+    """An idle admin connection, returned once the daemon has accepted it (a new socket in its
+    table: counting fds would not do, the daemon may close one of its own meanwhile, e.g. the
+    acceptor handing accepting from the loop's server back to its own loop)."""
+    before = _open_sockets(pid)
+    sock = socket.create_connection((LOOPBACK, daemon.admin_port))
+    try:
+        await eventually(lambda: _open_sockets(pid) - before, timeout=5)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -450,11 +473,6 @@ async def exhausted(tmp_path: Path) -> AsyncIterator[tuple[LimitedDaemon, list[E
                 for _ in range((FD_LIMIT - slots_used(pid) - 4) // 2)
             ]
             fillers: list[socket.socket] = []
-            while (used := slots_used(pid)) < FD_LIMIT:  # one fd each on the admin side
-                sock = socket.create_connection((LOOPBACK, daemon.admin_port))
-                fillers.append(sock)
-                await eventually(lambda n=used: slots_used(pid) > n, timeout=5)
-            assert slots_used(pid) == FD_LIMIT
 
             async def release() -> None:
                 for sock in fillers:
@@ -464,6 +482,8 @@ async def exhausted(tmp_path: Path) -> AsyncIterator[tuple[LimitedDaemon, list[E
                 await eventually(lambda: slots_used(pid) < FD_LIMIT - 8, timeout=10)
 
             try:
+                while slots_used(pid) < FD_LIMIT:  # one fd each on the admin side
+                    fillers.append(await admin_filler(daemon, pid))
                 yield daemon, clients, release
             finally:
                 for sock in fillers:
@@ -550,9 +570,8 @@ async def test_fd_exhaustion_at_upstream_connect_is_not_logged_per_attempt(tmp_p
             try:
                 while slots_used(pid) < FD_LIMIT - 2:
                     clients.append(await EchoClient.open(port))
-                while (used := slots_used(pid)) < FD_LIMIT - 1:  # one fd on the admin side
-                    fillers.append(socket.create_connection((LOOPBACK, daemon.admin_port)))
-                    await eventually(lambda n=used: slots_used(pid) > n, timeout=5)
+                while slots_used(pid) < FD_LIMIT - 1:  # one fd on the admin side
+                    fillers.append(await admin_filler(daemon, pid))
                 assert slots_used(pid) == FD_LIMIT - 1
                 outcomes = [await _attempt(port) for _ in range(30)]
                 assert "served" not in outcomes, outcomes
