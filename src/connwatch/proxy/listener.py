@@ -39,7 +39,7 @@ from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
 from connwatch.proxy.proxy_header import preface, read_header
-from connwatch.proxy.sockopts import apply_to_fd, keepalive_options
+from connwatch.proxy.sockopts import apply_to_fd, for_loop_socket, keepalive_options
 from connwatch.proxy.splice import SplicePath, uses_splice
 from connwatch.proxy.splice.path import open_socket
 from connwatch.proxy.upstream import Target, UpstreamPool
@@ -83,7 +83,6 @@ class Listener:
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
-        self.upstream_options = keepalive_options(config.keepalive.upstream)
         self._read_settings(config)
         self.clients = ClientLimiter(config.client_limits)  # per-client-key limits (SPEC §12)
         self.accepting = False
@@ -230,7 +229,6 @@ class Listener:
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self.timeouts = _timeouts(config)
-        self.upstream_options = keepalive_options(config.keepalive.upstream)
         self._read_settings(config)
         self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
@@ -251,6 +249,8 @@ class Listener:
         self._send_proxy = config.proxy_protocol.send
         self._connect_timeout = config.connect_timeout
         self._connect_attempts = config.connect_attempts
+        self.upstream_options = keepalive_options(config.keepalive.upstream)
+        self._transport_options = for_loop_socket(self.upstream_options)  # the loop's sockets
 
     # -- warm upstream connections (SPEC section 9) ---------------------------------------------
     def _configure_warm_pool(self) -> None:
@@ -287,7 +287,6 @@ class Listener:
     ) -> tuple[asyncio.Transport, Target]:
         """A pooled socket to the target balancing picks, wrapped for this connection's data
         path; on a miss, a connect as without a pool (same balancing order)."""
-        config = self.config
         order = self.pool.candidates()
         if not order:
             raise NoHealthyUpstreamError("every upstream target is DOWN")
@@ -303,17 +302,18 @@ class Listener:
         if self._splice is not None:
             return await self._splice.connect(
                 conn.upstream_protocol,
-                timeout=config.connect_timeout,
-                attempts=config.connect_attempts,
+                timeout=self._connect_timeout,
+                attempts=self._connect_attempts,
                 order=order,
             )
         return await self.pool.connect(
             conn.upstream_protocol,
-            timeout=config.connect_timeout,
-            attempts=config.connect_attempts,
-            options=self.upstream_options,
+            timeout=self._connect_timeout,
+            attempts=self._connect_attempts,
+            options=self._transport_options,
             order=order,
             fds=self._fds,
+            loop=self._loop,
         )
 
     def _wire_passive(self) -> None:
@@ -458,9 +458,10 @@ class Listener:
                         conn.upstream_protocol,
                         timeout=self._connect_timeout,
                         attempts=self._connect_attempts,
-                        options=self.upstream_options,
+                        options=self._transport_options,
                         fds=self._fds,
                         task=conn.connect_task,
+                        loop=self._loop,
                     )
             except (NoHealthyUpstreamError, UpstreamConnectError) as exc:
                 self._connect_failed(conn, exc)

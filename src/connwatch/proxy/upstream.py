@@ -8,6 +8,7 @@ import itertools
 import math
 import socket
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
@@ -20,6 +21,7 @@ from connwatch.exceptions import (
     describe_error,
 )
 from connwatch.histogram import LATENCY_BUCKETS, Histogram
+from connwatch.proxy.connect_deadlines import FIRED, TASK, ConnectDeadlines
 from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.slow_start import admit, weight
 from connwatch.proxy.sockopts import SocketOptions, apply_to_tcp_fd
@@ -136,6 +138,7 @@ class UpstreamPool:
         # Passive health (proxy/passive_outcomes.py) is told of each failed connect: the label.
         self.on_connect_failure: Callable[[str], None] | None = None
         self._rr = itertools.count()
+        self.deadlines = ConnectDeadlines()  # every try's connect_timeout, on one timer
 
     def by_label(self, label: str) -> Target | None:
         return next((t for t in self.targets if t.label == label), None)
@@ -169,18 +172,21 @@ class UpstreamPool:
         order: list[Target] | None = None,
         fds: FdWatch | None = None,
         task: asyncio.Task[Any] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Coroutine[Any, Any, tuple[asyncio.Transport, Target]]:
         """Connect to the first target that answers, trying up to `attempts` targets in order.
 
         (`reach` itself, not a coroutine around it: one frame fewer to resume at every step.)
         """
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         return self.reach(
             functools.partial(open_transport, loop, protocol_factory, options=options, fds=fds),
             timeout=timeout,
             attempts=attempts,
             order=order,
             task=task,
+            loop=loop,
         )
 
     async def reach(
@@ -191,38 +197,41 @@ class UpstreamPool:
         attempts: int,
         order: list[Target] | None = None,
         task: asyncio.Task[Any] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> tuple[T, Target]:
         """`opener(address)` on the targets in balance order until one succeeds, each try within
         `timeout`, at most `attempts` tries; counts failures, durations and connects in flight.
         Data paths differ only in their opener (a transport here, a raw socket for splice).
         `order`: candidates() already taken (a warm pool's miss), so balancing advances once.
-        `task`: the task this runs in, when the caller holds it (asking costs a Python call)."""
+        `task`: the task this runs in, when the caller holds it (asking costs a Python call);
+        `loop`: the running loop, when the caller holds it (asking costs a getpid() on 3.11)."""
         if order is None:
             order = self.candidates()
         if not order:
             raise NoHealthyUpstreamError("every upstream target is DOWN")
         errors: list[str] = []
         out_of_fds = False
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         if task is None:
             task = asyncio.current_task()
             assert task is not None
+        deadlines = self.deadlines
         for target in itertools.islice(itertools.cycle(order), attempts):
             started = time.monotonic()
             target.connecting += 1
-            # Each try bounded by `timeout`: a cheaper asyncio.timeout, inline rather than a
-            # coroutine around the opener (this runs for every connection).
-            expiry = _Expiry(task)
-            handle = loop.call_later(timeout, expiry)
+            # Each try bounded by `timeout`: one timer for the pool's tries, not one each
+            # (proxy/connect_deadlines.py), inline rather than a coroutine around the opener.
+            entry = deadlines.start(loop, started + timeout, task)
             try:
                 try:
                     opened = await opener(target.address)
                 except asyncio.CancelledError:
-                    if expiry.fired and task.uncancel() == 0:
+                    if entry[FIRED] and task.uncancel() == 0:
                         raise TimeoutError from None
                     raise
                 finally:
-                    handle.cancel()
+                    entry[TASK] = None  # ended: the sweep lets it go
             except (OSError, TimeoutError) as exc:
                 out_of_fds = out_of_fds or getattr(exc, "errno", None) in NO_FDS_ERRNOS
                 target.connect_failures += 1
@@ -232,7 +241,11 @@ class UpstreamPool:
                 continue
             finally:
                 target.connecting -= 1
-            target.connect_duration.observe(time.monotonic() - started)
+            # Histogram.observe inline: a Python call fewer on every connection.
+            took = time.monotonic() - started
+            histogram = target.connect_duration
+            histogram._counts[bisect_left(histogram._floats, took)] += 1
+            histogram._sum += took
             return opened, target
         raise UpstreamConnectError("; ".join(errors), out_of_fds=out_of_fds)
 
@@ -260,20 +273,6 @@ async def open_transport(
         if fds is not None and not fds.low <= fd < fds.high:
             fds.moved(fd)
     return transport
-
-
-class _Expiry:
-    """A connect try's deadline: cancels the task and remembers that it did."""
-
-    __slots__ = ("fired", "task")
-
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.fired = False
-
-    def __call__(self) -> None:
-        self.fired = True
-        self.task.cancel()
 
 
 def _describe(exc: BaseException) -> str:
