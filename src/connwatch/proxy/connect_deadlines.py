@@ -10,9 +10,12 @@ timer handle of its own would have.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from typing import Any, Final
+
+from connwatch.proxy.coroutine_run import Cancellable
 
 # A try is a list, not an object: a list display costs a fraction of a Python __init__ call.
 # [deadline (time.monotonic()), task (None once the try ended), fired (its task was cancelled)]
@@ -26,15 +29,14 @@ Try = list[Any]
 class ConnectDeadlines:
     """Tries in flight, in the order they started; `sweep` cancels those past their deadline."""
 
-    __slots__ = ("_pending", "_timer")
+    __slots__ = ("_due", "_pending", "_timer")
 
     def __init__(self) -> None:
         self._pending: deque[Try] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._due = math.inf  # the deadline the timer is armed for
 
-    def start(
-        self, loop: asyncio.AbstractEventLoop, deadline: float, task: asyncio.Task[Any]
-    ) -> Try:
+    def start(self, loop: asyncio.AbstractEventLoop, deadline: float, task: Cancellable) -> Try:
         """A try of `task` that must end by `deadline`. The caller sets its TASK to None when it
         ends, whatever the outcome (no task is kept alive by a try that ended), and reads FIRED
         after a CancelledError."""
@@ -45,18 +47,21 @@ class ConnectDeadlines:
             pending.popleft()
         entry = [deadline, task, False]
         pending.append(entry)
-        if self._timer is None:
+        if deadline < self._due:  # none armed, or for a later one (a reload shortened the timeout)
             self._arm(loop, deadline)
         return entry
 
     def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._due = deadline
         # call_at takes the loop's clock; ours is time.monotonic(): the delay is the same.
         self._timer = loop.call_later(max(deadline - time.monotonic(), 0.0), self._sweep, loop)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cancel the tries past their deadline, forget the ended ones, rearm for the earliest
         deadline left (deadlines may come out of order after a reload shortens the timeout)."""
-        self._timer = None
+        self._timer, self._due = None, math.inf
         now = time.monotonic()
         left: deque[Try] = deque()
         for entry in self._pending:
@@ -77,6 +82,7 @@ class ConnectDeadlines:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._due = math.inf
         self._pending.clear()
 
     def __len__(self) -> int:

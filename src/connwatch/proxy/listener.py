@@ -35,6 +35,7 @@ from connwatch.proxy.acceptor import Acceptor
 from connwatch.proxy.binding import bind_tcp, bind_unix
 from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.coroutine_run import run
 from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
@@ -82,7 +83,6 @@ class Listener:
         self.judge: OutcomeJudge | None = None
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
-        self.timeouts = _timeouts(config)
         self._read_settings(config)
         self.clients = ClientLimiter(config.client_limits)  # per-client-key limits (SPEC §12)
         self.accepting = False
@@ -228,7 +228,6 @@ class Listener:
         self.pool.targets = [old_targets.get(t.label, t) for t in self.pool.targets]
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
-        self.timeouts = _timeouts(config)
         self._read_settings(config)
         self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
@@ -249,6 +248,9 @@ class Listener:
         self._send_proxy = config.proxy_protocol.send
         self._connect_timeout = config.connect_timeout
         self._connect_attempts = config.connect_attempts
+        self.timeouts = Timeouts(
+            config.idle_timeout, config.half_close_timeout, config.max_lifetime
+        )
         self.upstream_options = keepalive_options(config.keepalive.upstream)
         self._transport_options = for_loop_socket(self.upstream_options)  # the loop's sockets
 
@@ -342,7 +344,9 @@ class Listener:
         return conn.client_leg
 
     def _client_made(self, conn: MonitoredConnection, peer: Any) -> None:
-        conn.connect_task = self._loop.create_task(self._set_up(conn, peer))
+        # A Task for asyncio.timeout (PROXY header) and current_task() (the warm pool's connect)
+        task = self._accept_proxy or self.warm is not None
+        conn.connect_task = run(self._set_up(conn, peer), self._loop, task=task)
 
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
         conn = MonitoredConnection(
@@ -494,7 +498,3 @@ class Listener:
                 error=str(exc),
                 suppressed=suppressed,
             )
-
-
-def _timeouts(config: ListenerConfig) -> Timeouts:
-    return Timeouts(config.idle_timeout, config.half_close_timeout, config.max_lifetime)
