@@ -8,7 +8,7 @@ import select
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import orjson
 import structlog
@@ -21,6 +21,12 @@ LEVELS = {
 }
 
 
+# "000" .. "999": a timestamp's microseconds as two lookups, not str() of a 19-digit clock and
+# slices of it (with the clock read inline: 13.5k -> 12.4k instructions a line, measured).
+_DIGITS: Final = tuple(f"{i:03d}" for i in range(1000))
+_NS: Final = 1_000_000_000
+
+
 class _Stamper:
     """RFC 3339 UTC timestamps with microseconds; the seconds part is formatted once a second.
 
@@ -28,11 +34,11 @@ class _Stamper:
     TimeStamper (a datetime per line) is a measurable share of the cost.
     """
 
-    __slots__ = ("prefix", "second", "text")
+    __slots__ = ("end", "prefix", "second", "start")
 
     def __init__(self) -> None:
         self.second = -1
-        self.text = ""  # `second` in decimal digits
+        self.start = self.end = 0  # `second` .. the next one, in time.time_ns() units
         self.prefix = ""  # the formatted `second`
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
@@ -48,7 +54,7 @@ class _Stamper:
 
     def turn(self, second: int) -> None:
         self.second = second
-        self.text = str(second)
+        self.start, self.end = second * _NS, (second + 1) * _NS
         self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
@@ -135,13 +141,15 @@ class JsonInfoLines:
         """A line whose dict ends in `event`, `level` ("info") and a `timestamp` to fill in (its
         value is replaced). Built so by the caller, in one dict display: three keys added here
         would cost an insert each and a resize of the dict (~2k instructions a line)."""
-        stamp = self._stamp  # its `now()` inline: two lines per connection come through here
-        # The clock as digits: the seconds are all but the last nine, the microseconds the six
-        # before the last three (no integer divisions, ~1k instructions a line fewer).
-        ns = str(time.time_ns())
-        if ns[:-9] != stamp.text:
-            stamp.turn(int(ns[:-9]))
-        fields["timestamp"] = f"{stamp.prefix}.{ns[-9:-3]}Z"
+        # The stamper's clock in integer nanoseconds (no float rounding in the microseconds),
+        # inline: two lines a connection come through here.
+        stamp, ns = self._stamp, time.time_ns()
+        start = stamp.start
+        if not start <= ns < stamp.end:
+            stamp.turn(ns // _NS)
+            start = stamp.start
+        micros = (ns - start) // 1000
+        fields["timestamp"] = f"{stamp.prefix}.{_DIGITS[micros // 1000]}{_DIGITS[micros % 1000]}Z"
         # The keys are keyword names, always text: no OPT_NON_STR_KEYS (its slower path costs
         # ~2k instructions a line).
         line = orjson.dumps(fields, default=_fallback, option=orjson.OPT_APPEND_NEWLINE)
