@@ -6,7 +6,6 @@ import asyncio
 import errno
 import functools
 import socket
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -39,9 +38,9 @@ class _Owner(Protocol):
 
 
 class _Settings:
-    """What every connection of a listener's config gets on one loop, worked out once (not per
-    transport): the chunk, its pipe pool, the loop's poller (`poller()` is a weak-dict lookup,
-    two Python calls) and the upstream opener. Weak to the loop, as `poller()` is."""
+    """What every connection of a listener's config gets, worked out once (not per transport):
+    the chunk, its pipe pool, the loop's poller (`poller()` is a weak-dict lookup, two Python
+    calls), the upstream options and opener."""
 
     __slots__ = ("chunk", "config", "loop", "opener", "options", "pipes", "poller")
 
@@ -50,7 +49,7 @@ class _Settings:
     ) -> None:
         self.config = owner.config
         self.options = owner.upstream_options
-        self.loop = weakref.ref(loop)
+        self.loop = loop
         self.chunk = min(self.config.buffer_size, MAX_CHUNK)
         # None: the process's pool for the listener's chunk size
         self.pipes = pipes if pipes is not None else pipe_pool(self.chunk)
@@ -58,8 +57,25 @@ class _Settings:
         # A partial of positional arguments: no Python frame of its own and no keyword
         # merging when the upstream pool calls it.
         self.opener: Callable[[Address], Coroutine[Any, Any, socket.socket]] = functools.partial(
-            _open, self.options, self.poller
+            _open, _not_default(self.options), self.poller
         )
+
+
+def _not_default(options: SocketOptions) -> SocketOptions:
+    """`options` less those a new socket already has (0 for an option that is off by default,
+    e.g. TCP_USER_TIMEOUT 0: "the kernel default"): a setsockopt call each, for nothing."""
+    return tuple(o for o in options if o[2] or (o[0], o[1]) not in _ZERO_BY_DEFAULT)
+
+
+_ZERO_BY_DEFAULT: Final = frozenset(
+    (level, option)
+    for level, name in (
+        (socket.SOL_SOCKET, "SO_KEEPALIVE"),
+        (socket.IPPROTO_TCP, "TCP_NODELAY"),
+        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT"),
+    )
+    if (option := getattr(socket, name, None)) is not None
+)
 
 
 class SplicePath:
@@ -72,28 +88,26 @@ class SplicePath:
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
         self._made: _Settings | None = None
 
-    def _settings(self, loop: asyncio.AbstractEventLoop) -> _Settings:
+    def _settings(self) -> _Settings:
+        """The settings for the owner's current config. A SplicePath serves one loop, the one it
+        first runs on (its listener's): held here, not asked for (a getpid() each time on 3.11)."""
         made = self._made
         owner = self._owner
-        if (
-            made is None
-            or made.config is not owner.config
-            or made.options is not owner.upstream_options
-            or made.loop() is not loop
-        ):
-            made = self._made = _Settings(owner, loop, self._pipes)
+        if made is None:
+            made = self._made = _Settings(owner, asyncio.get_running_loop(), self._pipes)
+        elif made.config is not owner.config or made.options is not owner.upstream_options:
+            made = self._made = _Settings(owner, made.loop, self._pipes)
         return made
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
-        loop = asyncio.get_running_loop()
-        made = self._settings(loop)
+        made = self._settings()
         protocol = protocol_factory()
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         leg: Any = protocol
-        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
+        transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, protocol
 
@@ -106,13 +120,12 @@ class SplicePath:
         order: list[Target] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
-        loop = asyncio.get_running_loop()
-        made = self._settings(loop)
+        made = self._settings()
         sock, target = await self._owner.pool.reach(
             made.opener, timeout=timeout, attempts=attempts, order=order
         )
         leg: Any = protocol_factory()  # a connection leg
-        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
+        transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, target
 
