@@ -75,8 +75,13 @@ class Poller:
         elif old:
             self._epoll.modify(fd, mask)
         else:
-            if fd in self._dormant:
-                self._wake(fd, mask)
+            dormant = self._dormant
+            if fd in dormant:  # left by a finished connect: re-armed (no call of its own)
+                dormant.discard(fd)
+                try:
+                    self._epoll.modify(fd, mask)
+                except FileNotFoundError:  # stale: that socket was closed, this is another one
+                    self._epoll.register(fd, mask)
             else:
                 self._epoll.register(fd, mask)
             self._owners[fd] = owner
@@ -87,13 +92,6 @@ class Poller:
         if owner.polled:
             owner.polled = 0
             del self._owners[fd]
-
-    def _wake(self, fd: int, mask: int) -> None:
-        self._dormant.discard(fd)
-        try:
-            self._epoll.modify(fd, mask)
-        except FileNotFoundError:  # stale: that socket was closed, this is another one
-            self._epoll.register(fd, mask)
 
     async def connect(
         self, sock: socket.socket, address: tuple[object, ...] | str
@@ -112,7 +110,10 @@ class Poller:
             fd = sock.fileno()
             loop = self._loop()  # the running loop (a weakref call; asking would cost a getpid)
             assert loop is not None
-            waiter = _ConnectWaiter(self, fd, loop.create_future())
+            waiter = _ConnectWaiter()  # no __init__: a Python call fewer a connect
+            waiter.poller = self
+            waiter.fd = fd
+            waiter.done = loop.create_future()
             if fd in self._dormant:
                 self._dormant.discard(fd)  # stale: a fresh socket is in no epoll set
             # One-shot: once reported, the kernel disables the fd and the waiter leaves it in
@@ -163,11 +164,11 @@ class _ConnectWaiter:
 
     __slots__ = ("done", "fd", "polled", "poller")
 
-    def __init__(self, poller: Poller, fd: int, done: asyncio.Future[None]) -> None:
-        self.poller = poller
-        self.fd = fd
-        self.done = done
-        self.polled = 0
+    # Filled in by Poller.connect.
+    poller: Poller
+    fd: int
+    done: asyncio.Future[None]
+    polled: int
 
     def on_readable(self) -> None:  # pragma: no cover - never registered for reading
         pass

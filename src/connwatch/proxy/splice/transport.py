@@ -32,6 +32,7 @@ _WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the le
 # The C close under socket.socket.close: that one is two Python calls (the makefile() reference
 # count, unused here) for every socket.
 _close_socket: Final = _socket.socket.close
+_SHUT_WR: Final = socket.SHUT_WR
 
 
 class SpliceTransport(asyncio.Transport):
@@ -195,7 +196,7 @@ class SpliceTransport(asyncio.Transport):
         feeder = self._feeder  # nothing queued or piped for it: shut down now (else on_writable)
         if not self._wbuf and (feeder is None or not feeder._piped):
             try:  # noqa: SIM105
-                self._sock.shutdown(socket.SHUT_WR)
+                self._sock.shutdown(_SHUT_WR)
             except OSError:
                 pass  # a peer that already reset shows it on the next read
 
@@ -430,7 +431,7 @@ class SpliceTransport(asyncio.Transport):
         # A peer that already reset shows it on the next read, with the right close reason.
         # (try/except, not contextlib.suppress: three Python calls fewer, once per connection)
         try:  # noqa: SIM105
-            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.shutdown(_SHUT_WR)
         except OSError:
             pass
 
