@@ -6,8 +6,11 @@ import asyncio
 import socket
 
 from connwatch._types import CloseReason
+from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.sockopts import tcp_options
-from tests.proxy.test_splice import Proxy, connect, upstream_server
+from connwatch.proxy.splice import PipePool, SplicePath
+from tests.proxy.test_splice import Observer, Owner, Proxy, connect, upstream_server
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -57,3 +60,16 @@ async def test_both_transports_report_their_loss_and_let_go_after_a_clean_close(
             assert leg.transport is not None
             assert leg.transport.get_protocol() is None
         writer.close()
+
+
+async def test_connect_in_a_task_the_caller_names_reaches_the_upstream() -> None:
+    async with upstream_server(_echo) as address:
+        owner = Owner([address], 64 * 1024)
+        path = SplicePath(owner, PipePool(64 * 1024))
+        conn = MonitoredConnection("0-1", "t", ReadBuffer(64 * 1024), Observer(), Timeouts(0, 0, 0))
+        transport, target = await path.connect(
+            conn.upstream_protocol, timeout=2, attempts=1, task=asyncio.current_task()
+        )
+        assert target is owner.pool.targets[0]
+        assert target.connecting == 0
+        transport.abort()

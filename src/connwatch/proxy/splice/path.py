@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_CHUNK", "SplicePath", "open_socket"]
 
 MAX_CHUNK: Final = 1024 * 1024  # bytes per splice at most: the default pipe-max-size of Linux
+_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no call to make it so
 
 
 class _Owner(Protocol):
@@ -123,8 +124,10 @@ class SplicePath:
         timeout: float,
         attempts: int,
         order: list[Target] | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
-        """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
+        """As `UpstreamPool.connect`, with a raw socket (options set before it connects).
+        `task`: the task this runs in, when the caller holds it (else the pool asks for it)."""
         made = self._made
         owner = self._owner
         if (
@@ -134,7 +137,7 @@ class SplicePath:
         ):
             made = self._settings()
         sock, target = await owner.pool.reach(
-            made.opener, timeout=timeout, attempts=attempts, order=order
+            made.opener, timeout=timeout, attempts=attempts, order=order, task=task
         )
         leg: Any = protocol_factory()  # a connection leg
         transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
@@ -187,19 +190,19 @@ def _connect(
     family: int, addr: Any, options: SocketOptions, polled: Poller | None
 ) -> Coroutine[Any, Any, socket.socket]:
     """The socket made and its options set here; the connect is the coroutine returned."""
-    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no separate call to make it so
     try:
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, _STREAM)
     except OSError as exc:
         # Out of descriptors: idle pooled pipes go before a connection does.
         if exc.errno not in NO_FDS or not note_fd_pressure():
             raise
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, _STREAM)
+    setsockopt = sock.setsockopt
     for level, option, value in options:
         # An option the kernel refuses is skipped, the others still set (as sockopts does);
         # try/except, not contextlib.suppress: three Python calls an option fewer.
         try:  # noqa: SIM105
-            sock.setsockopt(level, option, value)
+            setsockopt(level, option, value)
         except OSError:
             pass
     if polled is None:

@@ -160,8 +160,8 @@ class SpliceTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         feeder = self._feeder
-        queued = len(self._wbuf) if self._wbuf is not None else 0
-        return queued + (feeder._piped if feeder is not None else 0)
+        piped = feeder._piped if feeder is not None else 0
+        return piped if self._wbuf is None else piped + len(self._wbuf)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._eof_out or not data:
