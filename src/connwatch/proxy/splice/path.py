@@ -6,7 +6,6 @@ import asyncio
 import errno
 import functools
 import socket
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_CHUNK", "SplicePath", "open_socket"]
 
 MAX_CHUNK: Final = 1024 * 1024  # bytes per splice at most: the default pipe-max-size of Linux
+_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no call to make it so
 
 
 class _Owner(Protocol):
@@ -39,9 +39,9 @@ class _Owner(Protocol):
 
 
 class _Settings:
-    """What every connection of a listener's config gets on one loop, worked out once (not per
-    transport): the chunk, its pipe pool, the loop's poller (`poller()` is a weak-dict lookup,
-    two Python calls) and the upstream opener. Weak to the loop, as `poller()` is."""
+    """What every connection of a listener's config gets, worked out once (not per transport):
+    the chunk, its pipe pool, the loop's poller (`poller()` is a weak-dict lookup, two Python
+    calls), the upstream options and opener."""
 
     __slots__ = ("chunk", "config", "loop", "opener", "options", "pipes", "poller")
 
@@ -50,7 +50,7 @@ class _Settings:
     ) -> None:
         self.config = owner.config
         self.options = owner.upstream_options
-        self.loop = weakref.ref(loop)
+        self.loop = loop
         self.chunk = min(self.config.buffer_size, MAX_CHUNK)
         # None: the process's pool for the listener's chunk size
         self.pipes = pipes if pipes is not None else pipe_pool(self.chunk)
@@ -58,8 +58,25 @@ class _Settings:
         # A partial of positional arguments: no Python frame of its own and no keyword
         # merging when the upstream pool calls it.
         self.opener: Callable[[Address], Coroutine[Any, Any, socket.socket]] = functools.partial(
-            _open, self.options, self.poller
+            _open, _not_default(self.options), self.poller
         )
+
+
+def _not_default(options: SocketOptions) -> SocketOptions:
+    """`options` less those a new socket already has (0 for an option that is off by default,
+    e.g. TCP_USER_TIMEOUT 0: "the kernel default"): a setsockopt call each, for nothing."""
+    return tuple(o for o in options if o[2] or (o[0], o[1]) not in _ZERO_BY_DEFAULT)
+
+
+_ZERO_BY_DEFAULT: Final = frozenset(
+    (level, option)
+    for level, name in (
+        (socket.SOL_SOCKET, "SO_KEEPALIVE"),
+        (socket.IPPROTO_TCP, "TCP_NODELAY"),
+        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT"),
+    )
+    if (option := getattr(socket, name, None)) is not None
+)
 
 
 class SplicePath:
@@ -72,28 +89,31 @@ class SplicePath:
         self._pipes = pipes  # None: the process's pool for the listener's chunk size
         self._made: _Settings | None = None
 
-    def _settings(self, loop: asyncio.AbstractEventLoop) -> _Settings:
+    def _settings(self) -> _Settings:
+        """New settings for the owner's current config (the callers check the made ones first:
+        a Python call fewer at every accept and connect). A SplicePath serves one loop, the one
+        it first runs on (its listener's): held here, not asked for (a getpid() each on 3.11)."""
         made = self._made
-        owner = self._owner
-        if (
-            made is None
-            or made.config is not owner.config
-            or made.options is not owner.upstream_options
-            or made.loop() is not loop
-        ):
-            made = self._made = _Settings(owner, loop, self._pipes)
+        loop = asyncio.get_running_loop() if made is None else made.loop
+        made = self._made = _Settings(self._owner, loop, self._pipes)
         return made
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
-        loop = asyncio.get_running_loop()
-        made = self._settings(loop)
+        made = self._made
+        owner = self._owner
+        if (
+            made is None
+            or made.config is not owner.config
+            or made.options is not owner.upstream_options
+        ):
+            made = self._settings()
         protocol = protocol_factory()
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         leg: Any = protocol
-        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
+        transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, protocol
 
@@ -104,15 +124,23 @@ class SplicePath:
         timeout: float,
         attempts: int,
         order: list[Target] | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> tuple[asyncio.Transport, Target]:
-        """As `UpstreamPool.connect`, with a raw socket (options set before it connects)."""
-        loop = asyncio.get_running_loop()
-        made = self._settings(loop)
-        sock, target = await self._owner.pool.reach(
-            made.opener, timeout=timeout, attempts=attempts, order=order
+        """As `UpstreamPool.connect`, with a raw socket (options set before it connects).
+        `task`: the task this runs in, when the caller holds it (else the pool asks for it)."""
+        made = self._made
+        owner = self._owner
+        if (
+            made is None
+            or made.config is not owner.config
+            or made.options is not owner.upstream_options
+        ):
+            made = self._settings()
+        sock, target = await owner.pool.reach(
+            made.opener, timeout=timeout, attempts=attempts, order=order, task=task
         )
         leg: Any = protocol_factory()  # a connection leg
-        transport = SpliceTransport(loop, sock, leg, made.pipes, made.chunk, made.poller)
+        transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
         transport.start()
         return transport, target
 
@@ -162,19 +190,19 @@ def _connect(
     family: int, addr: Any, options: SocketOptions, polled: Poller | None
 ) -> Coroutine[Any, Any, socket.socket]:
     """The socket made and its options set here; the connect is the coroutine returned."""
-    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no separate call to make it so
     try:
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, _STREAM)
     except OSError as exc:
         # Out of descriptors: idle pooled pipes go before a connection does.
         if exc.errno not in NO_FDS or not note_fd_pressure():
             raise
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, _STREAM)
+    setsockopt = sock.setsockopt
     for level, option, value in options:
         # An option the kernel refuses is skipped, the others still set (as sockopts does);
         # try/except, not contextlib.suppress: three Python calls an option fewer.
         try:  # noqa: SIM105
-            sock.setsockopt(level, option, value)
+            setsockopt(level, option, value)
         except OSError:
             pass
     if polled is None:

@@ -25,6 +25,9 @@ IN: Final = select.EPOLLIN
 OUT: Final = select.EPOLLOUT
 BOTH: Final = IN | OUT
 _TROUBLE: Final = select.EPOLLERR | select.EPOLLHUP  # wakes whichever side is registered
+# What wakes a reader, a writer (worked out once, not per event)
+_WAKES_IN: Final = IN | _TROUBLE
+_WAKES_OUT: Final = OUT | _TROUBLE
 # connect_ex() answers for a connect still under way (what sock.connect raises as
 # BlockingIOError or InterruptedError)
 _CONNECTING: Final = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR})
@@ -72,8 +75,13 @@ class Poller:
         elif old:
             self._epoll.modify(fd, mask)
         else:
-            if fd in self._dormant:
-                self._wake(fd, mask)
+            dormant = self._dormant
+            if fd in dormant:  # left by a finished connect: re-armed (no call of its own)
+                dormant.discard(fd)
+                try:
+                    self._epoll.modify(fd, mask)
+                except FileNotFoundError:  # stale: that socket was closed, this is another one
+                    self._epoll.register(fd, mask)
             else:
                 self._epoll.register(fd, mask)
             self._owners[fd] = owner
@@ -84,13 +92,6 @@ class Poller:
         if owner.polled:
             owner.polled = 0
             del self._owners[fd]
-
-    def _wake(self, fd: int, mask: int) -> None:
-        self._dormant.discard(fd)
-        try:
-            self._epoll.modify(fd, mask)
-        except FileNotFoundError:  # stale: that socket was closed, this is another one
-            self._epoll.register(fd, mask)
 
     async def connect(
         self, sock: socket.socket, address: tuple[object, ...] | str
@@ -107,7 +108,12 @@ class Poller:
             if err not in _CONNECTING:
                 raise OSError(err, os.strerror(err))
             fd = sock.fileno()
-            waiter = _ConnectWaiter(self, fd, asyncio.get_running_loop().create_future())
+            loop = self._loop()  # the running loop (a weakref call; asking would cost a getpid)
+            assert loop is not None
+            waiter = _ConnectWaiter()  # no __init__: a Python call fewer a connect
+            waiter.poller = self
+            waiter.fd = fd
+            waiter.done = loop.create_future()
             if fd in self._dormant:
                 self._dormant.discard(fd)  # stale: a fresh socket is in no epoll set
             # One-shot: once reported, the kernel disables the fd and the waiter leaves it in
@@ -140,14 +146,16 @@ class Poller:
 
     def _dispatch(self) -> None:
         owners = self._owners
+        # Locals: globals looked up once a round, not once an event.
+        reads, writes, wakes_in, wakes_out = IN, OUT, _WAKES_IN, _WAKES_OUT
         for fd, events in self._epoll.poll(0, _BATCH):
             owner = owners.get(fd)
             if owner is None:
                 continue  # dropped by an earlier callback of this round
-            if events & (IN | _TROUBLE) and owner.polled & IN:
+            if events & wakes_in and owner.polled & reads:
                 owner.on_readable()
             # An owner dropped by that callback has `polled` 0 (no second dict lookup needed).
-            if events & (OUT | _TROUBLE) and owner.polled & OUT:
+            if events & wakes_out and owner.polled & writes:
                 owner.on_writable()
 
 
@@ -156,11 +164,11 @@ class _ConnectWaiter:
 
     __slots__ = ("done", "fd", "polled", "poller")
 
-    def __init__(self, poller: Poller, fd: int, done: asyncio.Future[None]) -> None:
-        self.poller = poller
-        self.fd = fd
-        self.done = done
-        self.polled = 0
+    # Filled in by Poller.connect.
+    poller: Poller
+    fd: int
+    done: asyncio.Future[None]
+    polled: int
 
     def on_readable(self) -> None:  # pragma: no cover - never registered for reading
         pass

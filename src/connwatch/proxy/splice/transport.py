@@ -16,15 +16,15 @@ import errno
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from connwatch.proxy.splice.pipes import Pipe, PipePool
 from connwatch.proxy.splice.poller import BOTH, IN, OUT, Poller
 
 if TYPE_CHECKING:
-    from connwatch.proxy.connection import MonitoredConnection
+    from connwatch.proxy.splice.leg import Leg
 
-__all__ = ["Leg", "SpliceTransport"]
+__all__ = ["SpliceTransport"]
 
 # Passed positionally (offsets None): keyword parsing was a third of each os.splice call.
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -32,30 +32,7 @@ _WRITE_HIGH: Final = 64 * 1024  # asyncio's default high-water mark until the le
 # The C close under socket.socket.close: that one is two Python calls (the makefile() reference
 # count, unused here) for every socket.
 _close_socket: Final = _socket.socket.close
-
-
-class Leg(Protocol):
-    """What a SpliceTransport needs of its protocol: MonitoredConnection's `_Leg` fits."""
-
-    sink: asyncio.Transport | None
-    bytes_in: int
-
-    @property
-    def conn(self) -> MonitoredConnection: ...
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
-
-    def get_buffer(self, sizehint: int) -> memoryview: ...
-
-    def buffer_updated(self, nbytes: int) -> None: ...
-
-    def eof_received(self) -> bool: ...
-
-    def pause_writing(self) -> None: ...
-
-    def resume_writing(self) -> None: ...
-
-    def connection_lost(self, exc: Exception | None) -> None: ...
+_SHUT_WR: Final = socket.SHUT_WR
 
 
 class SpliceTransport(asyncio.Transport):
@@ -123,7 +100,8 @@ class SpliceTransport(asyncio.Transport):
         self._eof_out = False  # write_eof() asked for
         self._closing = False
         self._closed = False  # socket closed, connection_lost scheduled
-        self._lost = False  # connection_lost delivered
+        # connection_lost delivered; None: closed, delivered right after the partner's
+        self._lost: bool | None = False
 
     def start(self) -> None:
         """Hand the transport to its protocol and start reading unless the protocol paused it.
@@ -134,9 +112,10 @@ class SpliceTransport(asyncio.Transport):
         rather than the RST that unread data would cause.
         """
         self._protocol.connection_made(self)
-        if self._paused and self._protocol.sink is None and not self._closing:
+        if not self._paused:
+            self._want_read()
+        elif self._protocol.sink is None and not self._closing:
             self._read_copy()
-        self._want_read()
 
     def __repr__(self) -> str:
         return f"<SpliceTransport fd={self._fd} piped={self._piped} closing={self._closing}>"
@@ -181,8 +160,8 @@ class SpliceTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         feeder = self._feeder
-        queued = len(self._wbuf) if self._wbuf is not None else 0
-        return queued + (feeder._piped if feeder is not None else 0)
+        piped = feeder._piped if feeder is not None else 0
+        return piped if self._wbuf is None else piped + len(self._wbuf)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._eof_out or not data:
@@ -217,7 +196,7 @@ class SpliceTransport(asyncio.Transport):
         feeder = self._feeder  # nothing queued or piped for it: shut down now (else on_writable)
         if not self._wbuf and (feeder is None or not feeder._piped):
             try:  # noqa: SIM105
-                self._sock.shutdown(socket.SHUT_WR)
+                self._sock.shutdown(_SHUT_WR)
             except OSError:
                 pass  # a peer that already reset shows it on the next read
 
@@ -452,7 +431,7 @@ class SpliceTransport(asyncio.Transport):
         # A peer that already reset shows it on the next read, with the right close reason.
         # (try/except, not contextlib.suppress: three Python calls fewer, once per connection)
         try:  # noqa: SIM105
-            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.shutdown(_SHUT_WR)
         except OSError:
             pass
 
@@ -478,19 +457,29 @@ class SpliceTransport(asyncio.Transport):
             self._discard_pipe()  # nobody is left to drain it
         self._wbuf = None
         _close_socket(self._sock)
-        self._loop.call_soon(self._call_connection_lost, exc)
+        partner = self._feeder or sink
+        if exc is None and partner is not None and partner._closed and partner._lost is False:
+            # The partner's connection_lost is due: this one follows it in the same callback
+            # (as the next one scheduled would), one call_soon fewer for most closes.
+            self._lost = None
+        else:
+            self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._protocol.connection_lost(exc)
-        # Once both transports of a connection are lost (and so closed: no pipe of either is left
-        # to drain), they let go of their legs and of each other, as uvloop's do of their
-        # protocol: without these cycles (transport <-> leg, transport <-> transport) a closed
-        # connection is freed at once, not by the garbage collector.
         partner = self._feeder or self._sink
-        if partner is None or partner._lost:
-            self._protocol = None  # type: ignore[assignment]  # never read again: lost, closed
-            self._sink = self._feeder = None
-            if partner is not None:
-                partner._protocol = None  # type: ignore[assignment]
-                partner._sink = partner._feeder = None
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            if partner is not None and partner._lost is None:
+                partner._call_connection_lost(None)  # it rode on this callback (see _finish)
+            elif partner is None or partner._lost:
+                # Both transports of the connection are lost (and so closed: no pipe of either
+                # is left to drain): they let go of their legs and of each other, as uvloop's do
+                # of their protocol: without these cycles (transport <-> leg, transport <->
+                # transport) a closed connection is freed at once, not by the garbage collector.
+                self._protocol = None  # type: ignore[assignment]  # never read again
+                self._sink = self._feeder = None
+                if partner is not None:
+                    partner._protocol = None  # type: ignore[assignment]
+                    partner._sink = partner._feeder = None
