@@ -15,8 +15,6 @@ import time
 from collections import deque
 from typing import Any, Final
 
-from connwatch.proxy.coroutine_run import Cancellable
-
 # A try is a list, not an object: a list display costs a fraction of a Python __init__ call.
 # [deadline (time.monotonic()), task (None once the try ended), fired (its task was cancelled)]
 DEADLINE: Final = 0
@@ -36,7 +34,9 @@ class ConnectDeadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._due = math.inf  # the deadline the timer is armed for
 
-    def start(self, loop: asyncio.AbstractEventLoop, deadline: float, task: Cancellable) -> Try:
+    def start(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, task: asyncio.Task[Any]
+    ) -> Try:
         """A try of `task` that must end by `deadline`. The caller sets its TASK to None when it
         ends, whatever the outcome (no task is kept alive by a try that ended), and reads FIRED
         after a CancelledError."""

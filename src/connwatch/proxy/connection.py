@@ -22,7 +22,6 @@ from connwatch._types import (
     format_peer,
 )
 from connwatch.exceptions import reason_for_error
-from connwatch.proxy.coroutine_run import Cancellable
 from connwatch.proxy.legs import Leg, ReadBuffer, Timeouts
 from connwatch.snapshots import ConnectionStats
 
@@ -116,7 +115,7 @@ class MonitoredConnection:
         self._timer: asyncio.TimerHandle | None = None
         # The set-up task (listener), held strongly and cancelled if the connection goes first;
         # set and cleared by the task itself (attribute writes, not method calls: per connection).
-        self.connect_task: Cancellable | None = None  # the set-up's Task or CoroutineRun
+        self.connect_task: asyncio.Task[None] | None = None
         self.watch: object | None = None  # the liveness watchdog's per-connection record
         # While set, client bytes are held and offered to it (e.g. a PROXY header parser).
         self.preamble: Callable[[MonitoredConnection], None] | None = None

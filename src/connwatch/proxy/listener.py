@@ -35,7 +35,6 @@ from connwatch.proxy.acceptor import Acceptor
 from connwatch.proxy.binding import bind_tcp, bind_unix
 from connwatch.proxy.client_limits import ClientLimiter
 from connwatch.proxy.connection import MonitoredConnection
-from connwatch.proxy.coroutine_run import run
 from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
@@ -344,9 +343,7 @@ class Listener:
         return conn.client_leg
 
     def _client_made(self, conn: MonitoredConnection, peer: Any) -> None:
-        # A Task for asyncio.timeout (PROXY header) and current_task() (the warm pool's connect)
-        task = self._accept_proxy or self.warm is not None
-        conn.connect_task = run(self._set_up(conn, peer), self._loop, task=task)
+        conn.connect_task = self._loop.create_task(self._set_up(conn, peer))
 
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
         conn = MonitoredConnection(

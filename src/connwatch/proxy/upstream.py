@@ -22,7 +22,6 @@ from connwatch.exceptions import (
 )
 from connwatch.histogram import LATENCY_BUCKETS, Histogram
 from connwatch.proxy.connect_deadlines import FIRED, TASK, ConnectDeadlines
-from connwatch.proxy.coroutine_run import Cancellable
 from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.slow_start import admit, weight
 from connwatch.proxy.sockopts import SocketOptions, apply_to_tcp_fd
@@ -172,7 +171,7 @@ class UpstreamPool:
         options: SocketOptions = NODELAY,
         order: list[Target] | None = None,
         fds: FdWatch | None = None,
-        task: Cancellable | None = None,
+        task: asyncio.Task[Any] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Coroutine[Any, Any, tuple[asyncio.Transport, Target]]:
         """Connect to the first target that answers, trying up to `attempts` targets in order.
@@ -197,7 +196,7 @@ class UpstreamPool:
         timeout: float,
         attempts: int,
         order: list[Target] | None = None,
-        task: Cancellable | None = None,
+        task: asyncio.Task[Any] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> tuple[T, Target]:
         """`opener(address)` on the targets in balance order until one succeeds, each try within
