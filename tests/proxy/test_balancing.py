@@ -168,6 +168,13 @@ def refused() -> Iterator[str]:
 
 async def wait_up(daemon: DaemonProcess, listener: str, count: int) -> None:
     await daemon.wait_for("upstream_state_changed", listener=listener, new="UP", count=count)
+    await workers_told(daemon)
+
+
+async def workers_told(daemon: DaemonProcess) -> None:
+    """With workers, the primary logs a state change and then tells each worker: a scrape, asked
+    of each worker on the same ordered control channel, is answered once they all have it."""
+    await daemon.metrics()
 
 
 # -- round_robin ---------------------------------------------------------------------------------
@@ -231,6 +238,7 @@ async def test_first_uses_the_first_usable_target(tmp_path: Path) -> None:
             assert [await one_exchange(port, f"f{i}") for i in range(5)] == ["a"] * 5
             await a.stop_listening()
             await daemon.wait_for("upstream_state_changed", upstream=a.address, new="DOWN")
+            await workers_told(daemon)
             assert [await one_exchange(port, f"g{i}") for i in range(5)] == ["b"] * 5
             metrics = await daemon.metrics()
     assert metrics[connect_failures("app", a.address)] == 0
