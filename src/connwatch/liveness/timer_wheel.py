@@ -77,6 +77,15 @@ class TimerWheel:
             if order and self._timer is None:
                 self._arm(order[0])
 
+    def pending(self) -> list[WatchRecord]:
+        """The records scheduled now (each once: stale entries of rescheduled ones skipped)."""
+        return [
+            rec
+            for slot, bucket in self._slots.items()
+            for rec in bucket
+            if rec.scheduled and rec.slot == slot
+        ]
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

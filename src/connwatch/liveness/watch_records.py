@@ -26,7 +26,6 @@ class ListenerTotals:
     __slots__ = (
         "config",
         "failed",
-        "members",
         "ok",
         "promotion",
         "retransmits",
@@ -46,7 +45,8 @@ class ListenerTotals:
         # the snapshot reports them), not a Counter: its `+=` (watch/unwatch, every connection)
         # is a dict subclass's generic subscript and store.
         self.states: dict[Liveness, int] = dict.fromkeys(Liveness, 0)
-        self.members: set[WatchRecord] = set()
+        # No set of every record: a beating record is in the watchdog's timer wheel and in its
+        # connection's `watch`, which is all it needs (a set entry was ~65 bytes a connection).
         self.unbeaten: set[WatchRecord] = set()  # heartbeats off, or not configured yet
         # Watched, no record yet (`conn.watch` is when it was watched), in the order watched;
         # those closed since are skipped. The watchdog's timer makes their records.
@@ -54,14 +54,12 @@ class ListenerTotals:
         self.promotion: asyncio.TimerHandle | None = None
 
     def add(self, rec: WatchRecord) -> None:
-        self.members.add(rec)
         if rec.beating:
             self.states[rec.liveness] += 1
         else:
             self.unbeaten.add(rec)
 
     def remove(self, rec: WatchRecord) -> None:
-        self.members.discard(rec)
         if rec in self.unbeaten:
             self.unbeaten.discard(rec)
         else:
