@@ -11,7 +11,7 @@ from typing import Final
 from connwatch._types import Liveness, Side, WatchedConnection
 from connwatch.config import HeartbeatConfig
 from connwatch.histogram import LATENCY_BUCKETS, Histogram
-from connwatch.liveness.socket_leg import SocketLeg
+from connwatch.liveness.socket_leg import SideCounters, SocketLeg
 from connwatch.liveness.verdicts import judge_by_bytes
 from connwatch.snapshots import LivenessStats
 
@@ -30,6 +30,7 @@ class ListenerTotals:
         "promotion",
         "retransmits",
         "rtt",
+        "sides",
         "states",
         "unbeaten",
         "waiting",
@@ -41,6 +42,7 @@ class ListenerTotals:
         self.failed = 0
         self.rtt = {side: Histogram(LATENCY_BUCKETS) for side in _SIDES}
         self.retransmits = dict.fromkeys(_SIDES, 0)
+        self.sides = {side: SideCounters(side, self.rtt[side], self.retransmits) for side in _SIDES}
         # Connections with beats, by last verdict: a plain dict with every state (zero too, as
         # the snapshot reports them), not a Counter: its `+=` (watch/unwatch, every connection)
         # is a dict subclass's generic subscript and store.
@@ -108,20 +110,9 @@ class WatchRecord:
         self.liveness = Liveness.OK
         self.slot = 0  # the timer wheel's slot this record is due in
         self.scheduled = False
-        self.client = SocketLeg(
-            Side.CLIENT,
-            conn.client_leg.transport,
-            totals.rtt[Side.CLIENT],
-            totals.retransmits,
-            now,
-        )
-        self.upstream = SocketLeg(
-            Side.UPSTREAM,
-            conn.upstream_leg.transport,
-            totals.rtt[Side.UPSTREAM],
-            totals.retransmits,
-            now,
-        )
+        sides = totals.sides
+        self.client = SocketLeg(sides[Side.CLIENT], conn.client_leg.transport, now)
+        self.upstream = SocketLeg(sides[Side.UPSTREAM], conn.upstream_leg.transport, now)
 
     def adopt(self, config: HeartbeatConfig) -> None:
         self.config = config
