@@ -101,7 +101,6 @@ class Watchdog:
         for rec in [r for r in totals.unbeaten if not r.configured]:
             # Accepted before the listener's config reached us: adopt it now.
             totals.remove(rec)
-            rec.configured = True
             rec.adopt(config.heartbeat)
             totals.add(rec)
             self._start(rec)
@@ -252,7 +251,7 @@ class Watchdog:
             return None
         if conn.state not in _OPEN_STATES:
             return None
-        rec.scheduled = False
+        rec.slot = 0  # not scheduled: an entry of it left in the wheel is skipped
         return self._beat(rec, self._clock())
 
     def _start(self, rec: WatchRecord) -> None:
