@@ -27,7 +27,7 @@ class TimerWheel:
 
     Scheduling is a dict lookup and a list append; only a slot's first beat touches the heap of
     slot numbers. A record rescheduled or unwatched leaves a stale entry in its old slot, skipped
-    when that slot runs (its `slot` no longer matches, or it is no longer `scheduled`).
+    when that slot runs (its `slot` no longer matches; it is 0 while not scheduled).
     """
 
     def __init__(self, clock: Clock, fire: Callable[[list[WatchRecord], float], None]) -> None:
@@ -40,8 +40,7 @@ class TimerWheel:
 
     def schedule(self, rec: WatchRecord, due: float) -> None:
         slot = int(due / TICK) + 1  # rounded up: a beat may run up to one tick late, never early
-        rec.slot = slot
-        rec.scheduled = True
+        rec.slot = slot  # >= 1; 0 is "not scheduled"
         bucket = self._slots.get(slot)
         if bucket is not None:
             bucket.append(rec)
@@ -68,14 +67,18 @@ class TimerWheel:
         while order and order[0] <= last:
             slot = heapq.heappop(order)
             for rec in self._slots.pop(slot):
-                if rec.scheduled and rec.slot == slot:
-                    rec.scheduled = False
+                if rec.slot == slot:
+                    rec.slot = 0
                     ready.append(rec)
         try:
             self._fire(ready, now)
         finally:
             if order and self._timer is None:
                 self._arm(order[0])
+
+    def pending(self) -> list[WatchRecord]:
+        """The records scheduled now (each once: stale entries of rescheduled ones skipped)."""
+        return [rec for slot, bucket in self._slots.items() for rec in bucket if rec.slot == slot]
 
     def close(self) -> None:
         if self._timer is not None:
@@ -84,6 +87,6 @@ class TimerWheel:
         self._timer_slot = NEVER
         for bucket in self._slots.values():
             for rec in bucket:
-                rec.scheduled = False
+                rec.slot = 0
         self._slots.clear()
         self._order.clear()

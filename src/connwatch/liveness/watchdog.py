@@ -101,7 +101,6 @@ class Watchdog:
         for rec in [r for r in totals.unbeaten if not r.configured]:
             # Accepted before the listener's config reached us: adopt it now.
             totals.remove(rec)
-            rec.configured = True
             rec.adopt(config.heartbeat)
             totals.add(rec)
             self._start(rec)
@@ -163,8 +162,7 @@ class Watchdog:
         watched_at = conn.watch
         assert isinstance(watched_at, float)
         rec = WatchRecord(conn, totals, watched_at)
-        conn.watch = rec
-        totals.members.add(rec)  # counted in `states` already, when it was watched
+        conn.watch = rec  # counted in `states` already, when it was watched
         if not self._closed:
             self._scheduler.schedule(rec, watched_at + rec.interval)
 
@@ -229,13 +227,17 @@ class Watchdog:
     def close(self) -> None:
         """Stop every beat; the connections stay open (their owners close them)."""
         self._closed = True
+        # Every beating record is due in the wheel (one whose connection is closing is not: its
+        # borrowed sockets are let go when it is, `BorrowedSocket.__del__`).
+        records = self._scheduler.pending()
         self._scheduler.close()
         for totals in self._totals.values():
             if totals.promotion is not None:
                 totals.promotion.cancel()
                 totals.promotion = None
-            for rec in totals.members:
-                rec.release()
+            records.extend(totals.unbeaten)
+        for rec in records:
+            rec.release()
 
     # -- beats ----------------------------------------------------------------------------------
     def beat(self, conn: WatchedConnection) -> Liveness | None:
@@ -249,7 +251,7 @@ class Watchdog:
             return None
         if conn.state not in _OPEN_STATES:
             return None
-        rec.scheduled = False
+        rec.slot = 0  # not scheduled: an entry of it left in the wheel is skipped
         return self._beat(rec, self._clock())
 
     def _start(self, rec: WatchRecord) -> None:

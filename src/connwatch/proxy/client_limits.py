@@ -13,6 +13,7 @@ docs/clients.md for why and what it means.
 from __future__ import annotations
 
 import ipaddress
+from sys import intern
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -82,11 +83,15 @@ class ClientLimiter:
     def admit_peer(self, peer: Any, now: float) -> tuple[str, str | None]:
         """`key_of(peer)` and `admit(key, now)` in one call, as a new connection needs them:
         (key, the limit it is over or None). The usual cases inline: an IPv4 peer keyed by
-        its address, no limit on (then admitting is counting)."""
+        its address, no limit on (then admitting is counting).
+
+        The key is interned: each accepted socket's address brings its own copy of the host
+        string, which the connection keeps (`client_key`) while it is open; interned, all the
+        connections of one client share one (58 bytes a connection less)."""
         if type(peer) is tuple and self.v4_prefix == 32 and ":" not in (host := peer[0]):
-            key: str = host
+            key: str = intern(host)
         else:
-            key = self.key_of(peer)
+            key = intern(self.key_of(peer))
         if self.max_connections or self.rate:
             return key, self.admit(key, now)
         active = self.active

@@ -44,6 +44,8 @@ _CLOSED: Final = ConnectionState.CLOSED
 _CLIENT: Final = Side.CLIENT
 _UPSTREAM: Final = Side.UPSTREAM
 _ERROR: Final = CloseReason.ERROR
+_CLIENT_CLOSED: Final = CloseReason.CLIENT_CLOSED
+_UPSTREAM_CLOSED: Final = CloseReason.UPSTREAM_CLOSED
 
 
 class MonitoredConnection:
@@ -97,10 +99,8 @@ class MonitoredConnection:
         self.client = ""
         self.client_key: str | None = None  # holds a slot of its listener's client limits
         self.target: Target | None = None
-        self.client_leg = Leg(self, _CLIENT)
-        self.upstream_leg = Leg(self, _UPSTREAM)
-        self.client_leg.other = self.upstream_leg
-        self.upstream_leg.other = self.client_leg
+        self.client_leg = Leg(self)
+        self.upstream_leg = Leg(self)
         self.state = _CONNECTING
         self.opened_at = self.last_activity = time.monotonic()
         self.opened_wall = time.time()
@@ -279,7 +279,7 @@ class MonitoredConnection:
 
     def _note_end(self, leg: Leg) -> None:
         if self._end_reason is None:
-            self._end_reason = _ENDED_BY[leg.side]
+            self._end_reason = _CLIENT_CLOSED if leg is self.client_leg else _UPSTREAM_CLOSED
         if self.client_leg.eof and self.upstream_leg.eof:
             self._shut(abort=False)
         elif self.state is _OPEN:
@@ -288,14 +288,14 @@ class MonitoredConnection:
                 self._arm_timer()
 
     def leg_lost(self, leg: Leg, exc: BaseException | None) -> None:
-        reason = None if exc is None else reason_for_error(leg.side, exc)
+        client = leg is self.client_leg
+        reason = None if exc is None else reason_for_error(_CLIENT if client else _UPSTREAM, exc)
         if reason is not None and self.reason is None:
             self.reason = reason
         elif self._end_reason is None and self.reason is None:
             # The peer's side vanished without an EOF first (e.g. the transport closed under us).
-            self._end_reason = _ENDED_BY[leg.side]
-        other = leg.other
-        assert other is not None
+            self._end_reason = _CLIENT_CLOSED if client else _UPSTREAM_CLOSED
+        other = self.upstream_leg if client else self.client_leg
         if not other.lost:
             if other.transport is None:
                 other.lost = True  # never connected
@@ -358,17 +358,15 @@ class MonitoredConnection:
             self._timer = None
         self._pending = None
         self.observer.connection_closed(self)
-        # The legs let go of the connection and of each other (no transport calls them any more):
+        # The legs let go of the connection (no transport calls them any more):
         # without these cycles a closed connection is freed at once rather than by the garbage
         # collector (bench/instructions.py churn: no collections left over 1,000 connections).
         # (Unrolled: once per connection, no tuple and loop.)
         leg = self.client_leg
         leg.conn = None  # type: ignore[assignment]  # never read again: both legs are lost
-        leg.other = None
         leg.bulk = None
         leg = self.upstream_leg
         leg.conn = None  # type: ignore[assignment]
-        leg.other = None
         leg.bulk = None
 
     # -- timers: one handle for the nearest deadline --------------------------------------------
@@ -426,9 +424,6 @@ class MonitoredConnection:
 
 
 _RESETS = (CloseReason.CLIENT_RESET, CloseReason.UPSTREAM_RESET)
-
-
-_ENDED_BY = {Side.CLIENT: CloseReason.CLIENT_CLOSED, Side.UPSTREAM: CloseReason.UPSTREAM_CLOSED}
 
 
 def _set_linger_reset(transport: asyncio.BaseTransport) -> None:

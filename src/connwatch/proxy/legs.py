@@ -68,6 +68,8 @@ class LegOwner(Protocol):
 
     buffer: ReadBuffer
     last_activity: float
+    client_leg: Leg
+    upstream_leg: Leg
 
     @property
     def observer(self) -> ConnectionObserver[Any]: ...
@@ -90,20 +92,18 @@ class Leg(asyncio.Protocol):
         "conn",
         "eof",
         "lost",
-        "other",
-        "side",
         "sink",
         "transport",
         "write_paused",
     )
 
-    def __init__(self, conn: LegOwner, side: Side) -> None:
+    def __init__(self, conn: LegOwner) -> None:
+        # Its side and the other leg are not kept (16 bytes a leg): the connection's two legs
+        # tell them (`side`, `other`).
         self.conn = conn
-        self.side = side
         self.transport: asyncio.Transport | None = None
         # Where this leg's bytes go; None until forwarding starts (until then they are held).
         self.sink: asyncio.Transport | None = None
-        self.other: Leg | None = None
         self.bytes_in = 0  # bytes read from this side and handed to the other
         self.eof = False
         self.lost = False
@@ -188,6 +188,19 @@ class Leg(asyncio.Protocol):
             transport.set_protocol(self)
 
     # -- helpers --------------------------------------------------------------------------------
+    @property
+    def side(self) -> Side:
+        return Side.CLIENT if self is self.conn.client_leg else Side.UPSTREAM
+
+    @property
+    def other(self) -> Leg | None:
+        """The connection's other leg; None once the connection has let go of its legs."""
+        conn: LegOwner | None = self.conn
+        if conn is None:
+            return None
+        client = conn.client_leg
+        return conn.upstream_leg if self is client else client
+
     @property
     def socket(self) -> Any:
         return None if self.transport is None else self.transport.get_extra_info("socket")
