@@ -89,10 +89,16 @@ def run_idle(ctx: Context) -> Results:
 
     _rounds(ctx, results, targets, measure)
     results.notes.append(
-        f"{n} connections, each did one PING then idled; "
+        f"{n} connections, each did one PING then idled {IDLE_SETTLE:g} s; "
         "(RSS after - RSS before) / N over the whole process tree"
     )
     return results
+
+
+# Seconds the connections idle before RSS is read: past connwatch's first heartbeat (5 s in
+# bench/peers.py), when each watched connection has its liveness record, as it has for the rest
+# of its idle life (read at 1 s, an earlier version measured connections not yet watched).
+IDLE_SETTLE = 6.5
 
 
 def _idle_sample(running: Running, redis_port: int, n: int, where: Path) -> Sample:
@@ -105,7 +111,7 @@ def _idle_sample(running: Running, redis_port: int, n: int, where: Path) -> Samp
         seen = wait_upstream(redis_port, n, baseline)
         if seen < n:
             raise SampleError(f"upstream saw {seen} of {n} connections")
-        time.sleep(1.0)  # let lazily-allocated buffers settle
+        time.sleep(IDLE_SETTLE)
         after = rss_kib(running.pid)
         procs = process_count(running.pid)
     return {
