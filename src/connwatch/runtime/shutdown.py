@@ -28,9 +28,13 @@ class OrderedShutdown:
         self._force = asyncio.Event()  # a second stop signal: skip the drain
 
     def force(self) -> None:
-        """Stop draining and close everything now."""
+        """Stop draining and close everything now, in the workers too (they drain on their own,
+        each for up to drain_timeout, until told)."""
         self.close_all(CloseReason.SHUTDOWN, abort=True)
         self._force.set()
+        pool = self._state.pool
+        if pool.workers:
+            self._state.tasks.spawn(pool.broadcast("force"))
 
     async def run(self) -> None:
         """Stop accepting, drain up to drain_timeout, close the rest (reason shutdown), stop."""

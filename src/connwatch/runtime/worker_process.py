@@ -85,6 +85,7 @@ class WorkerProcess:
             "outcomes": self._op_outcomes,
             "reload": self._op_reload,
             "stop": self._op_stop,
+            "force": self._op_force,
             "export": self._op_export,
             "release": self._op_release,
         }
@@ -129,6 +130,11 @@ class WorkerProcess:
     async def _op_stop(self, args: dict[str, Any]) -> bool:
         self._told_to_stop = True
         self.daemon.request_stop()
+        return True
+
+    async def _op_force(self, args: dict[str, Any]) -> bool:
+        """The primary got a second stop signal: skip our drain too."""
+        self.daemon.ordered_shutdown.force()
         return True
 
     async def _op_export(self, args: dict[str, Any]) -> bool:
