@@ -341,6 +341,8 @@ async def _run(tmp_path: Path, workers: list[int]) -> None:
                 "decreasing:",
                 len(sampler.decreases()),
             )
+            # Why a client was refused or reset, if one was (carried over every upgrade).
+            print("closed:", {k: v for k, v in final.items() if "connections_closed_total" in k})
             for line in figures:
                 assert line["old_exit_code"] == 0, line
                 assert line["old_drained_s"] < DRAIN_TIMEOUT, line
