@@ -90,26 +90,26 @@ class SplicePath:
         self._made: _Settings | None = None
 
     def _settings(self) -> _Settings:
-        """New settings for the owner's current config (the callers check the made ones first:
-        a Python call fewer at every accept and connect). A SplicePath serves one loop, the one
-        it first runs on (its listener's): held here, not asked for (a getpid() each on 3.11)."""
+        """The settings for the owner's current config, worked out again when it changed. A
+        SplicePath serves one loop, the one it first runs on (its listener's): held here, not
+        asked for (a getpid() each on 3.11)."""
         made = self._made
+        owner = self._owner
+        if (
+            made is not None
+            and made.config is owner.config
+            and made.options is owner.upstream_options
+        ):
+            return made
         loop = asyncio.get_running_loop() if made is None else made.loop
-        made = self._made = _Settings(self._owner, loop, self._pipes)
+        made = self._made = _Settings(owner, loop, self._pipes)
         return made
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
-        made = self._made
-        owner = self._owner
-        if (
-            made is None
-            or made.config is not owner.config
-            or made.options is not owner.upstream_options
-        ):
-            made = self._settings()
+        made = self._settings()
         protocol = protocol_factory()
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         leg: Any = protocol
@@ -128,14 +128,8 @@ class SplicePath:
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects).
         `task`: the task this runs in, when the caller holds it (else the pool asks for it)."""
-        made = self._made
+        made = self._settings()
         owner = self._owner
-        if (
-            made is None
-            or made.config is not owner.config
-            or made.options is not owner.upstream_options
-        ):
-            made = self._settings()
         sock, target = await owner.pool.reach(
             made.opener, timeout=timeout, attempts=attempts, order=order, task=task
         )
