@@ -138,7 +138,10 @@ def churn(port: int, conns: int, concurrency: int) -> None:
 
 def rr(port: int, requests: int) -> None:
     argv = ["redis-benchmark", "-p", str(port), "-c", "50", "-n", str(requests)]
-    subprocess.run([*argv, "-t", "ping_inline", "-q"], capture_output=True, timeout=960, check=True)
+    done = subprocess.run([*argv, "-t", "ping_inline", "-q"], capture_output=True, timeout=960)
+    if done.returncode != 0:  # say why: redis-benchmark's own words, not just its exit status
+        said = (done.stderr or done.stdout[-300:]).decode(errors="replace").strip()
+        raise SystemExit(f"redis-benchmark exited {done.returncode}: {said}")
 
 
 def measure(target: Target, args: argparse.Namespace, root: Path) -> list[int]:

@@ -45,6 +45,10 @@ class ListenerError(ConnwatchError):
     """A listener could not be bound (address in use, permission denied, ...)."""
 
 
+class WorkerStartError(ConnwatchError):
+    """A worker process (`workers` > 1) did not start: it exited or did not answer in time."""
+
+
 class UpstreamError(ConnwatchError):
     """No upstream target could be reached."""
 

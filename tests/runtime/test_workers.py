@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 from pathlib import Path
+
+import pytest
 
 from tests.support import (
     DaemonProcess,
@@ -86,3 +90,47 @@ async def test_sighup_binds_the_new_listener_in_every_worker_on_one_port(tmp_pat
             for _, writer in held:
                 writer.close()
             assert ids == {"0", "1"}, daemon.find("listener_started")
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc: field 4 of stat is the parent)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while we looked
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_a_worker_that_dies_before_it_is_ready_fails_the_start_clearly(
+    tmp_path: Path,
+) -> None:
+    """The primary exits 1 naming the worker and how it ended, and takes the other worker
+    down with it: no half-started daemon, no orphan (it waited 10 s, then printed
+    `connwatch: ` and an empty TimeoutError, leaving the rest running)."""
+    async with EchoUpstream() as up:
+        daemon = DaemonProcess(tmp_path, daemon_config(listener_config("app", [up.address])))
+        daemon.write_config(daemon_config(listener_config("app", [up.address]), workers=3))
+        starting = asyncio.create_task(daemon.start())
+        try:
+            await daemon.wait_for("listener_started")  # bound: the workers come next
+            assert daemon.proc is not None
+            workers = await eventually(lambda: len(c := _children(daemon.proc.pid)) == 2 and c)
+            victim, other = sorted(workers)
+            os.kill(victim, signal.SIGKILL)  # long before it can import and answer `init`
+            assert await asyncio.wait_for(daemon.proc.wait(), 15) == 1
+            with pytest.raises(AssertionError, match="daemon exited before") as failed:
+                await starting  # its message carries the daemon's stderr
+            said = (
+                rf"connwatch: worker \d \(pid {victim}\) did not start: it was killed by signal 9"
+            )
+            assert re.search(said, str(failed.value)), failed.value
+            assert not await asyncio.to_thread(Path(f"/proc/{other}").exists), "no orphan worker"
+        finally:
+            starting.cancel()
+            if daemon.proc is not None and daemon.proc.returncode is None:
+                daemon.proc.kill()
+                await daemon.proc.wait()

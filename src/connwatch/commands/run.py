@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from connwatch.commands.event_loop import run_loop
-from connwatch.exceptions import ConfigError, ListenerError
+from connwatch.exceptions import ConfigError, ListenerError, WorkerStartError
 from connwatch.runtime.upgrade.messages import UpgradeError
 
 __all__ = ["add_run_parser", "add_worker_parser", "cmd_run", "cmd_worker"]
@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(settings, config_path=config_path, base_config=base)
     try:
         run_loop(daemon.run)
-    except (ListenerError, OSError, UpgradeError) as exc:
+    except (ListenerError, OSError, UpgradeError, WorkerStartError) as exc:
         print(f"connwatch: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -126,7 +126,7 @@ def _run_takeover(
 
     try:
         run_loop(main)
-    except (ListenerError, OSError, UpgradeError) as exc:
+    except (ListenerError, OSError, UpgradeError, WorkerStartError) as exc:
         print(
             f"connwatch: takeover failed: {exc}; the running connwatch keeps serving",
             file=sys.stderr,

@@ -9,6 +9,7 @@ The control protocol is in control_channel.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -16,12 +17,16 @@ from typing import Any
 
 import structlog
 
+from connwatch.exceptions import WorkerStartError
 from connwatch.runtime.control_channel import ControlChannel
 from connwatch.snapshots import DaemonStats, stats_from_wire
 
 log = structlog.get_logger("connwatch.workers")
 
 _FINAL_POLL = 0.05  # seconds between asking a stopping worker whether it has drained
+# Seconds a new worker may take to import and answer `init`: far above the ~0.5 s it takes, so
+# that a loaded node (or a run under valgrind) is not taken for a broken worker.
+_START_TIMEOUT = 60.0
 
 
 class Worker:
@@ -42,8 +47,20 @@ class WorkerPool:
         self.id_base = 0  # connection ids of worker i start "<id_base + i>-" (seamless upgrade)
 
     async def spawn(self, count: int, init: dict[str, Any], pass_fds: tuple[int, ...] = ()) -> None:
-        for index in range(1, count):
-            self.workers[index] = await _spawn_one(index, init, pass_fds)
+        """Start workers 1..count-1 side by side; if one does not start, kill the others and
+        raise WorkerStartError (the primary then exits 1 rather than run short of workers)."""
+        started = await asyncio.gather(
+            *(_spawn_one(index, init, pass_fds) for index in range(1, count)),
+            return_exceptions=True,
+        )
+        failed = [s for s in started if isinstance(s, BaseException)]
+        if failed:
+            for worker in started:
+                if isinstance(worker, Worker):
+                    worker.channel.close()
+                    await _kill(worker.proc)
+            raise failed[0]
+        self.workers.update((w.index, w) for w in started if isinstance(w, Worker))
         log.info("workers_started", workers=count, pids=[w.proc.pid for w in self.workers.values()])
 
     async def _each(self, op: str, **args: Any) -> list[Any]:
@@ -142,5 +159,33 @@ async def _spawn_one(index: int, init: dict[str, Any], pass_fds: tuple[int, ...]
     finally:
         theirs.close()
     channel = await ControlChannel.open(ours)
-    await channel.call("init", **init)
+    channel.timeout, call_timeout = _START_TIMEOUT, channel.timeout
+    try:
+        await channel.call("init", **init)
+    except (OSError, RuntimeError, ValueError) as exc:  # TimeoutError is an OSError
+        channel.close()
+        if not isinstance(exc, TimeoutError):  # it hung up: let it exit, to say how it did
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await proc.wait()
+        why = _start_failure(proc, exc)
+        await _kill(proc)
+        raise WorkerStartError(f"worker {index} (pid {proc.pid}) did not start: {why}") from exc
+    channel.timeout = call_timeout
     return Worker(index, proc, channel)
+
+
+def _start_failure(proc: asyncio.subprocess.Process, exc: BaseException) -> str:
+    """Why a worker did not start, in words an operator can act on."""
+    code = proc.returncode
+    if isinstance(exc, TimeoutError):
+        return f"no answer to init within {_START_TIMEOUT:g} s"
+    if code is None:
+        return str(exc) or type(exc).__name__
+    return f"it was killed by signal {-code}" if code < 0 else f"it exited with code {code}"
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+    await proc.wait()
