@@ -184,7 +184,7 @@ def _measure_once(
         port = free_port()
         launch = peer.write(binary, where, port, redis_port, target.opts)
         subject = spawn(name, counted(launch.argv, where), where, env=env)
-        why = wait_listening(subject, launch.ready_ports, 120.0)
+        why = wait_listening(subject, launch.ready_ports, 120.0, launch.ready_line)
         if why:
             raise SystemExit(f"{name}: failed to start under valgrind: {why}")
         churn(port, WARMUP_CONNS, 10)  # imports and first-use caches are not counted

@@ -29,6 +29,9 @@ class Launch:
     argv: list[str]
     ready_ports: list[int]
     admin_port: int | None = None
+    # Text its stdout shows once it is wholly started, where listening is not enough: connwatch
+    # with `workers` listens (the first process) before its workers have started.
+    ready_line: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,8 @@ def _connwatch(binary: str, d: Path, listen: int, upstream: int, o: ConnwatchOpt
     cfg = d / "connwatch.yaml"
     cfg.write_text(to_yaml(connwatch_config(listen, upstream, admin, o)))
     # stdout (the JSON log, connection events included) goes to a file, as deployed.
-    return Launch([binary, "-m", "connwatch", "run", "-c", str(cfg)], [listen, admin], admin)
+    argv = [binary, "-m", "connwatch", "run", "-c", str(cfg)]
+    return Launch(argv, [listen, admin], admin, ready_line='"event":"daemon_started"')
 
 
 PEERS: dict[str, Peer] = {

@@ -170,13 +170,24 @@ def listening(port: int) -> bool:
     return port in ports
 
 
-def wait_listening(child: Child, ports: Sequence[int], timeout: float) -> str | None:
-    """None once every port listens; else why not (the process died, or timed out)."""
+def wait_listening(
+    child: Child, ports: Sequence[int], timeout: float, ready_line: str | None = None
+) -> str | None:
+    """None once every port listens (and stdout shows `ready_line`, if given); else why not
+    (the process died, or timed out)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
             return f"exited with code {child.popen.returncode}: {child.tail()}"
-        if all(listening(p) for p in ports):
+        if all(listening(p) for p in ports) and _shows(child, ready_line):
             return None
         time.sleep(0.05)
-    return f"not listening on {list(ports)} after {timeout:.0f}s: {child.tail()}"
+    return f"not ready on {list(ports)} after {timeout:.0f}s: {child.tail()}"
+
+
+def _shows(child: Child, line: str | None) -> bool:
+    if line is None:
+        return True
+    with contextlib.suppress(OSError):
+        return line in child.stdout_path.read_text(errors="replace")
+    return False

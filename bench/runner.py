@@ -83,7 +83,8 @@ def start_target(ctx: Context, target: Target, upstream: int, where: Path) -> Ru
         port = free_port()
         launch = target.peer.write(binary, where, port, upstream, target.opts)
         child = spawn(f"{target.peer.name}-{attempt}", launch.argv, where)
-        why = wait_listening(child, launch.ready_ports, target.peer.startup_timeout) or ""
+        timeout = target.peer.startup_timeout
+        why = wait_listening(child, launch.ready_ports, timeout, launch.ready_line) or ""
         if not why:
             time.sleep(0.2)  # a port we saw listening could be someone else's: still alive?
             if child.alive():

@@ -15,6 +15,7 @@ from tests.support import (
     EchoUpstream,
     daemon_config,
     eventually,
+    free_port,
     http_request,
     listener_config,
 )
@@ -134,3 +135,47 @@ async def test_a_worker_that_dies_before_it_is_ready_fails_the_start_clearly(
             if daemon.proc is not None and daemon.proc.returncode is None:
                 daemon.proc.kill()
                 await daemon.proc.wait()
+
+
+async def test_not_ready_until_every_worker_has_started(tmp_path: Path) -> None:
+    """The primary serves /readyz while its workers start: 503 until they have (SPEC §8:
+    /readyz covers all workers), 200 and `daemon_started` once they have."""
+    async with EchoUpstream() as up:
+        daemon = DaemonProcess(tmp_path, {})
+        admin_port = free_port()  # known before daemon_started, which waits for the worker
+        daemon.write_config(
+            daemon_config(
+                listener_config("app", [up.address]),
+                admin={"listen": f"127.0.0.1:{admin_port}"},
+                workers=2,
+            )
+        )
+        starting = asyncio.create_task(daemon.start())
+        held: list[int] = []
+        try:
+            await daemon.wait_for("listener_started")
+            assert daemon.proc is not None
+            held = await eventually(lambda: _children(daemon.proc.pid))
+            os.kill(held[0], signal.SIGSTOP)  # a worker slow to start, held as long as we like
+            status, body = await eventually(lambda: _readyz(admin_port))
+            assert status == 503, body
+            assert not daemon.find("daemon_started")
+            os.kill(held.pop(), signal.SIGCONT)
+            await asyncio.wait_for(starting, 20)
+            status, body = await _readyz(admin_port)
+            assert status == 200, body
+        finally:
+            for pid in held:
+                os.kill(pid, signal.SIGCONT)
+            starting.cancel()
+            if daemon.proc is not None and daemon.proc.returncode is None:
+                await daemon.stop()
+
+
+async def _readyz(port: int) -> tuple[int, str] | None:
+    """/readyz's status and body; None while nothing listens on `port` yet."""
+    try:
+        status, body = await http_request("GET", port, "/readyz")
+    except OSError:
+        return None
+    return status, str(body)

@@ -113,7 +113,10 @@ class DaemonBackend:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         listeners: dict[str, Any] = {}
-        ready = not self._state.draining
+        # Not before the start is complete: with `workers`, the primary serves this endpoint
+        # while its workers are still starting, and a start can still fail (SPEC: /readyz covers
+        # all workers).
+        ready = self._state.started and not self._state.draining
         for name, listener in self._state.listeners.items():
             snap = listener.statistics()
             upstreams = {
