@@ -12,7 +12,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import structlog
 
@@ -57,6 +57,12 @@ PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_tot
 _CONNECTING: Final = ConnectionState.CONNECTING  # a global: `Enum.X` is ~0.17 µs on 3.11
 
 
+class _Counts(Protocol):
+    """What admission reads of the tracker's totals of its listener (`tracker.totals`)."""
+
+    active: int
+
+
 class Listener:
     """Accepts clients on one address and proxies each to a target of its upstream pool."""
 
@@ -96,7 +102,9 @@ class Listener:
         self.warm: WarmPool | None = None  # warm upstream connections (upstream_pool.enabled)
         self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
         self._log = log.bind(listener=self.name)
-        tracker.totals(self.name)  # the listener's series exist from the start, at zero
+        # The listener's series exist from the start, at zero; admission reads its `active`
+        # (an attribute read, not a tracker call for every connection).
+        self._counts = cast(_Counts, tracker.totals(self.name))
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -365,17 +373,9 @@ class Listener:
         finally:
             conn.connect_task = None
 
-    def _admit(self, conn: MonitoredConnection, peer: Any) -> bool:
-        """Refuse over max_connections or while draining, else apply the client limits. Only
-        once the client's transport is made: one closed in connection_made never reports its
-        loss. (Accepted just before a hand-over to a successor: served here, not refused.)"""
-        draining = not self.accepting and not self._handed_over
-        if self.tracker.active(self.name) > self._max_connections or draining:
-            reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
-            conn.close(reason, abort=True)
-            return False
-        # With PROXY protocol the client key is the header's address: admitted once read.
-        return conn.state is _CONNECTING and (self._accept_proxy or self._admit_client(conn, peer))
+    def _refuse(self, conn: MonitoredConnection, draining: bool) -> None:
+        """Over max_connections or draining: the client is closed at once."""
+        conn.close(CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS, abort=True)
 
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
@@ -435,7 +435,15 @@ class Listener:
         """Admit a client whose transport is made, reach an upstream: a loop-accepted client's
         task (`conn.connect_task`, let go at the end); one frame, not two, at every step."""
         try:
-            if not self._admit(conn, peer):
+            # Admission, only once the client's transport is made (one closed in
+            # connection_made never reports its loss): refused over max_connections or while
+            # draining (accepted just before a hand-over to a successor: served here), else the
+            # client limits apply; with PROXY protocol to the header's address, once read.
+            draining = not self.accepting and not self._handed_over
+            if self._counts.active > self._max_connections or draining:
+                self._refuse(conn, draining)
+                return
+            if conn.state is not _CONNECTING:
                 return
             header = None
             if self._accept_proxy:
@@ -445,6 +453,8 @@ class Listener:
                 source = header.source if header.source is not None else peer
                 if not self._admit_client(conn, source):
                     return
+            elif not self._admit_client(conn, peer):
+                return
             try:
                 if self.warm is not None:
                     transport, target = await self._borrow_or_connect(conn, self.warm)

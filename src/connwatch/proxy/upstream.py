@@ -183,7 +183,11 @@ class UpstreamPool:
         `reach` with the loop's connect inline: no opener coroutine and no partial made for
         every connection, one frame to resume at each step (~2k instructions a connection)."""
         if order is None:
-            order = self.candidates()
+            targets = self.targets
+            if len(targets) != 1:
+                order = self.candidates()
+            elif targets[0]._state is not _DOWN:  # candidates()' own shortcut, without the call
+                order = targets[:]
         if not order:
             raise NoHealthyUpstreamError("every upstream target is DOWN")
         if loop is None:
