@@ -78,7 +78,7 @@ class LegOwner(Protocol):
 
     def leg_made(self, leg: Leg) -> None: ...
 
-    def leg_eof(self, leg: Leg) -> bool: ...
+    def leg_ended(self, leg: Leg) -> None: ...
 
     def leg_lost(self, leg: Leg, exc: BaseException | None) -> None: ...
 
@@ -148,8 +148,15 @@ class Leg(asyncio.Protocol):
             buf.renew()
 
     def eof_received(self) -> bool:
+        # The EOF passed on here, not by a call into the connection (twice a connection).
         self.eof = True
-        return self.conn.leg_eof(self)
+        sink = self.sink
+        if sink is None:  # client EOF before forwarding started: passed on once it starts
+            return True
+        if sink.can_write_eof() and not sink.is_closing():
+            sink.write_eof()
+        self.conn.leg_ended(self)
+        return True  # keep the transport open: the other direction may still flow
 
     def pause_writing(self) -> None:
         # This leg's socket is full: stop reading from the side that feeds it.
