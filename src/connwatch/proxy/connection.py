@@ -199,7 +199,7 @@ class MonitoredConnection:
     def hold(self, data: bytes) -> None:
         """Client bytes that arrived before the upstream leg exists.
 
-        `leg_made` paused reading, but uvloop starts reading an accepted socket after
+        `client_made` paused reading, but uvloop starts reading an accepted socket after
         `connection_made` all the same: pause again here, or a client writing while the upstream
         connect hangs is read without bound. Only a PROXY header being awaited keeps reading."""
         if self._pending is None:
@@ -248,28 +248,25 @@ class MonitoredConnection:
         if self.timeouts.any:
             self._arm_timer()
 
-    def leg_made(self, leg: Leg) -> None:
+    def client_made(self, leg: Leg) -> None:
+        """The client leg's transport is made (`Leg.connection_made`, which set its limits)."""
         t = leg.transport
         assert t is not None
-        t.set_write_buffer_limits(high=self.buffer.size)
-        if leg is self.client_leg:
-            start = self.on_made
-            if start is not None:  # accepted by the loop's server: the address is known now
-                peer = t.get_extra_info("peername")
-                # format_peer's IPv4 case inline (a Python call less for most connections)
-                if type(peer) is tuple and ":" not in peer[0]:
-                    self.client = f"{peer[0]}:{peer[1]}"
-                else:
-                    self.client = format_peer(peer)
-            elif not self.client:  # the listener passes the address accept() gave
-                self.client = format_peer(t.get_extra_info("peername"))
-            t.pause_reading()
-            self.observer.connection_accepted(self)
-            if start is not None:
-                self.on_made = None
-                start(self, peer)
-        else:
-            leg.sink = self.client_leg.transport
+        start = self.on_made
+        if start is not None:  # accepted by the loop's server: the address is known now
+            peer = t.get_extra_info("peername")
+            # format_peer's IPv4 case inline (a Python call less for most connections)
+            if type(peer) is tuple and ":" not in peer[0]:
+                self.client = f"{peer[0]}:{peer[1]}"
+            else:
+                self.client = format_peer(peer)
+        elif not self.client:  # the listener passes the address accept() gave
+            self.client = format_peer(t.get_extra_info("peername"))
+        t.pause_reading()
+        self.observer.connection_accepted(self)
+        if start is not None:
+            self.on_made = None
+            start(self, peer)
 
     # -- events from the legs -------------------------------------------------------------------
     def leg_ended(self, leg: Leg) -> None:

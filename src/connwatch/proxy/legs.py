@@ -76,7 +76,7 @@ class LegOwner(Protocol):
 
     def hold(self, data: bytes) -> None: ...
 
-    def leg_made(self, leg: Leg) -> None: ...
+    def client_made(self, leg: Leg) -> None: ...
 
     def leg_ended(self, leg: Leg) -> None: ...
 
@@ -115,7 +115,12 @@ class Leg(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it. (No cast():
         # a Python call for every leg.)
         self.transport = transport  # type: ignore[assignment]
-        self.conn.leg_made(self)
+        conn = self.conn
+        transport.set_write_buffer_limits(high=conn.buffer.size)  # type: ignore[attr-defined]
+        if self is conn.client_leg:
+            conn.client_made(self)
+        else:  # the upstream leg forwards to the client (a call into the connection less)
+            self.sink = conn.client_leg.transport
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
