@@ -12,7 +12,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -55,18 +55,10 @@ log = structlog.get_logger("connwatch.listener")
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
 PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
 _CONNECTING: Final = ConnectionState.CONNECTING  # a global: `Enum.X` is ~0.17 µs on 3.11
-# A connection's set-up task is made as `asyncio.Task(coro, loop=, name=)`, what the loop's
-# create_task() makes without a task factory (connwatch sets none), named: on Python 3.11 a
-# task made without a name formats its own "Task-N" (~1.4k instructions), and uvloop's
-# create_task names one only after making it (set_name), ~2.5k a connection in all.
+# Set-up tasks as `asyncio.Task(coro, loop=, name=)` (create_task's without a task factory):
+# unnamed, 3.11 formats "Task-N" and uvloop names after (set_name), ~2.5k a connection.
 _Task: Final = asyncio.Task
 _SET_UP: Final = "connection-set-up"
-
-
-class _Counts(Protocol):
-    """What admission reads of the tracker's totals of its listener (`tracker.totals`)."""
-
-    active: int
 
 
 class Listener:
@@ -108,9 +100,8 @@ class Listener:
         self.warm: WarmPool | None = None  # warm upstream connections (upstream_pool.enabled)
         self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
         self._log = log.bind(listener=self.name)
-        # The listener's series exist from the start, at zero; admission reads its `active`
-        # (an attribute read, not a tracker call for every connection).
-        self._counts = cast(_Counts, tracker.totals(self.name))
+        # Its series exist from the start, at zero; admission reads their `active` (not a call).
+        self._counts: Any = tracker.totals(self.name)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -379,10 +370,6 @@ class Listener:
         finally:
             conn.connect_task = None
 
-    def _refuse(self, conn: MonitoredConnection, draining: bool) -> None:
-        """Over max_connections or draining: the client is closed at once."""
-        conn.close(CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS, abort=True)
-
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
         key, over = self.clients.admit_peer(peer, conn.opened_at)
@@ -438,16 +425,16 @@ class Listener:
 
     # -- upstream connect -----------------------------------------------------------------------
     async def _set_up(self, conn: MonitoredConnection, peer: Any) -> None:
-        """Admit a client whose transport is made, reach an upstream: a loop-accepted client's
-        task (`conn.connect_task`, let go at the end); one frame, not two, at every step."""
+        """Admit a client whose transport is made (one closed in connection_made never reports
+        its loss), reach an upstream: a loop-accepted client's task (`conn.connect_task`, let go
+        at the end); one frame, not two, at every step. Refused over max_connections or while
+        draining (accepted just before a hand-over to a successor: served here), else the
+        client limits apply; with PROXY protocol to the header's address, once read."""
         try:
-            # Admission, only once the client's transport is made (one closed in
-            # connection_made never reports its loss): refused over max_connections or while
-            # draining (accepted just before a hand-over to a successor: served here), else the
-            # client limits apply; with PROXY protocol to the header's address, once read.
             draining = not self.accepting and not self._handed_over
             if self._counts.active > self._max_connections or draining:
-                self._refuse(conn, draining)
+                reason = CloseReason.SHUTDOWN if draining else CloseReason.MAX_CONNECTIONS
+                conn.close(reason, abort=True)
                 return
             if conn.state is not _CONNECTING:
                 return
