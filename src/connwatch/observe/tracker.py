@@ -61,14 +61,14 @@ class Tracker:
         self._totals: dict[str, ListenerTotals] = {}
         self._clients: dict[str, ClientSummary] = {}  # listener -> its bounded client view
         self._seq = itertools.count(1)
-        self._worker = worker
+        self._id_prefix = f"{worker}-"  # ids are `worker-seq`
         self._empty = asyncio.Event()
         self._empty.set()
         self.events = events or ConnectionEvents(enabled=log_events)
 
     # -- ids and registration -------------------------------------------------------------------
     def next_id(self) -> str:
-        return f"{self._worker}-{next(self._seq)}"
+        return self._id_prefix + str(next(self._seq))
 
     def totals(self, listener: str) -> ListenerTotals:
         totals = self._totals.get(listener)

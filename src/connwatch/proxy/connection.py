@@ -199,7 +199,7 @@ class MonitoredConnection:
     def hold(self, data: bytes) -> None:
         """Client bytes that arrived before the upstream leg exists.
 
-        `leg_made` paused reading, but uvloop starts reading an accepted socket after
+        `client_made` paused reading, but uvloop starts reading an accepted socket after
         `connection_made` all the same: pause again here, or a client writing while the upstream
         connect hangs is read without bound. Only a PROXY header being awaited keeps reading."""
         if self._pending is None:
@@ -239,7 +239,7 @@ class MonitoredConnection:
         self.client_leg.sink = up
         if self.client_leg.eof:  # the client said everything before we got here
             up.write_eof() if up.can_write_eof() else None
-            self._note_end(self.client_leg)
+            self.leg_ended(self.client_leg)
         elif not self.upstream_leg.write_paused:
             # Held bytes that filled the upstream's queue paused the client just now; then its
             # resume_writing() starts the client, not we (else reading would never pause again).
@@ -248,36 +248,29 @@ class MonitoredConnection:
         if self.timeouts.any:
             self._arm_timer()
 
-    def leg_made(self, leg: Leg) -> None:
+    def client_made(self, leg: Leg) -> None:
+        """The client leg's transport is made (`Leg.connection_made`, which set its limits)."""
         t = leg.transport
         assert t is not None
-        t.set_write_buffer_limits(high=self.buffer.size)
-        if leg is self.client_leg:
-            start = self.on_made
-            if start is not None:  # accepted by the loop's server: the address is known now
-                peer = t.get_extra_info("peername")
+        start = self.on_made
+        if start is not None:  # accepted by the loop's server: the address is known now
+            peer = t.get_extra_info("peername")
+            # format_peer's IPv4 case inline (a Python call less for most connections)
+            if type(peer) is tuple and ":" not in peer[0]:
+                self.client = f"{peer[0]}:{peer[1]}"
+            else:
                 self.client = format_peer(peer)
-            elif not self.client:  # the listener passes the address accept() gave
-                self.client = format_peer(t.get_extra_info("peername"))
-            t.pause_reading()
-            self.observer.connection_accepted(self)
-            if start is not None:
-                self.on_made = None
-                start(self, peer)
-        else:
-            leg.sink = self.client_leg.transport
+        elif not self.client:  # the listener passes the address accept() gave
+            self.client = format_peer(t.get_extra_info("peername"))
+        t.pause_reading()
+        self.observer.connection_accepted(self)
+        if start is not None:
+            self.on_made = None
+            start(self, peer)
 
     # -- events from the legs -------------------------------------------------------------------
-    def leg_eof(self, leg: Leg) -> bool:
-        sink = leg.sink
-        if sink is None:  # client EOF before forwarding started: passed on by upstream_connected
-            return True
-        if sink.can_write_eof() and not sink.is_closing():
-            sink.write_eof()
-        self._note_end(leg)
-        return True  # keep the transport open: the other direction may still flow
-
-    def _note_end(self, leg: Leg) -> None:
+    def leg_ended(self, leg: Leg) -> None:
+        """`leg`'s side ended its stream and the EOF was passed on (`Leg.eof_received`)."""
         if self._end_reason is None:
             self._end_reason = _CLIENT_CLOSED if leg is self.client_leg else _UPSTREAM_CLOSED
         if self.client_leg.eof and self.upstream_leg.eof:

@@ -76,9 +76,9 @@ class LegOwner(Protocol):
 
     def hold(self, data: bytes) -> None: ...
 
-    def leg_made(self, leg: Leg) -> None: ...
+    def client_made(self, leg: Leg) -> None: ...
 
-    def leg_eof(self, leg: Leg) -> bool: ...
+    def leg_ended(self, leg: Leg) -> None: ...
 
     def leg_lost(self, leg: Leg, exc: BaseException | None) -> None: ...
 
@@ -115,7 +115,12 @@ class Leg(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it. (No cast():
         # a Python call for every leg.)
         self.transport = transport  # type: ignore[assignment]
-        self.conn.leg_made(self)
+        conn = self.conn
+        transport.set_write_buffer_limits(high=conn.buffer.size)  # type: ignore[attr-defined]
+        if self is conn.client_leg:
+            conn.client_made(self)
+        else:  # the upstream leg forwards to the client (a call into the connection less)
+            self.sink = conn.client_leg.transport
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -148,8 +153,15 @@ class Leg(asyncio.Protocol):
             buf.renew()
 
     def eof_received(self) -> bool:
+        # The EOF passed on here, not by a call into the connection (twice a connection).
         self.eof = True
-        return self.conn.leg_eof(self)
+        sink = self.sink
+        if sink is None:  # client EOF before forwarding started: passed on once it starts
+            return True
+        if sink.can_write_eof() and not sink.is_closing():
+            sink.write_eof()
+        self.conn.leg_ended(self)
+        return True  # keep the transport open: the other direction may still flow
 
     def pause_writing(self) -> None:
         # This leg's socket is full: stop reading from the side that feeds it.
