@@ -69,7 +69,7 @@ class SpliceTransport(asyncio.Transport):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
+        sock: _socket.socket,
         protocol: Leg,
         pipes: PipePool,
         chunk: int,
