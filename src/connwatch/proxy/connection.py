@@ -272,7 +272,9 @@ class MonitoredConnection:
         sink = leg.sink
         if sink is None:  # client EOF before forwarding started: passed on by upstream_connected
             return True
-        if sink.can_write_eof() and not sink.is_closing():
+        # Every sink here can write an EOF (TCP and Unix stream transports, both paths): not
+        # asked (a Python call a side on the splice path).
+        if not sink.is_closing():
             sink.write_eof()
         self._note_end(leg)
         return True  # keep the transport open: the other direction may still flow
@@ -332,8 +334,7 @@ class MonitoredConnection:
             if abort:
                 t.abort()
                 continue
-            if not t.is_closing():
-                t.close()
+            t.close()  # a no-op on a transport already closing (uvloop's and splice's)
             flushing = flushing or t.get_write_buffer_size() > 0
         if abort:
             return
