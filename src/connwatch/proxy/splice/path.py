@@ -118,7 +118,6 @@ class SplicePath:
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         leg: Any = protocol
         transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
-        transport.start()
         return transport, protocol
 
     async def connect(
@@ -139,7 +138,6 @@ class SplicePath:
         )
         leg: Any = protocol_factory()  # a connection leg
         transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
-        transport.start()
         return transport, target
 
 
