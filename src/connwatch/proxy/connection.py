@@ -325,8 +325,7 @@ class MonitoredConnection:
             if abort:
                 t.abort()
                 continue
-            if not t.is_closing():
-                t.close()
+            t.close()  # a no-op on a transport already closing (uvloop's and splice's)
             flushing = flushing or t.get_write_buffer_size() > 0
         if abort:
             return

@@ -158,7 +158,9 @@ class Leg(asyncio.Protocol):
         sink = self.sink
         if sink is None:  # client EOF before forwarding started: passed on once it starts
             return True
-        if sink.can_write_eof() and not sink.is_closing():
+        # Every sink here can write an EOF (TCP and Unix stream transports, both data paths):
+        # not asked (a Python call a side on the splice path).
+        if not sink.is_closing():
             sink.write_eof()
         self.conn.leg_ended(self)
         return True  # keep the transport open: the other direction may still flow

@@ -456,6 +456,7 @@ class Listener:
                         conn.upstream_protocol,
                         timeout=self._connect_timeout,
                         attempts=self._connect_attempts,
+                        task=conn.connect_task,
                     )
                 else:
                     transport, target = await self.pool.connect(

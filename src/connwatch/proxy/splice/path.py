@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import functools
 import socket
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from connwatch.proxy.splice.pipes import NO_FDS, PipePool, note_fd_pressure, pipe_pool
 from connwatch.proxy.splice.poller import Poller, poller
@@ -23,6 +24,7 @@ __all__ = ["MAX_CHUNK", "SplicePath", "open_socket"]
 
 MAX_CHUNK: Final = 1024 * 1024  # bytes per splice at most: the default pipe-max-size of Linux
 _STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # made so: no call to make it so
+_S = TypeVar("_S", bound=_socket.socket)
 
 
 class _Owner(Protocol):
@@ -56,9 +58,11 @@ class _Settings:
         self.pipes = pipes if pipes is not None else pipe_pool(self.chunk)
         self.poller = poller(loop)
         # A partial of positional arguments: no Python frame of its own and no keyword
-        # merging when the upstream pool calls it.
-        self.opener: Callable[[Address], Coroutine[Any, Any, socket.socket]] = functools.partial(
-            _open, _not_default(self.options), self.poller
+        # merging when the upstream pool calls it. The socket is the C one under socket.socket:
+        # it lives only in its transport, which needs nothing of the Python class, and its
+        # Python __init__ is ~2.5k instructions a connect.
+        self.opener: Callable[[Address], Coroutine[Any, Any, _socket.socket]] = (
+            functools.partial(_open, _socket.socket, _not_default(self.options), self.poller)
         )
 
 
@@ -106,7 +110,7 @@ class SplicePath:
         return made
 
     async def connect_accepted_socket(
-        self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: socket.socket
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: _socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
         made = self._settings()
@@ -114,7 +118,6 @@ class SplicePath:
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         leg: Any = protocol
         transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
-        transport.start()
         return transport, protocol
 
     async def connect(
@@ -131,11 +134,10 @@ class SplicePath:
         made = self._settings()
         owner = self._owner
         sock, target = await owner.pool.reach(
-            made.opener, timeout=timeout, attempts=attempts, order=order, task=task
+            made.opener, timeout=timeout, attempts=attempts, order=order, task=task, loop=made.loop
         )
         leg: Any = protocol_factory()  # a connection leg
         transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
-        transport.start()
         return transport, target
 
 
@@ -148,24 +150,25 @@ def open_socket(
 
     Not a coroutine itself: a numeric address gives the connecting coroutine straight away (one
     coroutine frame fewer for every upstream connect)."""
-    return _open(options, polled, address)
+    return _open(socket.socket, options, polled, address)
 
 
 def _open(
-    options: SocketOptions, polled: Poller | None, address: Address
-) -> Coroutine[Any, Any, socket.socket]:
+    kind: type[_S], options: SocketOptions, polled: Poller | None, address: Address
+) -> Coroutine[Any, Any, _S]:
+    """`kind`: the socket class made (socket.socket for whoever may use it as one)."""
     if address.path is not None:
-        return _connect(socket.AF_UNIX, address.path, (), polled)
+        return _connect(kind, socket.AF_UNIX, address.path, (), polled)
     host = address.host or "127.0.0.1"
     family = _numeric_family(host)
     if family is not None:
-        return _connect(family, (host, address.port), options, polled)
-    return _resolve_and_connect(host, address.port, options, polled)
+        return _connect(kind, family, (host, address.port), options, polled)
+    return _resolve_and_connect(kind, host, address.port, options, polled)
 
 
 async def _resolve_and_connect(
-    host: str, port: int, options: SocketOptions, polled: Poller | None
-) -> socket.socket:
+    kind: type[_S], host: str, port: int, options: SocketOptions, polled: Poller | None
+) -> _S:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     if not infos:
@@ -173,7 +176,7 @@ async def _resolve_and_connect(
     error: OSError | None = None
     for family, _, _, _, addr in infos:
         try:
-            return await _connect(family, addr, options, polled)
+            return await _connect(kind, family, addr, options, polled)
         except OSError as exc:
             error = exc
     assert error is not None
@@ -181,16 +184,16 @@ async def _resolve_and_connect(
 
 
 def _connect(
-    family: int, addr: Any, options: SocketOptions, polled: Poller | None
-) -> Coroutine[Any, Any, socket.socket]:
+    kind: type[_S], family: int, addr: Any, options: SocketOptions, polled: Poller | None
+) -> Coroutine[Any, Any, _S]:
     """The socket made and its options set here; the connect is the coroutine returned."""
     try:
-        sock = socket.socket(family, _STREAM)
+        sock = kind(family, _STREAM)
     except OSError as exc:
         # Out of descriptors: idle pooled pipes go before a connection does.
         if exc.errno not in NO_FDS or not note_fd_pressure():
             raise
-        sock = socket.socket(family, _STREAM)
+        sock = kind(family, _STREAM)
     setsockopt = sock.setsockopt
     for level, option, value in options:
         # An option the kernel refuses is skipped, the others still set (as sockopts does);

@@ -11,13 +11,14 @@ round, so a callback that leaves data unread (flow control) loses nothing.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
 import select
 import socket
 import weakref
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 __all__ = ["BOTH", "IN", "OUT", "Poller", "Watched", "poller"]
 
@@ -32,6 +33,7 @@ _WAKES_OUT: Final = OUT | _TROUBLE
 # BlockingIOError or InterruptedError)
 _CONNECTING: Final = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR})
 _BATCH: Final = 512  # events per round: the loop's other callbacks get their turn between
+_S = TypeVar("_S", bound=_socket.socket)
 
 
 class Watched(Protocol):
@@ -93,9 +95,7 @@ class Poller:
             owner.polled = 0
             del self._owners[fd]
 
-    async def connect(
-        self, sock: socket.socket, address: tuple[object, ...] | str
-    ) -> socket.socket:
+    async def connect(self, sock: _S, address: tuple[object, ...] | str) -> _S:
         """`sock.connect` for a non-blocking socket, waiting here instead of in a loop handle;
         `sock` once connected. It is closed if the connect fails or is cancelled (the caller's
         cleanup, done here so that callers hand on this coroutine, not wrap it in their own)."""
@@ -149,8 +149,9 @@ class Poller:
         # Locals: globals looked up once a round, not once an event.
         reads, writes, wakes_in, wakes_out = IN, OUT, _WAKES_IN, _WAKES_OUT
         for fd, events in self._epoll.poll(0, _BATCH):
-            owner = owners.get(fd)
-            if owner is None:
+            try:  # a subscript, not .get(): no method call for every event
+                owner = owners[fd]
+            except KeyError:
                 continue  # dropped by an earlier callback of this round
             if events & wakes_in and owner.polled & reads:
                 owner.on_readable()

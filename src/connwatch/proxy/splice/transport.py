@@ -69,7 +69,7 @@ class SpliceTransport(asyncio.Transport):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
+        sock: _socket.socket,
         protocol: Leg,
         pipes: PipePool,
         chunk: int,
@@ -102,19 +102,16 @@ class SpliceTransport(asyncio.Transport):
         self._closed = False  # socket closed, connection_lost scheduled
         # connection_lost delivered; None: closed, delivered right after the partner's
         self._lost: bool | None = False
-
-    def start(self) -> None:
-        """Hand the transport to its protocol and start reading unless the protocol paused it.
-
-        A client leg pauses at once (no upstream yet); the first segment is read all the same,
-        as uvloop does on the portable path: the leg holds it, a PROXY header in it is seen
-        without waiting, and a socket closed before the upstream answers closes with a FIN
-        rather than the RST that unread data would cause.
-        """
-        self._protocol.connection_made(self)
+        # Started as it is made (no start() of its own: a Python call fewer a socket): handed to
+        # its protocol, then reading unless the protocol paused it. A client leg pauses at once
+        # (no upstream yet); the first segment is read all the same, as uvloop does on the
+        # portable path: the leg holds it, a PROXY header in it is seen without waiting, and a
+        # socket closed before the upstream answers closes with a FIN rather than the RST that
+        # unread data would cause.
+        protocol.connection_made(self)
         if not self._paused:
             self._want_read()
-        elif self._protocol.sink is None and not self._closing:
+        elif protocol.sink is None and not self._closing:
             self._read_copy()
 
     def __repr__(self) -> str:
