@@ -266,7 +266,7 @@ class HandoverServer:
         for index, (worker_entries, worker_fds) in (await self._worker_exports()).items():
             borrowed.extend(worker_fds)
             for entry, fd in zip(worker_entries, worker_fds, strict=False):
-                add({**entry, "worker": index}, fd)
+                add({**entry, **_as_configured_here(state, entry), "worker": index}, fd)
         for sock in self._host.admin.listening_sockets():
             add({"kind": "admin", "listen": str(state.settings.admin.listen)}, sock.fileno())
         heartbeat = state.settings.admin.heartbeat_listen
@@ -358,6 +358,17 @@ class HandoverServer:
     def upgrade_totals(self) -> dict[str, int]:
         predecessor = self._predecessor.upgrade_counts() if self._predecessor else None
         return self.status.totals(predecessor)
+
+
+def _as_configured_here(state: DaemonState, entry: dict[str, Any]) -> dict[str, Any]:
+    """A worker's listener `listen` as this process's config writes it: a worker is configured
+    with port 0 pinned to the port we got, and a successor keeps the sockets whose `listen` is
+    its own config's. Sent as the worker wrote it, a port-0 listener's worker socket was left
+    behind, closed for good when that worker released it: the clients in its backlog reset."""
+    listener = state.listeners.get(str(entry.get("name")))
+    if entry.get("kind") != "listener" or listener is None:
+        return {}
+    return {"listen": str(listener.config.listen)}
 
 
 async def _bind_private(path: str) -> socket.socket:
