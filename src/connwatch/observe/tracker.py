@@ -25,13 +25,14 @@ _ERROR: Final = CloseReason.ERROR
 
 
 class ListenerTotals:
-    """Counters of one listener, as plain ints."""
+    """Counters of one listener, as plain ints, and its bounded client view."""
 
     __slots__ = (
         "accepted",
         "active",
         "bytes_c2u",
         "bytes_u2c",
+        "clients",
         "closed",
         "duration",
         "flow_paused",
@@ -49,6 +50,10 @@ class ListenerTotals:
         self.bytes_u2c = 0
         self.flow_paused: Counter[str] = Counter()
         self.duration = Histogram(DURATION_BUCKETS)
+        # Here, not in a dict of its own: the listener holds its totals and feeds `seen`
+        # directly, and the close reads it with them (no lookup by name per connection). The
+        # same object for the tracker's life, reloads included.
+        self.clients = ClientSummary()
 
 
 class Tracker:
@@ -59,7 +64,6 @@ class Tracker:
     ) -> None:
         self._live: dict[str, MonitoredConnection] = {}
         self._totals: dict[str, ListenerTotals] = {}
-        self._clients: dict[str, ClientSummary] = {}  # listener -> its bounded client view
         self._seq = itertools.count(1)
         self._id_prefix = f"{worker}-"  # ids are `worker-seq`
         self._empty = asyncio.Event()
@@ -122,8 +126,8 @@ class Tracker:
         if target is not None and target.active > 0:  # a target is set once opened
             target.active -= 1
         key = conn.client_key
-        if key is not None and (summary := self._clients.get(name)) is not None:
-            summary.closed(key, c2u, u2c, conn.opened_wall + duration)
+        if key is not None:
+            totals.clients.closed(key, c2u, u2c, conn.opened_wall + duration)
         # The reason as it is: a str enum, rendered as its value (orjson, structlog alike).
         self.events.closed(conn, reason, duration, c2u, u2c)
         if not self._live:
@@ -133,21 +137,17 @@ class Tracker:
         self.totals(conn.listener).flow_paused[direction] += 1
 
     def client_identified(self, conn: MonitoredConnection, key: str, rejected: str | None) -> None:
-        """The client key of a connection is known; `rejected`: the client limit it is over."""
-        summary = self._clients.get(conn.listener)
-        if summary is None:
-            summary = self.clients(conn.listener)
-        summary.seen(key, rejected, conn.opened_wall)
+        """The client key of a connection is known; `rejected`: the client limit it is over.
+        (A listener feeds its totals' `clients.seen` itself, one call less per connection.)"""
+        self.totals(conn.listener).clients.seen(key, rejected, conn.opened_wall)
 
     def clients(self, listener: str) -> ClientSummary:
         """The bounded per-client view of one listener (SPEC section 12)."""
-        summary = self._clients.get(listener)
-        if summary is None:
-            summary = self._clients[listener] = ClientSummary()
-        return summary
+        return self.totals(listener).clients
 
     def client_summaries(self) -> dict[str, ClientSummary]:
-        return dict(self._clients)
+        """The client views that have seen a client (a view is never empty after that)."""
+        return {name: t.clients for name, t in self._totals.items() if len(t.clients)}
 
     def client_records(self, listener: str | None = None) -> list[dict[str, Any]]:
         """Raw `/clients` records of this process, bytes of open connections included."""
@@ -158,7 +158,7 @@ class Tracker:
                 acc[0] += conn.bytes_client_to_upstream
                 acc[1] += conn.bytes_upstream_to_client
         out: list[dict[str, Any]] = []
-        for name, summary in self._clients.items():
+        for name, summary in self.client_summaries().items():
             if listener is None or name == listener:
                 out.extend(summary.records(name, live.get(name)))
         return out

@@ -100,7 +100,8 @@ class Listener:
         self.warm: WarmPool | None = None  # warm upstream connections (upstream_pool.enabled)
         self._throttle = Throttle()  # repeating warnings: one line per 10 s, with a count
         self._log = log.bind(listener=self.name)
-        # Its series exist from the start, at zero; admission reads their `active` (not a call).
+        # Its series exist from the start, at zero; admission reads their `active` (not a call)
+        # and feeds their client view (`observe.tracker.ListenerTotals`).
         self._counts: Any = tracker.totals(self.name)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -373,7 +374,8 @@ class Listener:
     def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
         """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
         key, over = self.clients.admit_peer(peer, conn.opened_at)
-        self.tracker.client_identified(conn, key, over)
+        # The tracker's client view, fed directly (its `client_identified`, one call less).
+        self._counts.clients.seen(key, over, conn.opened_wall)
         if over is None:
             conn.client_key = key
             return True
