@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from connwatch._types import CloseReason, ConnectionState, Direction, rfc3339
@@ -69,6 +69,9 @@ class Tracker:
         self._empty = asyncio.Event()
         self._empty.set()
         self.events = events or ConnectionEvents(enabled=log_events)
+        # An opened connection is its `connection_opened` line and nothing else here (its
+        # target's count is the listener's): the line writer's method itself, no call between.
+        self.connection_opened: Callable[[MonitoredConnection], None] = self.events.opened
 
     # -- ids and registration -------------------------------------------------------------------
     def next_id(self) -> str:
@@ -98,11 +101,6 @@ class Tracker:
         totals.duration.observe(0.0)
 
     # -- ConnectionObserver ---------------------------------------------------------------------
-    def connection_opened(self, conn: MonitoredConnection) -> None:
-        if conn.target is not None:
-            conn.target.active += 1
-        self.events.opened(conn)
-
     def connection_closed(self, conn: MonitoredConnection) -> None:
         if self._live.pop(conn.id, None) is None:
             return
@@ -122,9 +120,6 @@ class Tracker:
         totals.bytes_u2c += u2c
         duration = conn.closed_at - conn.opened_at if conn.closed_at else conn.age()
         totals.duration.observe(duration)
-        target = conn.target
-        if target is not None and target.active > 0:  # a target is set once opened
-            target.active -= 1
         key = conn.client_key
         if key is not None:
             totals.clients.closed(key, c2u, u2c, conn.opened_wall + duration)

@@ -384,6 +384,9 @@ class Listener:
 
     # -- ConnectionObserver ---------------------------------------------------------------------
     def connection_opened(self, conn: MonitoredConnection) -> None:
+        # Open connections per target, for least-connections balancing (the pool's).
+        if (target := conn.target) is not None:
+            target.active += 1
         self.tracker.connection_opened(conn)
         if self.liveness is not None:
             self.liveness.watch(conn)
@@ -396,6 +399,8 @@ class Listener:
         if self.judge is not None:
             self.judge.closed(conn)
         self.tracker.connection_closed(conn)
+        if (target := conn.target) is not None and target.active > 0:  # set once opened
+            target.active -= 1
         if (key := conn.client_key) is not None:
             conn.client_key = None
             self.clients.release(key)
