@@ -401,9 +401,14 @@ class Listener:
         self.tracker.connection_closed(conn)
         if (target := conn.target) is not None and target.active > 0:  # set once opened
             target.active -= 1
-        if (key := conn.client_key) is not None:
+        if (key := conn.client_key) is not None:  # its slot of the client limits goes
             conn.client_key = None
-            self.clients.release(key)
+            # ClientLimiter.release inline (a Python call less per connection)
+            active = self.clients.active
+            if (left := active.get(key, 0) - 1) > 0:
+                active[key] = left
+            else:
+                active.pop(key, None)
 
     def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
         self.tracker.flow_paused(conn, direction)
