@@ -116,7 +116,9 @@ class Leg(asyncio.Protocol):
         # a Python call for every leg.)
         self.transport = transport  # type: ignore[assignment]
         conn = self.conn
-        transport.set_write_buffer_limits(high=conn.buffer.size)  # type: ignore[attr-defined]
+        # `high` positionally (its first parameter): a keyword costs the Cython method a
+        # keyword parse, twice a connection.
+        transport.set_write_buffer_limits(conn.buffer.size)  # type: ignore[attr-defined]
         if self is conn.client_leg:
             conn.client_made(self)
         else:  # the upstream leg forwards to the client (a call into the connection less)
