@@ -79,6 +79,7 @@ class Listener:
         # ConnectionObserver.connection_accepted: the tracker's own method, bound once (a
         # method here would only pass the call on, one Python call per connection more).
         self.connection_accepted: Callable[[MonitoredConnection], None] = tracker.accepted
+        self._on_made = self._client_made  # bound once, not for every connection
         self.liveness = liveness
         self.reuse_port = reuse_port
         self.pool = UpstreamPool(config.upstreams, config.balance, config.slow_start)
@@ -345,7 +346,7 @@ class Listener:
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
-        conn.on_made = self._client_made
+        conn.on_made = self._on_made
         return conn.client_leg
 
     def _client_made(self, conn: MonitoredConnection, peer: Any) -> None:
