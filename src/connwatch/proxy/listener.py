@@ -372,17 +372,6 @@ class Listener:
         finally:
             conn.connect_task = None
 
-    def _admit_client(self, conn: MonitoredConnection, peer: Any) -> bool:
-        """Apply the client limits to a new connection; over one, close it (`client_limit`)."""
-        key, over = self.clients.admit_peer(peer, conn.opened_at)
-        # The tracker's client view, fed directly (its `client_identified`, one call less).
-        self._counts.clients.seen(key, over, conn.opened_wall)
-        if over is None:
-            conn.client_key = key
-            return True
-        conn.close(CloseReason.CLIENT_LIMIT, abort=True)
-        return False
-
     # -- ConnectionObserver ---------------------------------------------------------------------
     def connection_opened(self, conn: MonitoredConnection) -> None:
         # Open connections per target, for least-connections balancing (the pool's).
@@ -442,7 +431,7 @@ class Listener:
         its loss), reach an upstream: a loop-accepted client's task (`conn.connect_task`, let go
         at the end); one frame, not two, at every step. Refused over max_connections or while
         draining (accepted just before a hand-over to a successor: served here), else the
-        client limits apply; with PROXY protocol to the header's address, once read."""
+        client limits apply (inline: one frame), with PROXY protocol to the header's address."""
         try:
             draining = not self.accepting and not self._handed_over
             if self._counts.active > self._max_connections or draining:
@@ -452,15 +441,20 @@ class Listener:
             if conn.state is not _CONNECTING:
                 return
             header = None
-            if self._accept_proxy:
+            if self._accept_proxy:  # the client is the header's address, once read
                 header = await self._read_proxy_header(conn)
                 if header is None or conn.state is not _CONNECTING:
                     return
-                source = header.source if header.source is not None else peer
-                if not self._admit_client(conn, source):
-                    return
-            elif not self._admit_client(conn, peer):
+                if header.source is not None:
+                    peer = header.source
+            # The client limits; over one, the connection closes (`client_limit`). The tracker's
+            # client view is fed directly (its `client_identified`, a call less).
+            key, over = self.clients.admit_peer(peer, conn.opened_at)
+            self._counts.clients.seen(key, over, conn.opened_wall)
+            if over is not None:
+                conn.close(CloseReason.CLIENT_LIMIT, abort=True)
                 return
+            conn.client_key = key
             try:
                 if self.warm is not None:
                     transport, target = await self._borrow_or_connect(conn, self.warm)
