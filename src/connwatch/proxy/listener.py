@@ -34,7 +34,7 @@ from connwatch.exceptions import (
 from connwatch.proxy.acceptor import Acceptor
 from connwatch.proxy.binding import bind_tcp, bind_unix
 from connwatch.proxy.client_limits import ClientLimiter
-from connwatch.proxy.connection import MonitoredConnection
+from connwatch.proxy.connection import SET_UP_TASK, MonitoredConnection
 from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.legs import ReadBuffer, Timeouts
 from connwatch.proxy.passive_outcomes import OutcomeJudge
@@ -55,10 +55,9 @@ log = structlog.get_logger("connwatch.listener")
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
 PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
 _CONNECTING: Final = ConnectionState.CONNECTING  # a global: `Enum.X` is ~0.17 µs on 3.11
-# Set-up tasks as `asyncio.Task(coro, loop=, name=)` (create_task's without a task factory):
-# unnamed, 3.11 formats "Task-N" and uvloop names after (set_name), ~2.5k a connection.
+# Set-up tasks of our accept loop's clients as `asyncio.Task(coro, loop=, name=)`, as
+# MonitoredConnection.client_made makes those of the loop's server.
 _Task: Final = asyncio.Task
-_SET_UP: Final = "connection-set-up"
 
 
 class Listener:
@@ -79,7 +78,7 @@ class Listener:
         # ConnectionObserver.connection_accepted: the tracker's own method, bound once (a
         # method here would only pass the call on, one Python call per connection more).
         self.connection_accepted: Callable[[MonitoredConnection], None] = tracker.accepted
-        self._on_made = self._client_made  # bound once, not for every connection
+        self._on_made = self._set_up  # bound once, not for every connection
         self.liveness = liveness
         self.reuse_port = reuse_port
         self.pool = UpstreamPool(config.upstreams, config.balance, config.slow_start)
@@ -349,15 +348,12 @@ class Listener:
         conn.on_made = self._on_made
         return conn.client_leg
 
-    def _client_made(self, conn: MonitoredConnection, peer: Any) -> None:
-        conn.connect_task = _Task(self._set_up(conn, peer), loop=self._loop, name=_SET_UP)
-
     def _accepted(self, sock: socket.socket, peer: Any) -> None:
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
         conn.client = format_peer(peer)  # as getpeername() would say, without asking again
-        conn.connect_task = _Task(self._serve(conn, sock, peer), loop=self._loop, name=_SET_UP)
+        conn.connect_task = _Task(self._serve(conn, sock, peer), loop=self._loop, name=SET_UP_TASK)
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
         """Our accept loop's client, as its task (`conn.connect_task`): wrap, then `_set_up`."""
