@@ -55,9 +55,6 @@ log = structlog.get_logger("connwatch.listener")
 _MAX_READ = 256 * 1024  # bytes per read: larger reads buy little once syscalls are amortised
 PROXY_PROTOCOL = "proxy_protocol"  # the `kind` of connwatch_protocol_errors_total
 _CONNECTING: Final = ConnectionState.CONNECTING  # a global: `Enum.X` is ~0.17 µs on 3.11
-# Set-up tasks of our accept loop's clients as `asyncio.Task(coro, loop=, name=)`, as
-# MonitoredConnection.client_made makes those of the loop's server.
-_Task: Final = asyncio.Task
 
 
 class Listener:
@@ -163,13 +160,7 @@ class Listener:
         self._acceptor.start()
         self.accepting = True
         self._configure_warm_pool()
-        self._log.info(
-            "listener_started",
-            listen=str(address),
-            port=self.port if not address.path else None,
-            data_path="splice" if self._splice else "portable",
-            upstreams=[t.label for t in self.pool.targets],
-        )
+        self._log_started()
 
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections carry on."""
@@ -205,13 +196,17 @@ class Listener:
             acceptor.sock.setblocking(False)
             acceptor.start()
         self.accepting = True
+        self._log_started(inherited_sockets=len(socks))
+
+    def _log_started(self, **extra: Any) -> None:
+        address = self.config.listen
         self._log.info(
             "listener_started",
-            listen=str(self.config.listen),
-            port=self.port if not self.config.listen.path else None,
+            listen=str(address),
+            port=self.port if not address.path else None,
             data_path="splice" if self._splice else "portable",
             upstreams=[t.label for t in self.pool.targets],
-            inherited_sockets=len(socks),
+            **extra,
         )
 
     def listening_sockets(self) -> list[socket.socket]:
@@ -353,7 +348,8 @@ class Listener:
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
         conn.client = format_peer(peer)  # as getpeername() would say, without asking again
-        conn.connect_task = _Task(self._serve(conn, sock, peer), loop=self._loop, name=SET_UP_TASK)
+        # As MonitoredConnection.client_made makes the set-up task of a loop server's client.
+        conn.connect_task = asyncio.Task(self._serve(conn, sock, peer), name=SET_UP_TASK)
 
     async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
         """Our accept loop's client, as its task (`conn.connect_task`): wrap, then `_set_up`."""
