@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -99,6 +100,36 @@ async def test_a_reload_without_a_factory_accepts_here_and_back_with_one() -> No
         acceptor.serve_with(lambda: _Made(paths))  # and back to the portable one
         await eventually(lambda: acceptor.by_loop)
         assert await _path_of_next_client(acceptor, paths) == "loop"
+
+
+async def test_accepted_sockets_are_plain_only_for_a_data_path_that_wraps_them() -> None:
+    """Splice takes the C `_socket.socket`; the loop's transports need a socket.socket (uvloop
+    closes any other file object itself, after libuv closed its fd). A reload switches."""
+    kinds: asyncio.Queue[type] = asyncio.Queue()
+
+    def on_socket(conn: _socket.socket, peer: Any) -> None:
+        kinds.put_nowait(type(conn))
+        conn.close()
+
+    acceptor = Acceptor(bind_tcp(Address(host="127.0.0.1", port=0)), on_socket, "t", plain=True)
+    acceptor.start()
+    address = acceptor.sock.getsockname()[:2]
+
+    async def next_kind() -> type:
+        _reader, writer = await asyncio.open_connection(*address)
+        writer.close()
+        return await asyncio.wait_for(kinds.get(), 5)
+
+    try:
+        assert await next_kind() is _socket.socket
+        acceptor.serve_with(None, plain=False)  # a reload to the portable data path
+        kind = await next_kind()
+        assert issubclass(kind, socket.socket)
+        assert kind.family is socket.AF_INET  # a constant: no enum conversion each time
+        acceptor.serve_with(None, plain=True)  # and back to splice
+        assert await next_kind() is _socket.socket
+    finally:
+        acceptor.close()
 
 
 async def test_close_stops_both_ways_of_accepting() -> None:

@@ -14,6 +14,7 @@ accepting alone is no cure.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
@@ -37,19 +38,22 @@ _PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 class Acceptor:
-    """Calls `on_socket` with each accepted, non-blocking socket and its peer's address."""
+    """Calls `on_socket` with each accepted, non-blocking socket and its peer's address (at
+    once, in the same callback: a reload cannot change `plain_sockets` in between)."""
 
     def __init__(
         self,
         sock: socket.socket,
-        on_socket: Callable[[socket.socket, Any], None],
+        on_socket: Callable[[_socket.socket, Any], None],
         name: str,
         on_shed: Callable[[], None] | None = None,
         factory: Callable[[], asyncio.Protocol] | None = None,
+        plain: bool = False,
     ) -> None:
         self.sock = sock
         self._family, self._type = int(sock.family), int(sock.type)
-        self._socket_class = _accepted_class(sock.family, sock.type)
+        self._socket_class: Callable[..., _socket.socket] = _socket.socket
+        self.plain_sockets(plain)
         self.on_socket = on_socket
         self.on_shed = on_shed  # called for each client turned away for lack of fds
         self.name = name
@@ -81,14 +85,29 @@ class Acceptor:
         """True while the loop's own server accepts (fds plenty, a factory given)."""
         return self._server is not None
 
-    def serve_with(self, factory: Callable[[], asyncio.Protocol] | None) -> None:
-        """Change the factory the loop's server uses (None: accept here only); a reload."""
+    def serve_with(
+        self, factory: Callable[[], asyncio.Protocol] | None, *, plain: bool = False
+    ) -> None:
+        """Change the factory the loop's server uses (None: accept here only) and the class of
+        the sockets accepted here (`plain_sockets`); a reload."""
+        self.plain_sockets(plain)
         if factory == self._factory:  # bound methods: equal, not identical, each time
             return
         self._factory = factory
         if self._reading or self._server is not None or self._opening is not None:
             self._close_server()  # (paused after EMFILE: _resume starts with the new one)
             self.start()
+
+    def plain_sockets(self, plain: bool) -> None:
+        """Accepted sockets as the C `_socket.socket` (`plain`: for a data path that wraps them
+        itself, splice; no Python __init__ or close of socket.socket, ~2k instructions a
+        client) or as a socket.socket (the loop's transports: uvloop closes a file object that
+        is not a socket.socket itself after libuv closed its fd, which may be reused by then).
+        Set again when a reload changes the listener's data path."""
+        if plain:
+            self._socket_class = _socket.socket
+        else:
+            self._socket_class = _accepted_class(self.sock.family, self.sock.type)
 
     def close(self) -> None:
         if self._retry is not None:
@@ -184,7 +203,7 @@ class Acceptor:
             conn.setblocking(False)
             self.on_socket(conn, peer)
 
-    def _accept(self) -> tuple[socket.socket, Any] | None:
+    def _accept(self) -> tuple[_socket.socket, Any] | None:
         """The next waiting client and its address; None when there is none. Clients already
         gone are skipped."""
         while True:

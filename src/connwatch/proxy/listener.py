@@ -155,6 +155,7 @@ class Listener:
             self.name,
             on_shed=lambda: self.tracker.shed(self.name),
             factory=self._loop_factory(),
+            plain=self._splice is not None,  # splice wraps plain sockets itself
         )
         self._fds = self._acceptor.fds
         self._acceptor.start()
@@ -187,9 +188,8 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._splice = SplicePath(self) if uses_splice(self.config.data_path) else None
         shed = lambda: self.tracker.shed(self.name)  # noqa: E731
-        self._acceptor = Acceptor(
-            first, self._accepted, self.name, on_shed=shed, factory=self._loop_factory()
-        )
+        self._acceptor = Acceptor(first, self._accepted, self.name, on_shed=shed)
+        self._acceptor.serve_with(self._loop_factory(), plain=self._splice is not None)
         self._fds = self._acceptor.fds
         self._inherited = [Acceptor(s, self._accepted, self.name, on_shed=shed) for s in rest]
         for acceptor in (self._acceptor, *self._inherited):
@@ -232,7 +232,7 @@ class Listener:
         self.clients.configure(config.client_limits)
         self._splice = SplicePath(self) if uses_splice(config.data_path) else None
         if self._acceptor is not None:
-            self._acceptor.serve_with(self._loop_factory())
+            self._acceptor.serve_with(self._loop_factory(), plain=self._splice is not None)
         if self._sock is not None and config.listen.path is None:
             apply_to_fd(
                 self._sock.fileno(), self._sock.family, keepalive_options(config.keepalive.client)
@@ -343,17 +343,17 @@ class Listener:
         conn.on_made = self._on_made
         return conn.client_leg
 
-    def _accepted(self, sock: socket.socket, peer: Any) -> None:
+    def _accepted(self, sock: Any, peer: Any) -> None:  # plain_sockets: socket.socket or not
         conn = MonitoredConnection(
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
         conn.client = format_peer(peer)  # as getpeername() would say, without asking again
         # As MonitoredConnection.client_made makes the set-up task of a loop server's client.
-        conn.connect_task = asyncio.Task(self._serve(conn, sock, peer), name=SET_UP_TASK)
+        serve = self._serve(conn, sock, peer, self._splice or self._loop)  # the accept's path
+        conn.connect_task = asyncio.Task(serve, name=SET_UP_TASK)
 
-    async def _serve(self, conn: MonitoredConnection, sock: socket.socket, peer: Any) -> None:
-        """Our accept loop's client, as its task (`conn.connect_task`): wrap, then `_set_up`."""
-        wrapper = self._splice or self._loop
+    async def _serve(self, conn: MonitoredConnection, sock: Any, peer: Any, wrapper: Any) -> None:
+        """Our accept loop's client, as its task: wrap (as of the accept), then `_set_up`."""
         try:
             try:
                 await wrapper.connect_accepted_socket(lambda: conn.client_leg, sock)
