@@ -61,8 +61,8 @@ class _Settings:
         # merging when the upstream pool calls it. The socket is the C one under socket.socket:
         # it lives only in its transport, which needs nothing of the Python class, and its
         # Python __init__ is ~2.5k instructions a connect.
-        self.opener: Callable[[Address], Coroutine[Any, Any, _socket.socket]] = functools.partial(
-            _open, _socket.socket, _not_default(self.options), self.poller
+        self.opener: Callable[[Address], Coroutine[Any, Any, _socket.socket]] = (
+            functools.partial(_open, _socket.socket, _not_default(self.options), self.poller)
         )
 
 
@@ -113,14 +113,7 @@ class SplicePath:
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: _socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
-        made = self._made  # _settings()'s check inline: a Python call fewer a socket
-        owner = self._owner
-        if (
-            made is None
-            or made.config is not owner.config
-            or made.options is not owner.upstream_options
-        ):
-            made = self._settings()
+        made = self._settings()
         protocol = protocol_factory()
         # The protocol is a connection leg (no cast(): a Python call for every leg).
         leg: Any = protocol
@@ -138,14 +131,8 @@ class SplicePath:
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects).
         `task`: the task this runs in, when the caller holds it (else the pool asks for it)."""
-        made = self._made  # as in connect_accepted_socket
+        made = self._settings()
         owner = self._owner
-        if (
-            made is None
-            or made.config is not owner.config
-            or made.options is not owner.upstream_options
-        ):
-            made = self._settings()
         sock, target = await owner.pool.reach(
             made.opener, timeout=timeout, attempts=attempts, order=order, task=task, loop=made.loop
         )
