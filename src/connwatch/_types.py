@@ -179,10 +179,6 @@ class ConnectionLedger(Protocol[ConnT]):
 
     def flow_paused(self, conn: ConnT, direction: Direction) -> None: ...
 
-    def client_identified(self, conn: ConnT, key: str, rejected: str | None) -> None:
-        """The connection's client key is known (at accept, or once its PROXY header is read);
-        `rejected` names the client limit it is over (it is closed with `client_limit`)."""
-
 
 class LivenessWatch(Protocol[ConnT]):
     """The liveness watchdog as the data plane sees it (`liveness.watchdog.Watchdog`)."""

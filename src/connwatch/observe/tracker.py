@@ -131,11 +131,6 @@ class Tracker:
     def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
         self.totals(conn.listener).flow_paused[direction] += 1
 
-    def client_identified(self, conn: MonitoredConnection, key: str, rejected: str | None) -> None:
-        """The client key of a connection is known; `rejected`: the client limit it is over.
-        (A listener feeds its totals' `clients.seen` itself, one call less per connection.)"""
-        self.totals(conn.listener).clients.seen(key, rejected, conn.opened_wall)
-
     def clients(self, listener: str) -> ClientSummary:
         """The bounded per-client view of one listener (SPEC section 12)."""
         return self.totals(listener).clients

@@ -385,12 +385,7 @@ class Listener:
             target.active -= 1
         if (key := conn.client_key) is not None:  # its slot of the client limits goes
             conn.client_key = None
-            # ClientLimiter.release inline (a Python call less per connection)
-            active = self.clients.active
-            if (left := active.get(key, 0) - 1) > 0:
-                active[key] = left
-            else:
-                active.pop(key, None)
+            self.clients.release(key)
 
     def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
         self.tracker.flow_paused(conn, direction)
@@ -439,8 +434,8 @@ class Listener:
                     return
                 if header.source is not None:
                     peer = header.source
-            # The client limits; over one, the connection closes (`client_limit`). The tracker's
-            # client view is fed directly (its `client_identified`, a call less).
+            # The client limits; over one, the connection closes (`client_limit`). Either way
+            # the client is seen in this listener's client view (SPEC section 12).
             key, over = self.clients.admit_peer(peer, conn.opened_at)
             self._counts.clients.seen(key, over, conn.opened_wall)
             if over is not None:

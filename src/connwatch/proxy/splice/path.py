@@ -61,8 +61,8 @@ class _Settings:
         # merging when the upstream pool calls it. The socket is the C one under socket.socket:
         # it lives only in its transport, which needs nothing of the Python class, and its
         # Python __init__ is ~2.5k instructions a connect.
-        self.opener: Callable[[Address], Coroutine[Any, Any, _socket.socket]] = (
-            functools.partial(_open, _socket.socket, _not_default(self.options), self.poller)
+        self.opener: Callable[[Address], Coroutine[Any, Any, _socket.socket]] = functools.partial(
+            _open, _socket.socket, _not_default(self.options), self.poller
         )
 
 
