@@ -12,8 +12,8 @@ import os
 import signal
 from pathlib import Path
 
-from tests.runtime.upgrade_support import upgrade_path
-from tests.support import LOOPBACK, DaemonProcess, EchoUpstream, daemon_config, listener_config
+from tests.runtime.upgrade_support import echo_once, upgrade_path
+from tests.support import DaemonProcess, EchoUpstream, daemon_config, listener_config
 
 CLIENTS = 20  # each lands on either socket (by the kernel's hash): both are reached
 CLIENT_TIMEOUT = 5.0  # seconds: a client queued on a socket nobody accepts from waits for ever
@@ -32,16 +32,6 @@ def listening_sockets(port: int) -> set[int]:
             if state == _LISTEN and int(local.split(":")[1], 16) == port:
                 found.add(inode)
     return found
-
-
-async def echoed(port: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    try:
-        writer.write(payload)
-        writer.write_eof()
-        return await reader.read()
-    finally:
-        writer.close()
 
 
 async def test_every_old_workers_socket_is_kept_and_its_clients_served(tmp_path: Path) -> None:
@@ -64,7 +54,7 @@ async def test_every_old_workers_socket_is_kept_and_its_clients_served(tmp_path:
             await new.wait_for("upgrade_complete", role="took_over", timeout=30)
             # The same two sockets, held by the new processes alone now.
             assert listening_sockets(port) == before
-            assert await echoed(port, b"after") == b"after"
+            assert await echo_once(port, b"after") == b"after"
         finally:
             with contextlib.suppress(Exception):
                 await start
@@ -83,7 +73,7 @@ async def _served_while_the_old_worker_is_stopped(
     try:
         payloads = [f"client {i}".encode() for i in range(CLIENTS)]
         async with asyncio.timeout(CLIENT_TIMEOUT):
-            answers = await asyncio.gather(*(echoed(port, p) for p in payloads))
+            answers = await asyncio.gather(*(echo_once(port, p) for p in payloads))
         assert answers == payloads
     finally:
         os.kill(worker_pid, signal.SIGCONT)  # its release is due: the successor waits for it

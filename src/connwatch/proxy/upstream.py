@@ -22,7 +22,7 @@ from connwatch.histogram import LATENCY_BUCKETS, Histogram
 from connwatch.proxy.connect_deadlines import FIRED, TASK, ConnectDeadlines
 from connwatch.proxy.fd_watch import FdWatch
 from connwatch.proxy.slow_start import admit, weight
-from connwatch.proxy.sockopts import SocketOptions
+from connwatch.proxy.sockopts import SocketOptions, apply_to_tcp_fd
 from connwatch.snapshots import TargetStats
 
 T = TypeVar("T")
@@ -30,10 +30,6 @@ NODELAY: SocketOptions = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 # A global, not `HealthState.DOWN` (an enum metaclass lookup, ~0.17 µs on 3.11): balancing reads
 # it for every target on every connection.
 _DOWN: Final = HealthState.DOWN
-# A borrowed fd's wrapper for setting options (as sockopts.apply_to_tcp_fd), as globals.
-_SocketType: Final = socket.SocketType
-_AF_INET: Final = socket.AF_INET
-_SOCK_STREAM: Final = socket.SOCK_STREAM
 
 
 class Target:
@@ -226,16 +222,8 @@ class UpstreamPool:
                 target.connecting -= 1
             if (sock := transport.get_extra_info("socket")) is not None:
                 fd = sock.fileno()
-                if options and fd >= 0 and address.path is None:
-                    # sockopts.apply_to_tcp_fd inline (a Python call less for every connection):
-                    # the fd borrowed by the C socket type, options the kernel refuses skipped.
-                    borrowed = _SocketType(_AF_INET, _SOCK_STREAM, 0, fd)
-                    for level, option, value in options:
-                        try:  # noqa: SIM105  (suppress() is two Python calls an option)
-                            borrowed.setsockopt(level, option, value)
-                        except OSError:
-                            pass
-                    borrowed.detach()
+                if options and address.path is None:  # TCP: its family need not be asked
+                    apply_to_tcp_fd(fd, options)
                 if fds is not None and not fds.low <= fd < fds.high:
                     fds.moved(fd)
             target.connect_duration.observe(time.monotonic() - started)
