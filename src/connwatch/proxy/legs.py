@@ -160,11 +160,15 @@ class Leg(asyncio.Protocol):
         sink = self.sink
         if sink is None:  # client EOF before forwarding started: passed on once it starts
             return True
-        # Every sink here can write an EOF (TCP and Unix stream transports, both data paths):
-        # not asked (a Python call a side on the splice path).
-        if not sink.is_closing():
+        conn = self.conn
+        # The other side ended first: leg_ended closes both transports now, and the close sends
+        # the FIN after anything still queued, as a write_eof would (a shutdown() fewer). Every
+        # sink here can write an EOF (TCP and Unix stream transports, both data paths): not
+        # asked (a Python call a side on the splice path).
+        other = conn.upstream_leg if self is conn.client_leg else conn.client_leg
+        if not other.eof and not sink.is_closing():
             sink.write_eof()
-        self.conn.leg_ended(self)
+        conn.leg_ended(self)
         return True  # keep the transport open: the other direction may still flow
 
     def pause_writing(self) -> None:
