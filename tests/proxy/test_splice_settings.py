@@ -31,15 +31,18 @@ async def _upstream_option(proxy: Proxy, level: int, option: int) -> int:
 
 async def test_a_user_timeout_is_set_and_a_zero_one_left_at_the_kernel_default() -> None:
     async with upstream_server(_echo) as address, Proxy(address) as proxy:
-        # Replaced live, as a reload does: the path's next connect uses the new options.
+        # Replaced as a reload does (Listener.reconfigure: new options, a new path): the next
+        # connect uses them.
         proxy.owner.upstream_options = tcp_options(
             enabled=True, idle=30, interval=5, count=3, user_timeout=2.5
         )
+        proxy.path = SplicePath(proxy.owner, proxy.pipes)
         assert await _upstream_option(proxy, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2500
     async with upstream_server(_echo) as address, Proxy(address) as proxy:
         proxy.owner.upstream_options = tcp_options(
             enabled=False, idle=30, interval=5, count=3, user_timeout=0
         )
+        proxy.path = SplicePath(proxy.owner, proxy.pipes)
         assert await _upstream_option(proxy, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
         assert await _upstream_option(proxy, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
 

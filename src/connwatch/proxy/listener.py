@@ -26,11 +26,7 @@ from connwatch._types import (
     UpstreamOutcomes,
     format_peer,
 )
-from connwatch.exceptions import (
-    ListenerError,
-    NoHealthyUpstreamError,
-    UpstreamConnectError,
-)
+from connwatch.exceptions import ListenerError, NoHealthyUpstreamError, UpstreamConnectError
 from connwatch.proxy.acceptor import Acceptor
 from connwatch.proxy.binding import bind_tcp, bind_unix
 from connwatch.proxy.client_limits import ClientLimiter
@@ -348,15 +344,24 @@ class Listener:
             self.tracker.next_id(), self.name, self.buffer, self, self.timeouts
         )
         conn.client = format_peer(peer)  # as getpeername() would say, without asking again
-        # As MonitoredConnection.client_made makes the set-up task of a loop server's client.
-        serve = self._serve(conn, sock, peer, self._splice or self._loop)  # the accept's path
+        # The set-up task (as client_made makes a loop server client's); splice wraps at once
+        # (nothing to await), so its task is `_set_up` itself: a coroutine fewer at each step.
+        if (splice := self._splice) is None:
+            serve = self._serve(conn, sock, peer)
+        else:
+            try:
+                splice.take_over(conn.client_leg, sock)
+            except OSError:
+                sock.close()  # the client left before we could wrap its socket
+                return
+            serve = self._on_made(conn, peer)
         conn.connect_task = asyncio.Task(serve, name=SET_UP_TASK)
 
-    async def _serve(self, conn: MonitoredConnection, sock: Any, peer: Any, wrapper: Any) -> None:
-        """Our accept loop's client, as its task: wrap (as of the accept), then `_set_up`."""
+    async def _serve(self, conn: MonitoredConnection, sock: Any, peer: Any) -> None:
+        """Our accept loop's client on the loop's transports, as its task: wrap, `_set_up`."""
         try:
             try:
-                await wrapper.connect_accepted_socket(lambda: conn.client_leg, sock)
+                await self._loop.connect_accepted_socket(lambda: conn.client_leg, sock)
             except OSError:
                 sock.close()  # the client left before we could wrap its socket
                 return

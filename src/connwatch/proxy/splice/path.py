@@ -28,7 +28,8 @@ _S = TypeVar("_S", bound=_socket.socket)
 
 
 class _Owner(Protocol):
-    """What SplicePath reads from its listener, live: a reload replaces them."""
+    """What SplicePath reads from its listener. The config and options as the path is made (a
+    reload makes a new path: Listener.reconfigure), the pool at each connect."""
 
     @property
     def pool(self) -> UpstreamPool: ...
@@ -89,36 +90,24 @@ class SplicePath:
     (`connect`), with the same signatures, so the listener's own sequence stays as it is."""
 
     def __init__(self, owner: _Owner, pipes: PipePool | None = None) -> None:
+        """Made on the loop it serves (its listener's), when the listener starts or reloads:
+        the settings are worked out here, once, not checked for every connection."""
         self._owner = owner
-        self._pipes = pipes  # None: the process's pool for the listener's chunk size
-        self._made: _Settings | None = None
+        self._made = _Settings(owner, asyncio.get_running_loop(), pipes)
 
-    def _settings(self) -> _Settings:
-        """The settings for the owner's current config, worked out again when it changed. A
-        SplicePath serves one loop, the one it first runs on (its listener's): held here, not
-        asked for (a getpid() each on 3.11)."""
+    def take_over(self, leg: asyncio.BaseProtocol, sock: _socket.socket) -> SpliceTransport:
+        """Wrap an accepted, non-blocking client socket now, for `leg` (a connection leg):
+        nothing to wait for on this path, so a caller need not await."""
         made = self._made
-        owner = self._owner
-        if (
-            made is not None
-            and made.config is owner.config
-            and made.options is owner.upstream_options
-        ):
-            return made
-        loop = asyncio.get_running_loop() if made is None else made.loop
-        made = self._made = _Settings(owner, loop, self._pipes)
-        return made
+        protocol: Any = leg  # a connection leg (no cast(): a Python call for every leg)
+        return SpliceTransport(made.loop, sock, protocol, made.pipes, made.chunk, made.poller)
 
     async def connect_accepted_socket(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], sock: _socket.socket
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
-        """Wrap an accepted, non-blocking client socket (nothing to wait for on this path)."""
-        made = self._settings()
+        """As the loop's: `take_over` for callers that hold either."""
         protocol = protocol_factory()
-        # The protocol is a connection leg (no cast(): a Python call for every leg).
-        leg: Any = protocol
-        transport = SpliceTransport(made.loop, sock, leg, made.pipes, made.chunk, made.poller)
-        return transport, protocol
+        return self.take_over(protocol, sock), protocol
 
     async def connect(
         self,
@@ -131,9 +120,8 @@ class SplicePath:
     ) -> tuple[asyncio.Transport, Target]:
         """As `UpstreamPool.connect`, with a raw socket (options set before it connects).
         `task`: the task this runs in, when the caller holds it (else the pool asks for it)."""
-        made = self._settings()
-        owner = self._owner
-        sock, target = await owner.pool.reach(
+        made = self._made
+        sock, target = await self._owner.pool.reach(
             made.opener, timeout=timeout, attempts=attempts, order=order, task=task, loop=made.loop
         )
         leg: Any = protocol_factory()  # a connection leg
