@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -41,7 +42,7 @@ from bench.floor_items import EMPTY, ITEMS, ON_TRANSPORTS, Listener, empty, make
 from bench.instructions import control, counted
 from bench.procs import raise_nofile
 
-_WARM_UP = 100  # objects each item runs on first, uncounted (N must differ)
+_WARM_UP = 100  # objects each item runs on first, uncounted (announced as 0 objects)
 _SUMMARY = re.compile(rb"^summary: (\d+)", re.MULTILINE)
 
 
@@ -67,14 +68,16 @@ async def _child(conns: int, log_path: str) -> None:
     _say("start")
     _hear(b"go")
     for name, _section, item, _summed in [(EMPTY, "", empty, False), *ITEMS]:
-        for n in (_WARM_UP, conns, 2 * conns):  # a warm-up first (first-use caches), not kept
+        # A warm-up first (first-use caches), announced as 0 objects: not kept.
+        for n, announced in ((_WARM_UP, 0), (conns, conns), (2 * conns, 2 * conns)):
             objects = make_conns(n)
             if item in ON_TRANSPORTS:
                 for c in objects:
                     c.transport, _ = await loop.create_connection(
                         asyncio.Protocol, "127.0.0.1", port
                     )
-            _say(f"ready {n} {name}")
+            gc.collect()  # each loop starts from the same heap: no collection left over
+            _say(f"ready {announced} {name}")
             _hear(b"go")
             item(lsn, objects)
             _say("done")
@@ -121,7 +124,7 @@ def measure(conns: int) -> dict[str, dict[int, int]]:
                     control(proc.pid, "-z")
                 elif words[0] == "done":
                     control(proc.pid, "-d")
-                    if n != _WARM_UP:
+                    if n:  # 0: a warm-up
                         segments.setdefault(name, {})[n] = _last_dump(where)
                 elif words[0] == "end":
                     break
