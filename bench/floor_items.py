@@ -31,8 +31,15 @@ KEEPALIVE = (  # keepalive.upstream: idle 60s, interval 10s, count 5, on; user_t
     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5),
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
 )
-DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+# The daemon's bucket bounds (connwatch/histogram.py), as floats: the same series come out.
+DURATION_BUCKETS = (
+    *(0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0),
+    *(3600.0, 21600.0, 86400.0),
+)
+LATENCY_BUCKETS = (
+    *(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+    *(0.5, 1.0, 2.5, 5.0),
+)
 CLIENT_VIEW_CAPACITY = 2048  # keys held per listener (SPEC section 12: bounded)
 
 
@@ -210,9 +217,13 @@ def client_address(lsn: Listener, conns: list[Conn]) -> None:
 
 def record(lsn: Listener, conns: list[Conn]) -> None:
     """SPEC 4 `/connections` and 8 (ids): an id, the live table, the state as it moves. The
-    record is the connection's protocol object itself (its fields are this script's `Conn`)."""
+    record is the connection's protocol object itself (its fields are this script's `Conn`):
+    the fields the other items set later start at their defaults in its `__init__`."""
     live, seq = lsn.live, lsn.seq
     for c in conns:
+        c.state = 0  # connecting
+        c.bytes_in = c.bytes_out = 0
+        c.ended_by = c.watched = None
         c.id = conn_id = lsn.prefix + str(next(seq))
         live[conn_id] = c
         c.state = 1  # open, once the upstream is connected
@@ -301,22 +312,35 @@ def close_reason(lsn: Listener, conns: list[Conn]) -> None:
             c.ended_by = "upstream_closed"
         if exc is not None:  # connection_lost: a reset wins
             c.ended_by = "client_reset"
+        c.reason = c.ended_by or "error"  # closed: what the lines and metrics read
 
 
-def metrics(lsn: Listener, conns: list[Conn]) -> None:
-    """SPEC 5, the series that move per connection: accepted, closed by reason, the duration and
-    upstream connect-duration histograms, the bytes (folded in at close). The active gauges,
-    upstream active and liveness `ok` are counted from the live table at scrape time."""
-    monotonic, bisect_left = time.monotonic, bisect.bisect_left
-    durations, latencies = DURATION_BUCKETS, LATENCY_BUCKETS
+def metrics_accept(lsn: Listener, conns: list[Conn]) -> None:
+    """SPEC 5 at accept: the clock read that durations start from, `accepted_total`. (The active
+    gauges, upstream active and liveness `ok` are counted from the live table at scrape time.)"""
+    monotonic = time.monotonic
     for c in conns:
-        c.opened = now = monotonic()  # accepted
+        c.opened = monotonic()
         lsn.accepted += 1
-        took = monotonic() - now  # connected (the try started at accept)
-        lsn.connect_hist[bisect_left(latencies, took)] += 1
+
+
+def metrics_connect(lsn: Listener, conns: list[Conn]) -> None:
+    """SPEC 5 `upstream_connect_duration_seconds`: a clock read once connected (the try started
+    at accept), the histogram's bucket, count and sum as plain ints and a float."""
+    monotonic, bisect_left, bounds = time.monotonic, bisect.bisect_left, LATENCY_BUCKETS
+    for c in conns:
+        took = monotonic() - c.opened
+        lsn.connect_hist[bisect_left(bounds, took)] += 1
         lsn.connect_sum += took
-        c.duration = duration = monotonic() - c.opened  # closed
-        lsn.duration[bisect_left(durations, duration)] += 1
+
+
+def metrics_close(lsn: Listener, conns: list[Conn]) -> None:
+    """SPEC 5 at close: `closed_total{reason}`, `connection_duration_seconds`, `bytes_total`
+    (folded in from the connection's two ints)."""
+    monotonic, bisect_left, bounds = time.monotonic, bisect.bisect_left, DURATION_BUCKETS
+    for c in conns:
+        c.duration = duration = monotonic() - c.opened
+        lsn.duration[bisect_left(bounds, duration)] += 1
         lsn.duration_sum += duration
         closed = lsn.closed
         closed[c.reason] = closed.get(c.reason, 0) + 1
@@ -366,7 +390,14 @@ ITEMS: list[tuple[str, str, Item, bool]] = [
     ("write high-water mark on both legs", "3", write_limits, True),
     ("byte counts, 2 reads", "4, 5", byte_counts, True),
     ("close reason", "5, 8", close_reason, True),
-    ("metrics (counters, 2 histograms, 3 clock reads)", "5", metrics, True),
+    ("metrics at accept (clock read, accepted)", "5", metrics_accept, True),
+    ("metrics at connect (clock read, connect histogram)", "5", metrics_connect, True),
+    (
+        "metrics at close (clock read, by reason, duration histogram, bytes)",
+        "5",
+        metrics_close,
+        True,
+    ),
     ("client view (bounded table)", "12", client_view, True),
     ("not summed: both lines as f-strings (no dict, no orjson)", "6", hand_lines, False),
     ("not summed: monotonic() per read, 2 reads", "4 idle_s", read_clock, False),
