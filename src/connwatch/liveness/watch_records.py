@@ -31,6 +31,7 @@ class ListenerTotals:
         "failed",
         "ok",
         "promotion",
+        "quiet",
         "retransmits",
         "rtt",
         "sides",
@@ -52,7 +53,9 @@ class ListenerTotals:
         self.states: dict[Liveness, int] = dict.fromkeys(Liveness, 0)
         # No set of every record: a beating record is in the watchdog's timer wheel and in its
         # connection's `watch`, which is all it needs (a set entry was ~65 bytes a connection).
-        self.unbeaten: set[WatchRecord] = set()  # heartbeats off, or not configured yet
+        self.unbeaten: set[WatchRecord] = set()  # not configured yet
+        # Watched with heartbeats off: no record, `conn.watch` is the config (see `snapshot`).
+        self.quiet: set[WatchedConnection] = set()
         # Watched, no record yet (`conn.watch` is when it was watched), in the order watched;
         # those closed since are skipped. The watchdog's timer makes their records.
         self.waiting: deque[WatchedConnection] = deque()
@@ -72,11 +75,15 @@ class ListenerTotals:
 
     def snapshot(self, name: str, now: float) -> LivenessStats:
         states = self.states
-        if self.unbeaten:
+        if self.unbeaten or self.quiet:
             # No beats to judge these by: count what their byte counters show (no system calls).
             states = states.copy()
             for rec in self.unbeaten:
                 states[judge_by_bytes(rec.conn, rec.config, now)] += 1
+            for conn in self.quiet:
+                config = conn.watch
+                assert isinstance(config, HeartbeatConfig)
+                states[judge_by_bytes(conn, config, now)] += 1
         return LivenessStats(
             listener=name,
             heartbeats={"ok": self.ok, "failed": self.failed},

@@ -129,6 +129,13 @@ class Watchdog:
                 self._arm_promotion(totals, config.interval)
             waiting.append(conn)
             return
+        if config is not None:
+            # Heartbeats off: nothing to beat, so no record (its two borrowed sockets were ~16k
+            # instructions a connection). `conn.watch` is the config it was watched under; the
+            # liveness counts judge it by its byte counts at scrape time.
+            conn.watch = config
+            totals.quiet.add(conn)
+            return
         rec = WatchRecord(conn, totals, now)
         conn.watch = rec
         totals.add(rec)
@@ -143,6 +150,11 @@ class Watchdog:
                 totals.states[_OK] -= 1
             return
         if not isinstance(rec, WatchRecord):
+            if isinstance(rec, HeartbeatConfig):  # heartbeats off: no record was made
+                conn.watch = None
+                totals = self._totals.get(conn.listener)
+                if totals is not None:
+                    totals.quiet.discard(conn)
             return
         conn.watch = None
         rec.release()
@@ -207,7 +219,10 @@ class Watchdog:
         if isinstance(rec, WatchRecord) and rec.beating:
             liveness, failures, interval = rec.liveness, rec.failures, rec.interval
         else:  # no beats: judge from what the kernel and the byte counts show right now
-            config = rec.config if isinstance(rec, WatchRecord) else HeartbeatConfig()
+            if isinstance(rec, HeartbeatConfig):  # watched with heartbeats off
+                config = rec
+            else:
+                config = rec.config if isinstance(rec, WatchRecord) else HeartbeatConfig()
             liveness = judge(conn, config, self._clock(), client, upstream, None).liveness
             failures = 0
         return {
