@@ -147,16 +147,15 @@ class Watchdog:
         if isinstance(rec, float):  # no beat was near yet (it stays in `waiting`, skipped)
             conn.watch = None
             return
-        if not isinstance(rec, WatchRecord):
-            if isinstance(rec, HeartbeatConfig):  # heartbeats off: no record was made
-                conn.watch = None
-                totals = self._totals.get(conn.listener)
-                if totals is not None:
-                    totals.quiet.discard(conn)
-            return
-        conn.watch = None
-        rec.release()
-        rec.totals.remove(rec)
+        if isinstance(rec, WatchRecord):
+            conn.watch = None
+            rec.release()
+            rec.totals.remove(rec)
+        elif rec is not None:  # heartbeats off: the config it was watched under, no record
+            conn.watch = None
+            totals = self._totals.get(conn.listener)
+            if totals is not None:
+                totals.quiet.discard(conn)
 
     # -- records made when the first beat is near ----------------------------------------------
     def _record(self, conn: WatchedConnection) -> object | None:

@@ -40,6 +40,7 @@ class ClientLimiter:
         "_next_sweep",
         "_open_keys",
         "burst",
+        "counting",
         "max_connections",
         "rate",
         "v4_prefix",
@@ -56,6 +57,7 @@ class ClientLimiter:
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens, monotonic time of update]
         self._next_sweep = _SWEEP_MIN
         self.max_connections = 0
+        self.counting = False
         self.rate = 0.0
         self.burst = 0.0
         self.v4_prefix = 32
@@ -69,6 +71,9 @@ class ClientLimiter:
         elif not config.max_connections:
             self._active = {}
         self.max_connections = config.max_connections
+        # Whether `release` has work to do (open counts are kept): a plain slot, read as each
+        # connection closes (a property would be a Python call there).
+        self.counting = config.max_connections > 0
         self.rate = float(config.connection_rate)
         self.burst = max(self.rate, 1.0)
         if (config.ipv4_prefix, config.ipv6_prefix) != (self.v4_prefix, self.v6_prefix):
@@ -84,11 +89,6 @@ class ClientLimiter:
             if key is not None:
                 counts[key] = counts.get(key, 0) + 1
         return counts
-
-    @property
-    def counting(self) -> bool:
-        """Whether `release` has work to do (open counts are kept)."""
-        return self.max_connections > 0
 
     @property
     def active(self) -> dict[str, int]:
