@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, overload
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Iterator
 
 
 class Direction(enum.StrEnum):
@@ -178,6 +179,8 @@ class ConnectionLedger(Protocol[ConnT]):
     def connection_closed(self, conn: ConnT) -> None: ...
 
     def flow_paused(self, conn: ConnT, direction: Direction) -> None: ...
+
+    def connections(self, listener: str | None = None) -> Iterator[object]: ...
 
 
 class LivenessWatch(Protocol[ConnT]):

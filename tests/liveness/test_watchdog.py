@@ -25,6 +25,7 @@ import uvloop
 from connwatch._types import CloseReason, ConnectionState, Liveness
 from connwatch.config import ListenerConfig, load_settings
 from connwatch.liveness.tcp_info import read_tcp_info
+from connwatch.liveness.watch_records import WatchRecord
 from connwatch.liveness.watchdog import Watchdog
 from connwatch.observe.tracker import Tracker
 from connwatch.proxy.connection import MonitoredConnection
@@ -379,6 +380,40 @@ async def test_heartbeats_off_still_describes_from_the_kernel_and_bytes() -> Non
         stats = p.wd.statistics()["wd"]
         assert stats.heartbeats == {"ok": 0, "failed": 0}
         assert stats.states["idle"] == 1
+
+
+async def test_a_connection_waiting_for_its_record_counts_as_ok_until_closed() -> None:
+    heartbeat = {**SLOW, "interval": "30s", "max_interval": "60s"}  # no promotion in this test
+    async with (
+        held_upstream() as up,
+        watched(up.address, heartbeat) as (wd, listener, tracker),
+        client(listener, tracker) as (_, _, first),
+        client(listener, tracker) as (_, _, second),
+    ):
+        assert isinstance(first.watch, float)  # watched, no record yet
+        assert wd.statistics()["wd"].states["ok"] == 2
+        for conn, left in ((first, 1), (second, 0)):
+            conn.close(CloseReason.ADMIN_CLOSED, abort=True)
+            await eventually(lambda n=left: len(tracker) == n)
+            assert sum(wd.statistics()["wd"].states.values()) == left
+        wd.describe(first)  # a closed one is not given a record
+        assert sum(wd.statistics()["wd"].states.values()) == 0
+
+
+async def test_heartbeats_off_makes_no_record_and_counts_until_closed() -> None:
+    """With heartbeats off nothing is beaten, so no per-connection record (nor its two borrowed
+    sockets) is made: the connection is counted by its byte counts, and not once it closes."""
+    off = {"enabled": False, "interval": "1s", "max_interval": "2s"}
+    async with held_upstream() as up, watched(up.address, off) as (wd, listener, tracker):
+        async with client(listener, tracker) as (_, _, conn):
+            assert conn.watch is not None  # watched
+            assert not isinstance(conn.watch, WatchRecord)
+            assert wd.beat(conn) is None
+            assert wd.statistics()["wd"].states["ok"] == 1
+            conn.close(CloseReason.ADMIN_CLOSED, abort=True)
+            await eventually(lambda: len(tracker) == 0)
+        assert conn.watch is None
+        assert sum(wd.statistics()["wd"].states.values()) == 0
 
 
 async def test_a_reload_applies_to_new_connections_only() -> None:

@@ -9,8 +9,11 @@ from connwatch.config import ClientLimitsConfig
 from connwatch.proxy.client_limits import CONNECTION_RATE, MAX_CONNECTIONS, ClientLimiter
 
 
-def limiter(**limits: object) -> ClientLimiter:
-    return ClientLimiter(ClientLimitsConfig.model_validate(limits))
+def limiter(open_keys: list[str] | None = None, **limits: object) -> ClientLimiter:
+    """A limiter whose listener's open connections have the keys `open_keys` (a list the test
+    keeps up to date, as the tracker's live connections are)."""
+    keys = [] if open_keys is None else open_keys
+    return ClientLimiter(ClientLimitsConfig.model_validate(limits), lambda: iter(keys))
 
 
 @pytest.mark.parametrize(
@@ -31,10 +34,14 @@ def test_client_key(limits: dict[str, object], peer: object, key: str) -> None:
     assert limiter(**limits).key_of(peer) == key
     # admit_peer (a new connection's one call) keys and counts as key_of + admit do.
     for extra, second in (({}, None), ({"max_connections": 1}, MAX_CONNECTIONS)):
-        lim = limiter(**limits, **extra)
-        assert lim.admit_peer(peer, 0.0) == (key, None)
-        assert lim.admit_peer(peer, 0.0) == (key, second)
-        assert lim.active == {key: 1 if second else 2}
+        opened: list[str] = []
+        lim = limiter(opened, **limits, **extra)
+        for want in (None, second):
+            admitted, over = lim.admit_peer(peer, 0.0)
+            assert (admitted, over) == (key, want)
+            if over is None:
+                opened.append(admitted)
+        assert lim.active == {key: len(opened)}
 
 
 def test_max_connections_is_exact_per_key_and_drops_keys_at_zero() -> None:
@@ -79,15 +86,31 @@ def test_refilled_buckets_are_dropped_so_memory_follows_recent_clients() -> None
     assert lim.active == {}
 
 
-def test_reload_keeps_open_counts_and_applies_new_limits() -> None:
-    lim = limiter()
+def test_no_open_counts_are_kept_without_max_connections() -> None:
+    lim = limiter(connection_rate=100)
+    assert lim.admit("a", 0.0) is None
+    assert not lim.counting
+    assert lim.active == {}, "no open connection is listed: nothing counted"
+
+
+def test_reload_that_sets_max_connections_counts_the_open_connections() -> None:
+    opened: list[str] = []
+    lim = limiter(opened)
     for _ in range(3):
         assert lim.admit("a", 0.0) is None
-    lim.configure(ClientLimitsConfig(max_connections=2))
+        opened.append("a")
+    assert lim.active == {"a": 3}  # counted when asked
+    lim.configure(ClientLimitsConfig(max_connections=2))  # the 3 open count against it
+    assert lim.counting
     assert lim.admit("a", 0.0) == MAX_CONNECTIONS
     lim.release("a")
+    assert lim.admit("a", 0.0) == MAX_CONNECTIONS, "2 still open"
     lim.release("a")
     assert lim.admit("a", 0.0) is None
+    assert lim.active == {"a": 2}
+    lim.configure(ClientLimitsConfig())  # no cap: counts dropped, counted when asked again
+    assert not lim.counting
+    assert lim.active == {"a": 3}
 
 
 def test_an_admission_out_of_time_order_does_not_take_tokens_back() -> None:

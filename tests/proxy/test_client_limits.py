@@ -234,7 +234,16 @@ async def test_reload_applies_new_client_limits_to_new_connections(tmp_path: Pat
             assert admitted
             view = await by_client(daemon)
             assert view["127.0.5.1"]["active"] == 3
-            await close_all([*held, extra, fresh])
+            # Two of them close: their slots go, the count the reload made included them.
+            await close_all(held[:2])
+            await eventually(lambda: _active(daemon, "127.0.5.1", 1))
+            again, admitted = await open_from(port, "127.0.5.1")
+            assert admitted
+            await close_all([held[2], extra, fresh, again])
+
+
+async def _active(daemon: DaemonProcess, client: str, want: int) -> bool:
+    return bool((await by_client(daemon))[client]["active"] == want)
 
 
 async def test_two_workers_merge_clients_and_limit_per_worker(tmp_path: Path) -> None:

@@ -29,8 +29,10 @@ class ListenerTotals:
     __slots__ = (
         "config",
         "failed",
+        "lazy",
         "ok",
         "promotion",
+        "quiet",
         "retransmits",
         "rtt",
         "sides",
@@ -41,22 +43,31 @@ class ListenerTotals:
 
     def __init__(self, config: HeartbeatConfig | None) -> None:
         self.config = config
+        # Heartbeats on: a connection watched now waits for its record (`waiting`). A plain
+        # slot read at every watch, not `config.enabled` through pydantic's attribute hook.
+        self.lazy = config is not None and config.enabled
         self.ok = 0
         self.failed = 0
         self.rtt = {side: Histogram(LATENCY_BUCKETS) for side in _SIDES}
         self.retransmits = dict.fromkeys(_SIDES, 0)
         self.sides = {side: SideCounters(side, self.rtt[side], self.retransmits) for side in _SIDES}
-        # Connections with beats, by last verdict: a plain dict with every state (zero too, as
-        # the snapshot reports them), not a Counter: its `+=` (watch/unwatch, every connection)
-        # is a dict subclass's generic subscript and store.
+        # Connections with a beating record, by last verdict: a plain dict with every state
+        # (zero too, as the snapshot reports them), not a Counter (a dict subclass's generic
+        # subscript and store). Those still `waiting` are counted at scrape time.
         self.states: dict[Liveness, int] = dict.fromkeys(Liveness, 0)
         # No set of every record: a beating record is in the watchdog's timer wheel and in its
         # connection's `watch`, which is all it needs (a set entry was ~65 bytes a connection).
-        self.unbeaten: set[WatchRecord] = set()  # heartbeats off, or not configured yet
+        self.unbeaten: set[WatchRecord] = set()  # not configured yet
+        # Watched with heartbeats off: no record, `conn.watch` is the config (see `snapshot`).
+        self.quiet: set[WatchedConnection] = set()
         # Watched, no record yet (`conn.watch` is when it was watched), in the order watched;
         # those closed since are skipped. The watchdog's timer makes their records.
         self.waiting: deque[WatchedConnection] = deque()
         self.promotion: asyncio.TimerHandle | None = None
+
+    def configure(self, config: HeartbeatConfig) -> None:
+        self.config = config
+        self.lazy = config.enabled
 
     def add(self, rec: WatchRecord) -> None:
         if rec.beating:
@@ -71,12 +82,17 @@ class ListenerTotals:
             self.states[rec.liveness] -= 1
 
     def snapshot(self, name: str, now: float) -> LivenessStats:
-        states = self.states
-        if self.unbeaten:
+        states = self.states.copy()
+        # Watched, no record yet: `ok` (a new record's liveness); the closed ones are skipped.
+        states[Liveness.OK] += sum(1 for conn in self.waiting if isinstance(conn.watch, float))
+        if self.unbeaten or self.quiet:
             # No beats to judge these by: count what their byte counters show (no system calls).
-            states = states.copy()
             for rec in self.unbeaten:
                 states[judge_by_bytes(rec.conn, rec.config, now)] += 1
+            for conn in self.quiet:
+                config = conn.watch
+                assert isinstance(config, HeartbeatConfig)
+                states[judge_by_bytes(conn, config, now)] += 1
         return LivenessStats(
             listener=name,
             heartbeats={"ok": self.ok, "failed": self.failed},

@@ -97,7 +97,7 @@ class Watchdog:
         if totals is None:
             totals = self._totals[listener] = ListenerTotals(config.heartbeat)
         self._promote(totals, until=None)  # the waiting ones keep the config they came with
-        totals.config = config.heartbeat
+        totals.configure(config.heartbeat)
         for rec in [r for r in totals.unbeaten if not r.configured]:
             # Accepted before the listener's config reached us: adopt it now.
             totals.remove(rec)
@@ -111,25 +111,33 @@ class Watchdog:
         totals = self._totals.get(conn.listener)
         if totals is None:  # the listener accepted before configure() reached us
             totals = self._totals[conn.listener] = ListenerTotals(None)
-        now = self._clock()
-        config = totals.config
-        if config is not None and config.enabled:
+        if totals.lazy:
             # No record until its first beat is near: most connections close before that. Till
             # then `conn.watch` is the time it was watched, and it counts as `ok` (a new
-            # record's liveness).
-            conn.watch = now
-            totals.states[_OK] += 1
+            # record's liveness) at scrape time (`ListenerTotals.snapshot`): a count kept here
+            # was a dict `+=` on watch and a `-=` on unwatch, with a lookup of its totals
+            # (~1.5k instructions a connection).
+            conn.watch = self._clock()
             waiting = totals.waiting
             # Connections that closed while waiting go now, not at the next promotion: held
             # there, each closed connection (its legs, its transports) lived on for up to an
             # interval, and the garbage collector walked them all that time.
             while waiting and waiting[0].watch is None:
                 waiting.popleft()
-            if totals.promotion is None:
-                self._arm_promotion(totals, config.interval)
+            if totals.promotion is None:  # (once an interval)
+                assert totals.config is not None  # lazy: configured
+                self._arm_promotion(totals, totals.config.interval)
             waiting.append(conn)
             return
-        rec = WatchRecord(conn, totals, now)
+        config = totals.config
+        if config is not None:
+            # Heartbeats off: nothing to beat, so no record (its two borrowed sockets were ~16k
+            # instructions a connection). `conn.watch` is the config it was watched under; the
+            # liveness counts judge it by its byte counts at scrape time.
+            conn.watch = config
+            totals.quiet.add(conn)
+            return
+        rec = WatchRecord(conn, totals, self._clock())
         conn.watch = rec
         totals.add(rec)
         self._start(rec)
@@ -138,15 +146,16 @@ class Watchdog:
         rec = conn.watch
         if isinstance(rec, float):  # no beat was near yet (it stays in `waiting`, skipped)
             conn.watch = None
+            return
+        if isinstance(rec, WatchRecord):
+            conn.watch = None
+            rec.release()
+            rec.totals.remove(rec)
+        elif rec is not None:  # heartbeats off: the config it was watched under, no record
+            conn.watch = None
             totals = self._totals.get(conn.listener)
             if totals is not None:
-                totals.states[_OK] -= 1
-            return
-        if not isinstance(rec, WatchRecord):
-            return
-        conn.watch = None
-        rec.release()
-        rec.totals.remove(rec)
+                totals.quiet.discard(conn)
 
     # -- records made when the first beat is near ----------------------------------------------
     def _record(self, conn: WatchedConnection) -> object | None:
@@ -162,7 +171,8 @@ class Watchdog:
         watched_at = conn.watch
         assert isinstance(watched_at, float)
         rec = WatchRecord(conn, totals, watched_at)
-        conn.watch = rec  # counted in `states` already, when it was watched
+        conn.watch = rec
+        totals.states[rec.liveness] += 1  # counted from `waiting` till now
         if not self._closed:
             self._scheduler.schedule(rec, watched_at + rec.interval)
 
@@ -207,7 +217,10 @@ class Watchdog:
         if isinstance(rec, WatchRecord) and rec.beating:
             liveness, failures, interval = rec.liveness, rec.failures, rec.interval
         else:  # no beats: judge from what the kernel and the byte counts show right now
-            config = rec.config if isinstance(rec, WatchRecord) else HeartbeatConfig()
+            if isinstance(rec, HeartbeatConfig):  # watched with heartbeats off
+                config = rec
+            else:
+                config = rec.config if isinstance(rec, WatchRecord) else HeartbeatConfig()
             liveness = judge(conn, config, self._clock(), client, upstream, None).liveness
             failures = 0
         return {

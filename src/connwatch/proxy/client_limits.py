@@ -5,6 +5,9 @@ Exact for every key, not only the busiest: memory follows the clients that are c
 (a key's count is dropped when it reaches zero) and those that connected within the last
 burst/rate seconds (a bucket that has refilled is as good as none, so it is dropped). One
 `admit()` and one `release()` per connection: a few dict operations and int/float arithmetic.
+The open counts are kept only while `max_connections` is set (the only limit that reads them):
+otherwise they are counted from the listener's open connections when asked (`active`, at request
+time) or when a reload sets the limit (it applies to the connections already open too).
 
 With `workers: N` each worker process holds its own limiter, so the limits are per worker: see
 docs/clients.md for why and what it means.
@@ -13,6 +16,7 @@ docs/clients.md for why and what it means.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Iterable
 from sys import intern
 from typing import TYPE_CHECKING, Any
 
@@ -31,21 +35,29 @@ class ClientLimiter:
     """The client key, open connections per key and the rate buckets of one listener."""
 
     __slots__ = (
+        "_active",
         "_buckets",
         "_next_sweep",
-        "active",
+        "_open_keys",
         "burst",
+        "counting",
         "max_connections",
         "rate",
         "v4_prefix",
         "v6_prefix",
     )
 
-    def __init__(self, config: ClientLimitsConfig) -> None:
-        self.active: dict[str, int] = {}  # key -> connections admitted and not yet closed
+    def __init__(
+        self, config: ClientLimitsConfig, open_keys: Callable[[], Iterable[str | None]] = tuple
+    ) -> None:
+        # The client keys of the listener's open connections (None: not admitted yet).
+        self._open_keys = open_keys
+        # key -> connections admitted and not yet closed, while `max_connections` is set.
+        self._active: dict[str, int] = {}
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens, monotonic time of update]
         self._next_sweep = _SWEEP_MIN
         self.max_connections = 0
+        self.counting = False
         self.rate = 0.0
         self.burst = 0.0
         self.v4_prefix = 32
@@ -54,7 +66,14 @@ class ClientLimiter:
 
     def configure(self, config: ClientLimitsConfig) -> None:
         """New limits for new connections (a reload); open connections keep their slots."""
+        if config.max_connections and not self.max_connections:
+            self._active = self._count()  # a cap on open connections counts those open now
+        elif not config.max_connections:
+            self._active = {}
         self.max_connections = config.max_connections
+        # Whether `release` has work to do (open counts are kept): a plain slot, read as each
+        # connection closes (a property would be a Python call there).
+        self.counting = config.max_connections > 0
         self.rate = float(config.connection_rate)
         self.burst = max(self.rate, 1.0)
         if (config.ipv4_prefix, config.ipv6_prefix) != (self.v4_prefix, self.v6_prefix):
@@ -63,6 +82,18 @@ class ClientLimiter:
         self.v6_prefix = config.ipv6_prefix
         if not self.rate:
             self._buckets.clear()
+
+    def _count(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key in self._open_keys():
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    @property
+    def active(self) -> dict[str, int]:
+        """Open connections per key (exact): kept, or counted now."""
+        return self._active.copy() if self.max_connections else self._count()
 
     # -- the key --------------------------------------------------------------------------------
     def key_of(self, peer: Any) -> str:
@@ -83,7 +114,7 @@ class ClientLimiter:
     def admit_peer(self, peer: Any, now: float) -> tuple[str, str | None]:
         """`key_of(peer)` and `admit(key, now)` in one call, as a new connection needs them:
         (key, the limit it is over or None). The usual cases inline: an IPv4 peer keyed by
-        its address, no limit on (then admitting is counting).
+        its address, no limit on (then there is nothing to count).
 
         The key is interned: each accepted socket's address brings its own copy of the host
         string, which the connection keeps (`client_key`) while it is open; interned, all the
@@ -94,28 +125,27 @@ class ClientLimiter:
             key = intern(self.key_of(peer))
         if self.max_connections or self.rate:
             return key, self.admit(key, now)
-        active = self.active
-        active[key] = active.get(key, 0) + 1
         return key, None
 
     def admit(self, key: str, now: float) -> str | None:
         """Take a slot for a new connection of `key` at monotonic `now`; None when admitted,
         else the limit it is over (it takes no slot and no token then)."""
-        active = self.active.get(key, 0)
+        active = self._active.get(key, 0)
         if self.max_connections and active >= self.max_connections:
             return MAX_CONNECTIONS
         if self.rate and not self._take_token(key, now):
             return CONNECTION_RATE
-        self.active[key] = active + 1
+        if self.max_connections:
+            self._active[key] = active + 1
         return None
 
     def release(self, key: str) -> None:
-        """A connection admitted under `key` has closed."""
-        left = self.active.get(key, 0) - 1
+        """A connection admitted under `key` has closed (nothing to do unless `counting`)."""
+        left = self._active.get(key, 0) - 1
         if left > 0:
-            self.active[key] = left
+            self._active[key] = left
         else:
-            self.active.pop(key, None)
+            self._active.pop(key, None)
 
     def _take_token(self, key: str, now: float) -> bool:
         bucket = self._buckets.get(key)

@@ -11,7 +11,7 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -68,8 +68,7 @@ class Listener:
         self.config = config
         self.name = config.name
         self.tracker = tracker
-        # ConnectionObserver.connection_accepted: the tracker's own method, bound once (a
-        # method here would only pass the call on, one Python call per connection more).
+        # ConnectionObserver.connection_accepted: the tracker's own, bound once (no relay call).
         self.connection_accepted: Callable[[MonitoredConnection], None] = tracker.accepted
         self._on_made = self._set_up  # bound once, not for every connection
         self.liveness = liveness
@@ -80,7 +79,7 @@ class Listener:
         self._wire_passive()
         self.buffer = ReadBuffer(min(config.buffer_size, _MAX_READ))
         self._read_settings(config)
-        self.clients = ClientLimiter(config.client_limits)  # per-client-key limits (SPEC §12)
+        self.clients = ClientLimiter(config.client_limits, self._open_keys)  # SPEC section 12
         self.accepting = False
         self.protocol_errors: Counter[str] = Counter()  # kind -> count, read by the daemon
         self._sock: socket.socket | None = None
@@ -110,8 +109,7 @@ class Listener:
         return self._sock is not None
 
     def statistics(self) -> ListenerSnapshot:
-        """Socket, admission, protocol errors and upstream targets, frozen (read at scrape time
-        and by /readyz)."""
+        """Socket, admission, protocol errors and targets, frozen (read at scrape time, /readyz)."""
         return ListenerSnapshot(
             self.name,
             self._sock is not None,
@@ -210,9 +208,8 @@ class Listener:
         return [a.sock for a in ([self._acceptor] if self._acceptor else []) + self._inherited]
 
     def release(self) -> None:
-        """Stop accepting for a successor that holds the same sockets: only this process's
-        descriptors close (the sockets and their backlogs live on there); a Unix socket's path
-        stays."""
+        """Stop accepting for a successor holding the same sockets: only this process's fds
+        close (the sockets and their backlogs live on there); a Unix socket's path stays."""
         self._handed_over = True
         self.stop_accepting()
 
@@ -237,8 +234,7 @@ class Listener:
             self._configure_warm_pool()
 
     def _read_settings(self, config: ListenerConfig) -> None:
-        """The settings every connection reads, as plain attributes: a pydantic model's
-        attribute goes through its `__getattr__` hook (~27 ns more), nine reads a connection."""
+        """Settings read per connection, as plain attributes (a pydantic one: ~27 ns more)."""
         self._max_connections = config.max_connections
         self._accept_proxy = config.proxy_protocol.accept
         self._send_proxy = config.proxy_protocol.send
@@ -388,9 +384,14 @@ class Listener:
         self.tracker.connection_closed(conn)
         if (target := conn.target) is not None and target.active > 0:  # set once opened
             target.active -= 1
-        if (key := conn.client_key) is not None:  # its slot of the client limits goes
-            conn.client_key = None
-            self.clients.release(key)
+        if (key := conn.client_key) is not None and (clients := self.clients).counting:
+            conn.client_key = None  # its slot of the client limits goes, once
+            clients.release(key)
+
+    def _open_keys(self) -> Iterator[str | None]:  # its open connections' keys, for the limiter
+        for c in self.tracker.connections(self.name):
+            if isinstance(c, MonitoredConnection) and c.observer is self:
+                yield c.client_key
 
     def flow_paused(self, conn: MonitoredConnection, direction: Direction) -> None:
         self.tracker.flow_paused(conn, direction)
@@ -439,8 +440,7 @@ class Listener:
                     return
                 if header.source is not None:
                     peer = header.source
-            # The client limits; over one, the connection closes (`client_limit`). Either way
-            # the client is seen in this listener's client view (SPEC section 12).
+            # Over a client limit it closes (`client_limit`); seen in the client view either way.
             key, over = self.clients.admit_peer(peer, conn.opened_at)
             self._counts.clients.seen(key, over, conn.opened_wall)
             if over is not None:
