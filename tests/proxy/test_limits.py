@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from pathlib import Path
 
@@ -163,3 +164,43 @@ async def test_max_connections_refuses_extra_clients_and_counts_them(tmp_path: P
                 assert await asyncio.wait_for(r.readexactly(1), 2) == b"m"
                 w.close()
             writer.close()
+
+
+async def _echoed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Whether this client is served (its byte comes back) or was refused (EOF or reset)."""
+    writer.write(b"x")
+    try:
+        return await asyncio.wait_for(reader.read(1), 5) == b"x"
+    except ConnectionResetError:
+        return False
+    finally:
+        writer.close()
+
+
+@_LIMIT_PER_WORKER
+async def test_max_connections_refuses_only_the_excess_of_one_accept_burst(tmp_path: Path) -> None:
+    """Clients accepted together (one accept batch: the daemon is held while they connect) are
+    all counted before any is admitted; only those beyond the limit are refused, not all of
+    them."""
+    async with EchoUpstream() as up:
+        cfg = daemon_config(listener_config("app", [up.address], max_connections=4))
+        async with DaemonProcess(tmp_path, cfg) as daemon:
+            port = daemon.port("app")
+            kept = [await _open(port) for _ in range(2)]
+            for r, w in kept:
+                w.write(b"k")
+                assert await asyncio.wait_for(r.readexactly(1), 2) == b"k"
+            daemon.signal(signal.SIGSTOP)  # the kernel completes the handshakes: one backlog
+            try:
+                burst = [await _open(port) for _ in range(5)]
+            finally:
+                daemon.signal(signal.SIGCONT)
+            served = await asyncio.gather(*(_echoed(r, w) for r, w in burst))
+            assert sorted(served) == [False, False, False, True, True], served
+            m = await daemon.metrics()
+            assert (
+                m['connwatch_connections_closed_total{listener="app",reason="max_connections"}']
+                == 3
+            )
+            for _, w in kept:
+                w.close()
