@@ -28,6 +28,15 @@ async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", port)
 
 
+async def _served(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` clients, each seen served (a byte echoed), kept open."""
+    kept = [await _open(port) for _ in range(count)]
+    for r, w in kept:
+        w.write(b"k")
+        assert await asyncio.wait_for(r.readexactly(1), 2) == b"k"
+    return kept
+
+
 async def _roundtrip(port: int, payload: bytes = b"ping") -> bytes:
     reader, writer = await _open(port)
     writer.write(payload)
@@ -144,10 +153,7 @@ async def test_max_connections_refuses_extra_clients_and_counts_them(tmp_path: P
         cfg = daemon_config(listener_config("app", [up.address], max_connections=2))
         async with DaemonProcess(tmp_path, cfg) as daemon:
             port = daemon.port("app")
-            kept = [await _open(port) for _ in range(2)]
-            for r, w in kept:
-                w.write(b"k")
-                assert await asyncio.wait_for(r.readexactly(1), 2) == b"k"
+            kept = await _served(port, 2)
             reader, writer = await _open(port)
             assert await asyncio.wait_for(reader.read(), 3) == b""
             closed = await daemon.wait_for("connection_closed")
@@ -186,10 +192,7 @@ async def test_max_connections_refuses_only_the_excess_of_one_accept_burst(tmp_p
         cfg = daemon_config(listener_config("app", [up.address], max_connections=4))
         async with DaemonProcess(tmp_path, cfg) as daemon:
             port = daemon.port("app")
-            kept = [await _open(port) for _ in range(2)]
-            for r, w in kept:
-                w.write(b"k")
-                assert await asyncio.wait_for(r.readexactly(1), 2) == b"k"
+            kept = await _served(port, 2)
             daemon.signal(signal.SIGSTOP)  # the kernel completes the handshakes: one backlog
             try:
                 burst = [await _open(port) for _ in range(5)]
